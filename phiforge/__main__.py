@@ -1,0 +1,5 @@
+import sys
+
+from phiforge.cli import main
+
+sys.exit(main())

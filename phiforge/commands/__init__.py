@@ -1,0 +1,1 @@
+"""One module per CLI command (see phiforge/cli.py for the table and the two functions each defines)."""
