@@ -130,15 +130,22 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         if not p.is_dir():
             raise CheckpointError(f"{p}: expected a checkpoint directory (config.json + *.safetensors)")
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and not str(spec).startswith((".", "/")):
+    if looks_like_hub_id(spec):
         try:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                                       "*.model", "*.bin"]))
         except Exception as e:  # offline, unknown repo, ...
-            raise CheckpointError(f"{spec}: not a local directory, and the hub download failed: {e}") from None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{spec}: not a local directory, and the hub download failed: {why}") from None
     raise CheckpointError(f"{spec}: no such checkpoint directory")
+
+
+def looks_like_hub_id(spec: str | os.PathLike) -> bool:
+    """"org/name" that is not a local path: the only kind of spec that may reach the network."""
+    s = str(spec)
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/")) and not Path(s).exists()
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -147,10 +154,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory?)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}:{e.lineno}: invalid JSON: {e.msg}") from None
+    raw = _read_json(cfg_file)
     if raw.get("model_type") in ("phi-msft", "mixformer-sequential") or "n_embd" in raw:
         raise CheckpointError(f"{cfg_file}: this is an original microsoft/phi checkpoint "
                               f"(model_type {raw.get('model_type')!r}); run `phiforge convert {path} OUT` first")
@@ -166,7 +170,8 @@ def weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         try:
             wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            wm = {str(k): str(f) for k, f in wm.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         missing = sorted({f for f in wm.values() if not (path / f).exists()})
         if missing:
@@ -267,7 +272,13 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
     files = weight_files(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for f in sorted(set(files.values())):
-        shapes.update(_tensor_shapes(f))
+        header = _tensor_shapes(f)
+        shapes.update(header)
+        # An index that points a tensor at the wrong shard would otherwise surface as a confusing "missing".
+        stray = [k for k, where in files.items() if where == f and k not in header]
+        if stray:
+            raise CheckpointError(f"{path / INDEX_NAME}: names {f.name} for tensor {stray[0]}, which that file "
+                                  f"does not hold")
     model = init_on_meta(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings and "lm_head.weight" not in shapes:
@@ -316,6 +327,10 @@ def config_from_original(raw: dict[str, Any], source: str = "config.json") -> Mo
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) in original phi config: {', '.join(map(repr, unknown))}")
+    for name in ("n_embd", "n_layer", "n_head"):
+        if not isinstance(raw.get(name), int) or raw[name] <= 0:
+            raise ConfigError(f"{source}: original phi config field {name!r} must be a positive integer, "
+                              f"got {raw.get(name)!r}")
     d, h = raw["n_embd"], raw["n_head"]
     return ModelConfig(
         vocab_size=raw.get("vocab_size", 51200),
@@ -336,6 +351,20 @@ def config_from_original(raw: dict[str, Any], source: str = "config.json") -> Mo
     )
 
 
+def _sequential_to_parallel_name(k: str, n_layer: int) -> str:
+    """The first phi-1 / phi-1.5 releases ("mixformer-sequential") number embedding, blocks and head as one
+    list: layers.0 = embedding, layers.1..n_layer = blocks, layers.n_layer+1 = head. Map to transformer.h names."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", k)
+    if not m:
+        return k
+    i, rest = int(m.group(1)), m.group(2)
+    if i == 0:
+        return "transformer.embd." + rest
+    if i == n_layer + 1:
+        return "lm_head." + rest
+    return f"transformer.h.{i - 1}.{rest}"
+
+
 def original_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename original phi tensors to HF names and split the fused Wqkv ([q | k | v] rows) into q/k/v_proj."""
     out: dict[str, torch.Tensor] = {}
@@ -344,6 +373,7 @@ def original_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) 
     for k, v in sd.items():
         if _IGNORED_KEYS.search(k):
             continue
+        k = _sequential_to_parallel_name(k, config.num_hidden_layers)
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", k)
         if k == "transformer.embd.wte.weight":
             out["model.embed_tokens.weight"] = v
@@ -376,28 +406,154 @@ def original_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) 
     return out
 
 
-def convert_original(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> Path:
-    """Convert an original microsoft/phi-1.5 / phi-2 (remote code) checkpoint directory to the HF layout."""
+def convert_original(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Convert an original microsoft/phi-1 / phi-1.5 / phi-2 (remote code) checkpoint directory to the HF layout,
+    copying its tokenizer files. `dtype` None keeps the stored dtype."""
     src = resolve_checkpoint(src)
     cfg_file = src / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{src}: no config.json")
-    raw = json.loads(cfg_file.read_text())
+    raw = _read_json(cfg_file)
     if raw.get("model_type") == "phi" and "hidden_size" in raw:
         raise CheckpointError(f"{cfg_file}: already in the HF layout (model_type 'phi'); nothing to convert")
     config = config_from_original(raw, source=str(cfg_file))
+    target = parse_dtype(dtype)
     files = weight_files(src)
     sd: dict[str, torch.Tensor] = {}
     for k, t in _iter_tensors(sorted(set(files.values())), set(files), "cpu"):
         sd[k] = t
-    hf = original_to_hf_state_dict(sd, config)
+    try:
+        hf = original_to_hf_state_dict(sd, config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
     del sd
     model = init_on_meta(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict_shapes(expected, {k: tuple(v.shape) for k, v in hf.items()}, str(src))
-    target = parse_dtype(dtype)
     if target is not None:
         hf = {k: v.to(target) for k, v in hf.items()}
     model.load_state_dict(hf, strict=True, assign=True)
     model.rotary.reset("cpu")
-    return save_checkpoint(model, out_dir, tokenizer=src)
+    return save_checkpoint(model, out_dir, tokenizer=src, max_shard_bytes=max_shard_bytes)
+
+
+def is_original_layout(path: str | os.PathLike) -> bool:
+    """Whether a directory's config.json is an original microsoft/phi one (needs `phiforge convert`)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        return False
+    raw = _read_json(cfg_file)
+    return raw.get("model_type") in ("phi-msft", "mixformer-sequential") or "n_embd" in raw
+
+
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write `src` as an HF-layout checkpoint in `out_dir`: original microsoft/phi layouts are converted, an
+    HF-layout checkpoint is re-saved (to change its dtype or sharding). Tokenizer files are copied."""
+    path = resolve_checkpoint(src)
+    if is_original_layout(path):
+        return convert_original(path, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    model = load_checkpoint(path, dtype=dtype)
+    return save_checkpoint(model, out_dir, tokenizer=path, max_shard_bytes=max_shard_bytes)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+# ---- a summary for `phiforge info` ----------------------------------------------------------------------------
+def stored_dtypes(path: str | os.PathLike) -> dict[str, int]:
+    """Stored dtype name -> number of tensors, from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
+    counts: dict[str, int] = {}
+    for file in sorted(set(weight_files(Path(path)).values())):
+        if file.suffix == ".bin":
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            kinds = [dtype_name(v.dtype) for v in sd.values()]
+        else:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    kinds = [f.get_slice(k).get_dtype() for k in f.keys()]  # noqa: SIM118
+            except Exception as e:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        for kind in kinds:
+            kind = names.get(kind, kind)
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def summarize(spec: str | os.PathLike) -> dict[str, Any]:
+    """What `phiforge info` prints, as a JSON-able dict: config, parameter counts, head/rotary dims, stored dtype,
+    size on disk and tokenizer, for a checkpoint directory (HF or original layout), a hub id, a preset name or a
+    config file. Reads headers and config files only, never tensor data."""
+    from phiforge.config import PRESETS, load_model_config
+    from phiforge.tokenizer import load_tokenizer, model_vocab_size
+
+    out: dict[str, Any] = {"source": str(spec)}
+    path: Path | None = None
+    if str(spec) in PRESETS:
+        out["kind"] = "preset"
+        config = load_model_config(str(spec))
+    elif Path(spec).is_file():
+        out["kind"] = "config file"
+        config = load_model_config(spec)
+    else:
+        if not Path(spec).exists() and not looks_like_hub_id(spec):
+            raise CheckpointError(f"{spec}: not a preset ({', '.join(PRESETS)}), checkpoint directory or "
+                                  f"config file")
+        path = resolve_checkpoint(spec)
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path}: no config.json (not a checkpoint directory, preset or config file; "
+                                  f"presets: {', '.join(PRESETS)})")
+        if is_original_layout(path):
+            out["kind"] = "original microsoft/phi checkpoint (convert with `phiforge convert`)"
+            config = config_from_original(_read_json(path / "config.json"), source=str(path / "config.json"))
+        else:
+            out["kind"] = "checkpoint"
+            config = load_config(path)
+        out["source"] = str(path)
+    total, non_emb = config.num_params(), config.num_params(include_embedding=False)
+    out["config"] = config.to_dict()
+    out["head_dim"] = config.head_dim
+    out["rotary_dim"] = config.rotary_dim
+    out["params"] = {"total": total, "non_embedding": non_emb}
+    out["size_if_stored"] = {name: total * torch.empty((), dtype=DTYPES[name]).element_size()
+                             for name in ("float32", "bfloat16")}
+    if path is not None:
+        files = weight_files(path)
+        dtypes = stored_dtypes(path)
+        nbytes = checkpoint_size_bytes(path)
+        out["weights"] = {"dtype": max(dtypes, key=lambda k: dtypes[k]) if dtypes else None,
+                          "dtypes": dtypes, "files": len(set(files.values())), "tensors": len(files),
+                          "bytes": nbytes, "size": human_bytes(nbytes)}
+        tok_dir = path if (path / "tokenizer.json").exists() else None
+    else:
+        out["weights"] = None
+        tok_dir = None
+    if tok_dir is not None:
+        tok = load_tokenizer(tok_dir)
+        out["tokenizer"] = {"present": True, "size": len(tok), "padded_size": model_vocab_size(tok),
+                            "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
+                            "fits_model_vocab": len(tok) <= config.vocab_size,
+                            "chat_template": tok.chat_template is not None}
+    else:
+        out["tokenizer"] = {"present": False}
+    return out

@@ -208,10 +208,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   partial_rotary_factor=0.4, resid_pdrop=0.1),
     # CPU-sized stand-ins (ours). `tiny`/`small` keep Phi's ratios (MLP 4x, rotary on half of each head) and
     # use a small vocab that a locally trained tokenizer fills; tests and the laptop default run use them.
+    # phiforge's trained tokenizers put <|endoftext|> at id 0.
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512),
+                 num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512,
+                 bos_token_id=0, eos_token_id=0),
     "small": dict(vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=6, partial_rotary_factor=0.5, max_position_embeddings=1024),
+                  num_attention_heads=6, partial_rotary_factor=0.5, max_position_embeddings=1024,
+                  bos_token_id=0, eos_token_id=0),
     # ~100M parameters at the full Phi vocab: the decode benchmark's subject.
     "phi-100m": dict(hidden_size=640, intermediate_size=2560, num_hidden_layers=10, num_attention_heads=10,
                      partial_rotary_factor=0.5),

@@ -15,7 +15,7 @@ def tiny_config(**overrides):
     from phiforge.config import ModelConfig
 
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                partial_rotary_factor=0.5, max_position_embeddings=128)
+                partial_rotary_factor=0.5, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
     base.update(overrides)
     return ModelConfig(**base)
 

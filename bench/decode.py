@@ -1,0 +1,133 @@
+"""Batch-1 greedy decode speed: phiforge `generate_ids` vs transformers `generate` on the same weights (CPU).
+
+Model: the `phi-100m` preset (full 51,200 vocab) with random weights, scaled so logits are well spread (greedy
+argmax is not a coin-flip between near-ties, so the token-equality check means something). Both sides run in
+this process, interleaved rep by rep, so machine load hits both alike; we report medians.
+
+tok/s counts the new tokens of a whole `generate` call (prefill of the prompt included, the same for both).
+The bandwidth bound: every decode step reads all weights except the embedding table (one row of it), so
+tokens/s <= read bandwidth / weight bytes per token. Read bandwidth is measured here as the speed of `sum()`
+over a 512 MiB tensor (read-only traffic, like weight streaming).
+
+    flock /tmp/phiforge-bench.lock python bench/decode.py [--new-tokens 96] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+
+def read_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
+    """Bytes/s of a large tensor sum (median of reps)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def build_model(seed: int = 0):
+    from phiforge.config import preset
+    from phiforge.model import Phi
+
+    torch.manual_seed(seed)
+    model = Phi(preset("phi-100m"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+            elif "layernorm" in name:
+                p.normal_(1.0, 0.02)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            else:  # unit-variance outputs per layer; a hotter lm_head spreads the logits
+                p.normal_(0.0, (4.0 if name.startswith("lm_head") else 1.0) / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def measure(ours_model, hf, prompt: list[int], n: int, reps: int) -> tuple[float, float, int]:
+    """Median tok/s of phiforge and transformers (interleaved reps) and how many leading greedy tokens agree."""
+    from phiforge.generate import GenerationConfig, generate_ids
+
+    cfg = GenerationConfig(max_new_tokens=n)
+
+    def ours() -> list[int]:
+        return generate_ids(ours_model, [prompt], cfg)[0]
+
+    def theirs() -> list[int]:
+        with torch.inference_mode():
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+
+    a, b = ours(), theirs()  # warm-up (and packing of our weights)
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    t_ours, t_theirs = [], []
+    for _ in range(reps):
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+            assert len(out) == n
+    return n / statistics.median(t_ours), n / statistics.median(t_theirs), same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from phiforge.checkpoint import save_checkpoint
+
+    hf_logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    bw = read_bandwidth()
+    print(f"read bandwidth (sum over 512 MiB fp32): {bw / 1e9:.1f} GB/s")
+    base = build_model()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, base.config.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+    N = args.new_tokens
+    ratios, fractions = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(base, tmp)
+        for name in args.dtypes.split(","):
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+            ours_model = base.to(dtype)
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            weight_bytes = sum(p.numel() * p.element_size() for n, p in ours_model.named_parameters()
+                               if "embed_tokens" not in n)
+            ours_tps, theirs_tps, same = measure(ours_model, hf, prompt, N, args.reps)
+            ratios[name] = ours_tps / theirs_tps
+            fractions[name] = ours_tps * weight_bytes / bw
+            print(f"[{name}] weights read per token {weight_bytes / 1e6:.0f} MB -> bound {bw / weight_bytes:.0f} tok/s")
+            print(f"[{name}] phiforge {ours_tps:.1f} tok/s, transformers {theirs_tps:.1f} tok/s, "
+                  f"ratio {ratios[name]:.2f}x; bandwidth fraction phiforge {fractions[name]:.2f}, "
+                  f"transformers {theirs_tps * weight_bytes / bw:.2f}")
+            print(f"[{name}] same greedy tokens as transformers: {same}/{N}"
+                  + ("" if same == N else " (first difference at that index)"))
+            del hf
+    for name, ratio in ratios.items():
+        print(f"RESULT decode_ratio_{name} {ratio:.2f} x")
+    for name, frac in fractions.items():
+        print(f"RESULT decode_bw_fraction_{name} {frac:.2f} of_sum_read_bandwidth")
+
+
+if __name__ == "__main__":
+    main()

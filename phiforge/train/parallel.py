@@ -1,0 +1,172 @@
+"""Everything that turns a single-device Phi into what the trainer runs, applied in ONE place.
+
+The model file (phiforge/model.py) knows nothing of distribution; here, in this order (torchtitan's order):
+
+    1. activation checkpointing  each block's forward recomputed in backward (memory for compute)
+    2. torch.compile             each block compiled on its own (fast to compile, one graph reused L times)
+    3. FSDP2 or DDP              fully_shard every block and then the root; or wrap the root in DDP
+
+Checkpointing wraps `forward` and compile uses `Module.compile()`, both in place, so parameter names stay
+HF-compatible (no `_orig_mod.` or `_checkpoint_wrapped_module.` prefixes) and checkpoints load anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from phiforge.model import Phi
+from phiforge.train.config import TrainConfig
+
+AUTO_CHUNK_BYTES = 512 * 1024**2  # fp32 logits above this are computed in chunks
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor across ranks (itself when single-process)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            value = value.detach().clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...): NCCL on GPUs, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+class CausalLMLoss(nn.Module):
+    """Phi + next-token loss as one module, so DDP / FSDP hooks see the whole step in `forward`.
+
+    The loss is computed from the final hidden states; when the fp32 logits would be huge they are produced
+    `chunk` tokens at a time and recomputed in backward, so (B*T, vocab) fp32 logits never exist at once."""
+
+    def __init__(self, phi: Phi, chunk: int = 0) -> None:
+        super().__init__()
+        self.phi = phi
+        self.chunk = chunk
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = self.phi.hidden_states(inputs)  # (B, T, d)
+        return lm_loss(h, self.phi.lm_head, targets, self.chunk)
+
+
+def lm_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of lm_head(h) against targets; chunked over tokens when `chunk` (0 = auto)."""
+    d = h.shape[-1]
+    h, t = h.reshape(-1, d), targets.reshape(-1)  # (N, d), (N,)
+    n, vocab = t.shape[0], head.weight.shape[0]
+    if chunk <= 0:
+        chunk = n if n * vocab * 4 <= AUTO_CHUNK_BYTES else max(1, AUTO_CHUNK_BYTES // (vocab * 4 * 4))
+    if chunk >= n:
+        return F.cross_entropy(head(h).float(), t)
+    from torch.utils.checkpoint import checkpoint
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        total = total + checkpoint(_ce_sum, h[i:i + chunk], head.weight, head.bias, t[i:i + chunk],
+                                   use_reentrant=False)
+    return total / n
+
+
+def _ce_sum(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def prepare_model(model: CausalLMLoss, cfg: TrainConfig, dist: Dist) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2/DDP (in that order) and return what to train."""
+    blocks = list(model.phi.model.layers)
+    # 1. Activation checkpointing: keep only each block's input; recompute its insides during backward.
+    if cfg.activation_checkpointing:
+        for block in blocks:
+            block.forward = _checkpointed(block.forward)
+    # 2. Compile per block: L identical blocks share one compiled graph; the loss head compiles separately.
+    if cfg.compile:
+        for block in blocks:
+            block.compile()
+    # 3. Data parallelism.
+    if not dist.enabled:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        for block in blocks:  # each block its own all-gather unit: at most one block unsharded at a time
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, lm_head
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of an accumulation."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP) and not sync:
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
+        model.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
+
+
+def inner(model: nn.Module) -> CausalLMLoss:
+    """The CausalLMLoss under a DDP wrapper (FSDP2 modifies modules in place, so it is the module itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, CausalLMLoss) else model

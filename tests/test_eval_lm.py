@@ -1,0 +1,162 @@
+"""The eval model interface: exact log-likelihoods, batching/context sharing, rolling, the SQLite cache."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+class ByteTok:
+    """A byte tokenizer for the tiny vocab-256 model (id = byte value; 0 doubles as eos)."""
+
+    eos_token_id = 0
+    bos_token_id = None
+    pad_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i).decode("utf-8", errors="replace")
+
+
+def reference_ll(model, ctx: list[int], cont: list[int]) -> float:
+    ids = torch.tensor([(ctx + cont)[:-1]])  # the last token is only a target
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids)[0].float(), -1)
+    return sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+REQS = [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " five"), ("Question: 2+2?\nAnswer:", " 22 "),
+        ("A much longer context that shares nothing ", "with the others"), ("", "empty context"),
+        ("trailing space ", "moves"), ("x", "y")]
+
+
+def test_native_matches_full_forward_and_is_batch_invariant(tiny_model):
+    from phiforge.eval.lm import PhiforgeLM
+
+    lm1 = PhiforgeLM(tiny_model, ByteTok(), batch_size=1)
+    lm8 = PhiforgeLM(tiny_model, ByteTok(), batch_size=8)
+    one = lm1.loglikelihood(list(REQS))
+    many = lm8.loglikelihood(list(REQS))
+    for (c, x), a, b in zip(REQS, one, many):
+        ctx, cont = lm1.encode_pair(c, x)
+        ref = reference_ll(tiny_model, ctx, cont)
+        assert a[0] == pytest.approx(ref, abs=1e-4)
+        assert b[0] == pytest.approx(ref, abs=1e-4)
+        assert a[1] == b[1]
+    # single-request form of the interface
+    assert lm8.loglikelihood(*REQS[0])[0] == pytest.approx(one[0][0], abs=1e-4)
+
+
+def test_encode_pair_moves_trailing_space_and_empty_context_uses_prefix():
+    from phiforge.eval.lm import PhiforgeLM
+
+    class M:
+        class config:
+            max_position_embeddings = 64
+
+        class lm_head:
+            weight = torch.zeros(1)
+
+        def eval(self):
+            return self
+
+    lm = PhiforgeLM(M(), ByteTok())
+    assert lm.encode_pair("ab ", "c") == (list(b"ab"), list(b" c"))
+    assert lm.encode_pair("", "hi") == ([0], list(b"hi"))
+
+
+def test_greedy_flag(tiny_model):
+    from phiforge.eval.lm import PhiforgeLM
+
+    lm = PhiforgeLM(tiny_model, ByteTok())
+    ctx = list(b"hello")
+    with torch.no_grad():
+        best = int(tiny_model(torch.tensor([ctx]))[0, -1].argmax())
+    other = (best + 1) % 256
+    res = lm.loglikelihood_tokens([(ctx, [best]), (ctx, [other])])
+    assert res[0][1] is True and res[1][1] is False
+
+
+def test_rolling_equals_sum_of_token_logprobs(tiny_model):
+    from phiforge.eval.lm import PhiforgeLM
+
+    lm = PhiforgeLM(tiny_model, ByteTok())
+    text = "rolling windows " * 20  # 320 bytes > the 128-token context: several windows
+    got = lm.loglikelihood_rolling([text, "short"])
+    short_ref = reference_ll(tiny_model, [0], list(b"short"))
+    assert got[1] == pytest.approx(short_ref, abs=1e-4)
+    # window by window reference: each window predicts its tokens from the preceding (at most 128) tokens
+    toks = list(text.encode())
+    full = [0] + toks
+    ref = 0.0
+    for s in range(0, len(toks), 128):
+        cont = toks[s:s + 128]
+        ctx = full[max(0, s + len(cont) - 128): s + 1]
+        ref += reference_ll(tiny_model, ctx, cont)
+    assert got[0] == pytest.approx(ref, abs=1e-3)
+
+
+def test_cache_hit_on_rerun(tiny_model, tmp_path):
+    from phiforge.eval.cache import CachedLM, ResultCache
+    from phiforge.eval.lm import PhiforgeLM
+
+    calls = []
+
+    class Counting(PhiforgeLM):
+        def _loglikelihood(self, requests, on_result=None):
+            calls.append(len(requests))
+            return super()._loglikelihood(requests, on_result)
+
+    lm = Counting(tiny_model, ByteTok(), identity="tiny-test")
+    db = tmp_path / "cache.sqlite"
+    c1 = CachedLM(lm, ResultCache(db))
+    first = c1.loglikelihood(list(REQS))
+    c1.cache.close()
+    c2 = CachedLM(lm, ResultCache(db))
+    second = c2.loglikelihood(list(REQS) + [("new", " request")])
+    assert calls == [len(REQS), 1]  # only the new request reached the model
+    assert c2.stats == {"hits": len(REQS), "misses": 1}
+    assert [r[0] for r in second[:-1]] == [r[0] for r in first]
+    # another model identity never reuses these entries
+    other = CachedLM(Counting(tiny_model, ByteTok(), identity="other"), ResultCache(db))
+    other.loglikelihood(list(REQS[:2]))
+    assert other.stats["misses"] == 2
+
+
+def test_hf_backend_left_padding_and_shared_context():
+    transformers = pytest.importorskip("transformers")
+    from phiforge.eval.lm import HFLM
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+
+    class HFByteTok(ByteTok):
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": self.encode(text)}
+
+    lm = HFLM(model, HFByteTok(), batch_size=8)
+    got = lm.loglikelihood(list(REQS))
+    for (c, x), (lp, _) in zip(REQS, got):
+        ctx, cont = lm.encode_pair(c, x)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lps = torch.log_softmax(model(ids).logits[0].float(), -1)
+        ref = sum(float(lps[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        assert lp == pytest.approx(ref, abs=1e-4)
+
+
+def test_native_generate_until_stops(tiny_model):
+    from phiforge.eval.lm import GenRequest, PhiforgeLM
+
+    lm = PhiforgeLM(tiny_model, ByteTok(), batch_size=4)
+    outs = lm.generate_until([GenRequest("abc", (), 8), GenRequest("a much longer prompt", (), 8)])
+    single = lm.generate_until("abc", max_tokens=8)
+    assert outs[0] == single  # greedy: batching and padding do not change the text
+    assert all(len(o.encode("utf-8", errors="ignore")) <= 8 * 4 for o in outs)
