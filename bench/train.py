@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per round and side")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile our blocks")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 (phiforge's CPU default), or bf16 autocast on both sides")
     ap.add_argument("--check", action="store_true", help="also check that both sides compute the same loss")
     args = ap.parse_args()
     if args.threads:
@@ -45,7 +47,7 @@ def main() -> None:
     from phiforge.model import Phi
     from phiforge.train.config import TrainConfig
     from phiforge.train.loop import forward_backward
-    from phiforge.train.metrics import cpu_peak_flops
+    from phiforge.train.metrics import cpu_peak_flops, measure_cpu_peak
     from phiforge.train.optim import build_optimizer
     from phiforge.train.parallel import CausalLMLoss, Dist, prepare_model
 
@@ -77,23 +79,29 @@ def main() -> None:
         k[0] += 1
         return data[k[0] % len(data)]
 
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def autocast():
+        return torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
     def step_ours() -> float:
         b = batch()
         loss, _ = forward_backward(ours, params_ours, [(b[:, :-1], b[:, 1:])], cfg.grad_clip, torch.device("cpu"),
-                                   contextlib.nullcontext)
+                                   autocast)
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def step_hf() -> float:
         b = batch()
         # input_ids of T+1 tokens: HF shifts labels inside, predicting T tokens like ours.
-        loss = hf(input_ids=b, labels=b).loss
+        with autocast():
+            loss = hf(input_ids=b, labels=b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     if args.check:
         b = data[0]
@@ -109,22 +117,26 @@ def main() -> None:
         return args.steps * tokens_per_step / (time.perf_counter() - t0)
 
     timed(step_ours), timed(step_hf)  # warm-up (allocator, thread pools, compile)
-    ours_tps, hf_tps = [], []
+    ours_tps, hf_tps, peaks = [], [], []
+    peak_dtype = amp_dtype or torch.float32
     for r in range(args.rounds):
         ours_tps.append(timed(step_ours))
         hf_tps.append(timed(step_hf))
-        print(f"round {r}: phiforge {ours_tps[-1]:,.0f} tok/s   transformers {hf_tps[-1]:,.0f} tok/s", flush=True)
+        peaks.append(measure_cpu_peak(peak_dtype, seconds=0.5))  # interleaved too: the same load as the steps
+        print(f"round {r}: phiforge {ours_tps[-1]:,.0f} tok/s   transformers {hf_tps[-1]:,.0f} tok/s   "
+              f"matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
     o, h = statistics.median(ours_tps), statistics.median(hf_tps)
-    peak = cpu_peak_flops(torch.float32)
+    peak = max(max(peaks), cpu_peak_flops(peak_dtype))
     fpt = mc.flops_per_token(args.seq)
     print(f"model: {phi.num_params() / 1e6:.1f}M params, {args.layers} layers x {args.hidden}, vocab {args.vocab}, "
-          f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}, compile {args.compile}")
-    print(f"CPU fp32 matmul peak (measured): {peak / 1e9:.1f} GFLOP/s; {fpt / 1e6:.1f} MFLOP/token")
-    print(f"RESULT train_tokens_per_s_phiforge {o:.0f} tok/s")
-    print(f"RESULT train_tokens_per_s_transformers {h:.0f} tok/s")
-    print(f"RESULT train_mfu_phiforge {100 * o * fpt / peak:.1f} %")
-    print(f"RESULT train_mfu_transformers {100 * h * fpt / peak:.1f} %")
-    print(f"RESULT train_ratio {o / h:.2f} x")
+          f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}, compile {args.compile}, dtype {args.dtype}")
+    print(f"CPU {args.dtype} matmul peak (measured, best): {peak / 1e9:.1f} GFLOP/s; {fpt / 1e6:.1f} MFLOP/token")
+    sfx = "" if args.dtype == "fp32" else f"_{args.dtype}"
+    print(f"RESULT train_tokens_per_s_phiforge{sfx} {o:.0f} tok/s")
+    print(f"RESULT train_tokens_per_s_transformers{sfx} {h:.0f} tok/s")
+    print(f"RESULT train_mfu_phiforge{sfx} {100 * o * fpt / peak:.1f} %")
+    print(f"RESULT train_mfu_transformers{sfx} {100 * h * fpt / peak:.1f} %")
+    print(f"RESULT train_ratio{sfx} {o / h:.2f} x")
 
 
 if __name__ == "__main__":

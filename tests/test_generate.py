@@ -265,3 +265,37 @@ def test_cli_without_tokenizer_is_a_clear_error(tmp_path, capsys):
     save_checkpoint(spread_model(), tmp_path / "bare")
     assert main(["generate", "--model", str(tmp_path / "bare"), "hello"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+# ---- prepacked decode weights (model.py's fast CPU path) ------------------------------------------------------
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"qk_layernorm": True}])
+def test_packed_decode_matches_plain_and_tracks_weight_changes(overrides):
+    model = spread_model(**overrides)
+    if not model.prepare_decoding():
+        pytest.skip("no oneDNN in this torch build")
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+    def decode_logits():
+        cache = model.new_cache(1, 16)
+        with torch.inference_mode():
+            model(ids[:, :-1], cache=cache)
+            return model(ids[:, -1:], cache=cache)[0, -1]
+
+    packed = decode_logits()
+    assert model._use_packed(1) is False  # not under autograd
+    model.release_decoding()
+    plain = decode_logits()
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    # weights changed in place after packing: the stale copies must not be used
+    model.prepare_decoding()
+    with torch.no_grad():
+        model.model.layers[1].mlp.fc2.weight.mul_(2.0)
+    changed = decode_logits()
+    model.release_decoding()
+    torch.testing.assert_close(changed, decode_logits(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, plain)
+    # dtype conversion (module.to swaps .data) repacks too
+    model.prepare_decoding()
+    model.to(torch.bfloat16)
+    model.prepare_decoding()
+    assert decode_logits().dtype == torch.bfloat16

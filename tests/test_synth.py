@@ -233,8 +233,7 @@ def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "phiforge", "--quiet", "synth", "--config", str(cfg), "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    killed = 0
-    for _ in range(2):  # two kills at different moments
+    for killed in range(2):  # two kills at different moments
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         target = 30 + 60 * killed
@@ -246,7 +245,6 @@ def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        killed += 1
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     recs = read_samples(out)

@@ -3,6 +3,7 @@ timeouts, 500/503, truncated bodies, cut connections, malformed responses, slow 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -53,10 +54,8 @@ class FakeOpenAI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     fake.handle(self, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

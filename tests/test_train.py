@@ -143,6 +143,10 @@ def test_tiny_run_learns_logs_and_checkpoints(tmp_path, tokens):
                                  out=str(tmp_path / "ft"), max_steps=4, lr=1e-3, warmup=0))
     first = read_log(ft.log_path)[0]["loss"]
     assert first < recs[0]["loss"] - 1.0  # starts from the trained weights, not from scratch
+    other = make_tokens(tmp_path, n_docs=30, words=10, name="other")  # another tokenizer
+    with pytest.raises(DataError, match="different tokenizer"):
+        train(tiny_train_config(tmp_path, other, model=str(res.checkpoint), model_overrides={},
+                                out=str(tmp_path / "ft2")))
 
 
 def test_transformers_can_load_a_training_checkpoint(tmp_path, tokens):
@@ -194,3 +198,24 @@ def test_cli_exit_codes(tmp_path, tokens, capsys):
             "--set", "model_overrides.num_hidden_layers=1", "--set", "model_overrides.max_position_embeddings=64"]
     assert main(args) == 0
     assert "trained 2 steps" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_same_losses_and_tensorboard(tmp_path, tokens):
+    pytest.importorskip("tensorboard")
+    kw = dict(max_steps=3, eval_every=0, save_every=0)
+    a = train(tiny_train_config(tmp_path, tokens, out=str(tmp_path / "a"), tensorboard=True, **kw))
+    b = train(tiny_train_config(tmp_path, tokens, out=str(tmp_path / "b"), activation_checkpointing=True, **kw))
+    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-6, atol=0)
+    assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents*"))
+    # Parameter names stay HF's (no wrapper prefixes), so the checkpoint loads as usual.
+    from phiforge.checkpoint import load_checkpoint
+
+    assert load_checkpoint(b.checkpoint).config.num_hidden_layers == 2
+
+
+@pytest.mark.slow
+def test_compile_same_losses(tmp_path, tokens):
+    kw = dict(max_steps=3, eval_every=0, save_every=0)
+    a = train(tiny_train_config(tmp_path, tokens, out=str(tmp_path / "a"), **kw))
+    b = train(tiny_train_config(tmp_path, tokens, out=str(tmp_path / "b"), compile=True, **kw))
+    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-4, atol=1e-5)

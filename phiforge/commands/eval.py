@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model backend (auto: phiforge checkpoint, else transformers; openai with --base-url)")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task (BBH: per "
-                                                  "subtask; ToxiGen: statements per class and group)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task (BBH, MMLU: per "
+                                                  "subtask or subject; ToxiGen: statements per class and group)")
     parser.add_argument("--output", help="write the results JSON here")
     parser.add_argument("--log-samples", action="store_true", help="include per-sample logs in the JSON")
     parser.add_argument("--batch-size", type=int, default=16, help="requests per forward batch")

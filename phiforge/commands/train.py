@@ -24,6 +24,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from phiforge.train.config import TrainConfig
+
+    parser.epilog = "config keys (--set KEY=VALUE): " + ", ".join(f.name for f in fields(TrainConfig))
     parser.add_argument("--config", "-c", required=True,
                         help="training recipe: a YAML file or a shipped name (tiny, phi-1.5, phi-2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

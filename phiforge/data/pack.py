@@ -222,7 +222,12 @@ def _init_worker(counters: tuple[Any, Any] | None) -> None:
     _COUNTERS = counters
 
 
+_LOCAL_PROGRESS: Any = None  # in-process runs: a callback(docs, tokens) updating the bar
+
+
 def _bump(docs: int, tokens: int) -> None:
+    if _LOCAL_PROGRESS is not None:
+        _LOCAL_PROGRESS(docs, tokens)
     if _COUNTERS is not None:
         with _COUNTERS[0].get_lock():
             _COUNTERS[0].value += docs
@@ -379,14 +384,19 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int | None, progress_fn: Any)
     bar = progress_fn(desc="tokenize", unit="doc", total=None)
     try:
         if workers == 1:
-            out = []
-            t0 = time.time()
-            for job in jobs:
-                s = _pack_file(job)
-                out.append(s)
-                bar.update(s.documents)
-                bar.set_postfix_str(_rate(bar.n, sum(x.train_tokens + x.val_tokens for x in out), t0))
-            return out
+            global _LOCAL_PROGRESS
+            t0, ntok = time.time(), [0]
+
+            def tick(docs: int, tokens: int) -> None:
+                ntok[0] += tokens
+                bar.update(docs)
+                bar.set_postfix_str(_rate(bar.n, ntok[0], t0), refresh=False)
+
+            _LOCAL_PROGRESS = tick
+            try:
+                return [_pack_file(job) for job in jobs]
+            finally:
+                _LOCAL_PROGRESS = None
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # fork after torch/tokenizers threads started is unsafe

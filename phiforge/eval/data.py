@@ -67,8 +67,8 @@ def missing_data(task: str, rel: str, hub: str | None, data_dir: str | os.PathLi
                 "skipped (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set)")) if hub else "  - (no hub source)"
     return DataError(
         f"no data for task {task!r}. Looked for:\n{tried}\n{hub_line}\n"
-        f"To provide it: put the benchmark files under a directory laid out as <dir>/{rel} (see "
-        f"docs/eval.md, same layout as shared/data/benchmarks) and pass --data-dir <dir> or set "
+        f"To provide it: put the benchmark files under a directory laid out as <dir>/{rel} (the layout "
+        f"of shared/data/benchmarks, canonical release formats) and pass --data-dir <dir> or set "
         f"PHIFORGE_BENCHMARKS=<dir>; or go online so `datasets` can fetch {hub or 'it'} from the hub.")
 
 

@@ -21,6 +21,7 @@ from phiforge.eval.lm import LM
 from phiforge.eval.tasks import get_task
 from phiforge.eval.tasks.base import limit_docs
 from phiforge.eval.tasks.generation import BBHTask, limit_per_subtask
+from phiforge.eval.tasks.multiple_choice import MMLUTask
 from phiforge.eval.tasks.toxigen import ToxiGenTask
 
 
@@ -51,8 +52,10 @@ def evaluate(lm: LM, tasks: list[str], *, num_fewshot: int | None = None, limit:
         for name in tasks:
             task = get_task(name)
             docs, source = task.load(data_dir, allow_hub=allow_hub)
-            if isinstance(task, BBHTask):
+            if isinstance(task, BBHTask):  # --limit per subtask, as lm-eval does for task groups
                 docs = limit_per_subtask(docs, limit, "task")
+            elif isinstance(task, MMLUTask):
+                docs = limit_per_subtask(docs, limit, "subject")
             elif not isinstance(task, ToxiGenTask):
                 docs = limit_docs(docs, limit)
             cached = CachedLM(lm, cache, desc=name)

@@ -7,9 +7,9 @@ The strongest isolation the host allows is picked once per process (`sandbox_mod
 
 "namespace" (we are root and `unshare` works — this machine and CI)
   * fresh network, pid, mount and IPC namespaces (`unshare --net --pid --ipc --mount --fork --kill-child
-    --mount-proc`): no network at all (only a down loopback), the program is pid 1 of its own pid namespace, so
-    it cannot see, signal or read /proc/<pid>/environ of any host process, and when it exits or is killed the
-    kernel kills every process it left behind (daemons that called setsid included);
+    --mount-proc`): no network at all (only a down loopback); the program runs under a root-owned pid 1 of its
+    own pid namespace, so it cannot see, signal or read /proc/<pid>/environ of any host process, and when it
+    exits or is killed, pid 1 exits and the kernel kills every process left behind (setsid daemons included);
   * private tmpfs mounts on every world-writable host directory (/tmp, /var/tmp, /dev/shm, /run/lock), so writes
     there land in memory that vanishes with the namespace; the working directory is a fresh dir in that tmpfs;
     directories on the interpreter's path that an unprivileged user cannot enter (e.g. /root with pyenv) are

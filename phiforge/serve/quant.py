@@ -68,7 +68,7 @@ def pick_group_size(in_features: int, group_size: int) -> int | None:
 class QuantLinear(nn.Module):
     """A weight-only quantized nn.Linear (int8 per-channel or int4 group-wise); bias kept in full precision."""
 
-    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 128) -> None:
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 128, use_kernel: bool = True) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
@@ -82,7 +82,7 @@ class QuantLinear(nn.Module):
             q, scale = quantize_int8(w)
             self.register_buffer("qweight", q)
             self.register_buffer("scales", scale.to(torch.bfloat16 if device.type == "cpu" else w.dtype))
-            if device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+            if use_kernel and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
                 self.kernel = "int8pack_mm"
             self.group_size = self.in_features
         else:
@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
             self.group_size = g
             q, scale, zero = quantize_int4(w, g)
             packed = None
-            if device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") \
+            if use_kernel and device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") \
                     and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
                 try:
                     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K/2) uint8
@@ -155,10 +155,12 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: bool = True) -> Phi:
+def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: bool = True,
+             use_kernel: bool = True) -> Phi:
     """Replace the model's linear layers (q/k/v/dense, fc1/fc2, and the lm_head) with QuantLinear, in place.
 
     Quantize on the device you will run on (the CPU int4 kernel's packed layout is CPU-specific).
+    `use_kernel=False` forces the portable dequantize-then-matmul path (reference / debugging).
     Returns the model, in eval mode, for chaining. The embedding stays in full precision: decoding reads one
     row of it per token, not the whole matrix.
     """
@@ -175,7 +177,7 @@ def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: b
         for parent, name in targets:
             linear = getattr(parent, name)
             if isinstance(linear, nn.Linear):
-                setattr(parent, name, QuantLinear(linear, mode, group_size))
+                setattr(parent, name, QuantLinear(linear, mode, group_size, use_kernel))
     model.quant_mode = mode
     return model.eval()
 
@@ -191,9 +193,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += m.nbytes()
-        elif isinstance(m, nn.Linear):
-            total += sum(p.numel() * p.element_size() for p in m.parameters())
-        elif isinstance(m, nn.LayerNorm):
+        elif isinstance(m, (nn.Linear, nn.LayerNorm)):
             total += sum(p.numel() * p.element_size() for p in m.parameters())
         elif isinstance(m, nn.Embedding):
             total += m.weight.shape[1] * m.weight.element_size()

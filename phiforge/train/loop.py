@@ -63,7 +63,14 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any]):
         if cfg.model_overrides:
             raise ConfigError(f"model_overrides {sorted(cfg.model_overrides)} cannot change a checkpoint "
                               f"({spec}); they apply to models trained from scratch")
-        phi = load_checkpoint(resolve_checkpoint(spec), dtype=torch.float32)
+        path = resolve_checkpoint(spec)
+        if (path / "tokenizer.json").exists():  # fine-tuning data must speak the checkpoint's tokenizer
+            from phiforge.tokenizer import load_tokenizer
+
+            if load_tokenizer(path).hash() != manifest["tokenizer"]["sha256"]:
+                raise DataError(f"{cfg.data} was tokenized with a different tokenizer than {path}'s; re-run "
+                                f"`phiforge tokenize --tokenizer {path}`")
+        phi = load_checkpoint(path, dtype=torch.float32)
         phi.train()
         return phi, True
     mc = load_model_config(spec)
@@ -145,6 +152,12 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
     step = 0
     if ckpt is not None:
         ts = st.load_trainer_state(ckpt)
+        if bool(ts.get("fsdp")) != bool(cfg.fsdp and dist.enabled):
+            raise ConfigError(f"{ckpt}: saved {'with' if ts.get('fsdp') else 'without'} FSDP; resume it the same "
+                              f"way (the optimizer state layouts differ)")
+        if ts.get("tokenizer_sha256") not in (None, manifest["tokenizer"]["sha256"]):
+            raise DataError(f"cannot resume {ckpt}: it was trained on data from another tokenizer than "
+                            f"{cfg.data}'s")
         _load_optimizer(model, optimizer, ts["optimizer"], cfg.fsdp and dist.enabled)
         schedule.load_state_dict(ts["scheduler"])
         loader.load_state_dict(ts["data"])
@@ -159,6 +172,7 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
                      truncate_after=step if ckpt is not None else None) if dist.is_main else None
     peak = peak_flops(dist.device, amp or torch.float32)
     flops_tok = mc.flops_per_token(cfg.seq_len)
+    peak_refreshed = False
     if log is not None and ckpt is None:
         log.write({"type": "start", "step": 0, "params": phi.num_params(), "flops_per_token": flops_tok,
                    "peak_flops": peak, "world_size": dist.world_size, "total_steps": total_steps,
@@ -198,7 +212,8 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
                 target.load_state_dict(msd, assign=True)
             trainer_state = {"step": step, "tokens": step * tokens_per_step, "optimizer": osd,
                              "scheduler": schedule.state_dict(), "data": loader.state_dict(), "rng": rngs,
-                             "world_size": dist.world_size, "fsdp": bool(cfg.fsdp and dist.enabled)}
+                             "world_size": dist.world_size, "fsdp": bool(cfg.fsdp and dist.enabled),
+                             "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
             st.save_training_checkpoint(path, target, trainer_state, cfg.to_dict(), tokdir)
             st.prune_checkpoints(out, cfg.keep_last)
         dist.barrier()
@@ -232,6 +247,12 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
             mfu = tps * flops_tok / (peak * dist.world_size) if peak else None
+            if mfu is not None and mfu > 1.0 and dist.device.type == "cpu" and not peak_refreshed:
+                from phiforge.train.metrics import cpu_peak_flops
+
+                peak_refreshed = True  # the cached CPU peak was measured under load: measure again, once
+                peak = cpu_peak_flops(amp or torch.float32, refresh=True)
+                mfu = tps * flops_tok / (peak * dist.world_size)
             if log is not None and (step % cfg.log_every == 0 or step == total_steps):
                 log.write({"type": "train", "step": step, "loss": train_loss, "lr": lr,
                            "grad_norm": float(grad_norm) if grad_norm is not None else None,

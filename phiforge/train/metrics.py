@@ -67,16 +67,19 @@ def measure_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 0.3, n
     return best
 
 
-def cpu_peak_flops(dtype: torch.dtype = torch.float32) -> float:
-    """The measured CPU peak for `dtype` and the current thread count, cached in ~/.cache/phiforge/."""
+def cpu_peak_flops(dtype: torch.dtype = torch.float32, refresh: bool = False) -> float:
+    """The measured CPU peak for `dtype` and the current thread count, cached in ~/.cache/phiforge/.
+
+    A measurement taken while the machine was busy comes out low; `refresh` measures again and the cache keeps
+    the highest rate ever seen (the trainer refreshes once if it ever computes an MFU above 100%)."""
     key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{dtype}"
     path = _cache_file()
     cache: dict[str, float] = {}
     with contextlib.suppress(OSError, ValueError):
         cache = json.loads(path.read_text())
-    if key in cache:
+    if key in cache and not refresh:
         return float(cache[key])
-    peak = measure_cpu_peak(dtype)
+    peak = max(measure_cpu_peak(dtype), float(cache.get(key, 0.0)))
     cache[key] = peak
     try:
         from phiforge.atomic import atomic_write_json

@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from phiforge.model import Phi
 from phiforge.train.config import TrainConfig
 
-AUTO_CHUNK_BYTES = 512 * 1024**2  # fp32 logits above this are computed in chunks
-
 
 @dataclass
 class Dist:
@@ -80,8 +78,8 @@ def init_distributed(device: str = "auto") -> Dist:
 class CausalLMLoss(nn.Module):
     """Phi + next-token loss as one module, so DDP / FSDP hooks see the whole step in `forward`.
 
-    The loss is computed from the final hidden states; when the fp32 logits would be huge they are produced
-    `chunk` tokens at a time and recomputed in backward, so (B*T, vocab) fp32 logits never exist at once."""
+    The loss is computed from the final hidden states by `lm_loss`, `chunk` tokens at a time (0 = auto), so
+    (B*T, vocab) fp32 logits never exist at once."""
 
     def __init__(self, phi: Phi, chunk: int = 0) -> None:
         super().__init__()
@@ -94,25 +92,69 @@ class CausalLMLoss(nn.Module):
 
 
 def lm_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Mean cross-entropy of lm_head(h) against targets; chunked over tokens when `chunk` (0 = auto)."""
+    """Mean next-token cross-entropy of lm_head(h) against targets, fused and chunked over tokens.
+
+    `chunk` tokens at a time: logits (chunk, vocab) in fp32, their log-sum-exp and loss, and, when training, the
+    gradients w.r.t. h, W and b right away (the loss is a scalar, so d loss / d logits = softmax - onehot is
+    known in the forward pass). The full (B*T, vocab) fp32 logits never exist, nothing is recomputed, and each
+    chunk stays in cache while it is used five times. chunk 0 = auto (about 16 MB of logits per chunk)."""
     d = h.shape[-1]
     h, t = h.reshape(-1, d), targets.reshape(-1)  # (N, d), (N,)
-    n, vocab = t.shape[0], head.weight.shape[0]
+    vocab = head.weight.shape[0]
     if chunk <= 0:
-        chunk = n if n * vocab * 4 <= AUTO_CHUNK_BYTES else max(1, AUTO_CHUNK_BYTES // (vocab * 4 * 4))
-    if chunk >= n:
-        return F.cross_entropy(head(h).float(), t)
-    from torch.utils.checkpoint import checkpoint
-
+        chunk = min(4096, max(128, (1 << 22) // vocab))
+    if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk)
     total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk):
-        total = total + checkpoint(_ce_sum, h[i:i + chunk], head.weight, head.bias, t[i:i + chunk],
-                                   use_reentrant=False)
-    return total / n
+    for i in range(0, t.shape[0], chunk):
+        total += F.cross_entropy(head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
+    return total / t.shape[0]
 
 
-def _ce_sum(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean CE(h @ W.T + b, t), computing d loss/d (h, W, b) chunk by chunk inside forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        dev = h.device.type
+        # Under autocast the matmuls run in the autocast dtype; softmax / loss / accumulation stay in fp32.
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
+        n = t.shape[0]
+        with torch.autocast(dev, enabled=False):
+            wd = w.to(dt)
+            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if b is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, n, chunk):
+                hc, tc = h[i:i + chunk].to(dt), t[i:i + chunk]  # (c, d), (c,)
+                logits = (hc @ wd.t()).float()  # (c, V)
+                if b is not None:
+                    logits += b.float()
+                lse = torch.logsumexp(logits, dim=-1)  # (c,)
+                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                # d(sum CE)/d logits = softmax - onehot, built in place in the logits buffer.
+                p = logits.sub_(lse[:, None]).exp_()
+                p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
+                pd = p.to(dt)
+                grad_h[i:i + chunk] = (pd @ wd).to(h.dtype)  # (c, d)
+                if dt == torch.float32:
+                    grad_w.addmm_(pd.t(), hc)  # (V, d)
+                else:
+                    grad_w += (pd.t() @ hc).float()
+                if grad_b is not None:
+                    grad_b += p.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.n, ctx.has_bias, ctx.dtypes = n, b is not None, (w.dtype, b.dtype if b is not None else None)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        s = g / ctx.n  # the loss is a mean over n tokens
+        gb = (grad_b * s).to(ctx.dtypes[1]) if ctx.has_bias else None
+        return grad_h * s.to(grad_h.dtype), (grad_w * s).to(ctx.dtypes[0]), gb, None, None
 
 
 def _checkpointed(forward):
@@ -165,8 +207,3 @@ def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
     else:
         yield
-
-
-def inner(model: nn.Module) -> CausalLMLoss:
-    """The CausalLMLoss under a DDP wrapper (FSDP2 modifies modules in place, so it is the module itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, CausalLMLoss) else model

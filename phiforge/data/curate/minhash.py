@@ -41,13 +41,19 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_POWERS: dict[int, np.ndarray] = {}  # base -> cached powers table (grown by doubling, reused across batches)
+
+
 def _powers(base: np.uint64, n: int) -> np.ndarray:
     """base^0 .. base^(n-1) mod 2^64 as uint64 (cumprod wraps around, which is exactly mod 2^64)."""
-    p = np.full(n, base, dtype=np.uint64)
-    if n:
+    table = _POWERS.get(int(base))
+    if table is None or len(table) < n:
+        size = max(n, 2 * len(table) if table is not None else 1 << 16)
+        p = np.full(size, base, dtype=np.uint64)
         p[0] = 1
-    with np.errstate(over="ignore"):
-        return np.cumprod(p, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            table = _POWERS[int(base)] = np.cumprod(p, dtype=np.uint64)
+    return table[:n]
 
 
 def _substring_hashes(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: np.uint64,
@@ -108,13 +114,18 @@ def shingle_hashes(texts: Sequence[str], n: int = 5) -> Shingles:
 
 
 class MinHasher:
-    """`num_perm` universal hash permutations (seeded) turning shingle sets into uint32 signatures."""
+    """`num_perm` seeded permutations of 32-bit shingle keys, turning shingle sets into uint32 signatures.
 
-    def __init__(self, num_perm: int = 112, seed: int = 1, chunk: int = 1 << 18) -> None:
+    Permutation k is x -> (a_k * x + b_k) mod 2^32 with a_k odd (a bijection of uint32). Inputs are the top 32
+    bits of splitmix64-mixed shingle hashes, i.e. already uniformly scrambled, so these cheap affine maps act as
+    independent random orderings; and 32-bit lanes keep numpy's SIMD multiply (4-8x fewer cycles than 64-bit).
+    """
+
+    def __init__(self, num_perm: int = 112, seed: int = 1, chunk: int = 1 << 20) -> None:
         rng = np.random.default_rng(seed)
         self.num_perm = num_perm
-        self.a = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        self.b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
+        self.a = (rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1))
+        self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32)
         self.chunk = chunk  # max elements (shingles x perms) per temporary array
 
     def signatures(self, sh: Shingles) -> np.ndarray:
@@ -125,23 +136,25 @@ class MinHasher:
         nonempty = np.flatnonzero(counts > 0)
         if len(nonempty) == 0:
             return sig
+        keys = (sh.hashes >> np.uint64(32)).astype(np.uint32)
         max_shingles = max(1, self.chunk // self.num_perm)
+        longest = int(counts.max())
+        buf = np.empty(self.num_perm * max(max_shingles, longest), dtype=np.uint32)  # reused: no page faults
+        # runs of documents whose shingles fit in one chunk (at least one document per run)
+        ends = sh.offsets[nonempty + 1]
         i = 0
         while i < len(nonempty):
-            # a run of documents whose shingles fit in one chunk (at least one document)
-            j = i + 1
             base = sh.offsets[nonempty[i]]
-            while j < len(nonempty) and sh.offsets[nonempty[j] + 1] - base <= max_shingles:
-                j += 1
+            j = max(i + 1, int(np.searchsorted(ends, base + max_shingles, side="right")))
             docs = nonempty[i:j]
             lo, hi = sh.offsets[docs[0]], sh.offsets[docs[-1] + 1]
-            x = sh.hashes[lo:hi]
+            # (P, S) layout: each permutation's row is contiguous, so the per-doc min runs along memory
+            vals = buf[: self.num_perm * (hi - lo)].reshape(self.num_perm, hi - lo)
             with np.errstate(over="ignore"):
-                vals = np.multiply(x[:, None], self.a[None, :])  # (S, P)
-                vals += self.b[None, :]
+                np.multiply(self.a[:, None], keys[None, lo:hi], out=vals)  # uint32, wraps mod 2^32
+                vals += self.b[:, None]
             # docs are contiguous in the shingle array (empty ones in between have no shingles)
-            mins = np.minimum.reduceat(vals, sh.offsets[docs] - lo, axis=0)  # (D, P)
-            sig[docs] = (mins >> np.uint64(32)).astype(np.uint32)
+            sig[docs] = np.minimum.reduceat(vals, sh.offsets[docs] - lo, axis=1).T  # (D, P)
             i = j
         return sig
 

@@ -56,9 +56,7 @@ def template(fn: Template) -> Template:
     return fn
 
 
-WORDS = ("apple banana cherry delta echo forest garden harbor island jungle kettle lemon mango north ocean "
-         "pepper quiet river stone tiger umbrella violet window yellow zebra cloud candle rocket puzzle "
-         "marble pencil button ladder mirror pillow saddle tunnel wagon basket").split()
+WORDS = ["apple", "banana", "cherry", "delta", "echo", "forest", "garden", "harbor", "island", "jungle", "kettle", "lemon", "mango", "north", "ocean", "pepper", "quiet", "river", "stone", "tiger", "umbrella", "violet", "window", "yellow", "zebra", "cloud", "candle", "rocket", "puzzle", "marble", "pencil", "button", "ladder", "mirror", "pillow", "saddle", "tunnel", "wagon", "basket"]
 
 
 def _words(rng: random.Random, lo: int = 2, hi: int = 6) -> list[str]:
@@ -578,8 +576,7 @@ def verify_math(p: MathProblem) -> bool:
         return False
 
 
-NAMES = ("Ava Ben Chloe Daniel Emma Farid Grace Hiro Isla Jamal Kira Leo Maya Noah Olga Priya Quinn Rosa Sam "
-         "Tariq Uma Victor Wen Ximena Yusuf Zoe").split()
+NAMES = ["Ava", "Ben", "Chloe", "Daniel", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jamal", "Kira", "Leo", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Ximena", "Yusuf", "Zoe"]
 ITEMS = [("apple", "apples"), ("pencil", "pencils"), ("sticker", "stickers"), ("marble", "marbles"),
          ("cookie", "cookies"), ("book", "books"), ("card", "cards"), ("shell", "shells"), ("stamp", "stamps")]
 MathTemplate = Callable[[random.Random], MathProblem]

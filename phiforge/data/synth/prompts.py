@@ -67,11 +67,9 @@ def load_topics(paths: list[str | Path] | None = None) -> list[Topic]:
                 parts = [p.strip() for p in line.split(">")]
                 if len(parts) != 3 or not all(parts):
                     raise ConfigError(f"{path}:{n}: expected 'domain > subdomain > topic'")
-                tree_items = [(parts[0], parts[1], parts[2])]
-                for d, s, t in tree_items:
-                    if t.lower() not in seen:
-                        seen.add(t.lower())
-                        topics.append(Topic(d, s, t))
+                if parts[2].lower() not in seen:
+                    seen.add(parts[2].lower())
+                    topics.append(Topic(*parts))
             continue
         tree = _load_yaml(path)
         if not isinstance(tree, dict):

@@ -134,11 +134,16 @@ class HFTeacher:
         import torch
 
         s = full_sampling(sampling)
-        out: list[str] = []
+        rendered = [self._render(p) for p in prompts]
+        # Batch prompts of similar length together (less padding to compute); outputs go back in input order.
+        lengths = [len(ids) for ids in self.tokenizer(rendered, add_special_tokens=not self.chat)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        out: list[str] = [""] * len(prompts)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(prompts), self.batch_size):
-            chunk = [self._render(p) for p in prompts[start:start + self.batch_size]]
+            rows = order[start:start + self.batch_size]
+            chunk = [rendered[i] for i in rows]
             # The chat template already holds the special tokens; plain prompts get the tokenizer's usual ones.
             enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
             enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -157,7 +162,7 @@ class HFTeacher:
                 self.usage.completion_tokens += n
                 self.usage.prompt_tokens += int(enc["attention_mask"][row].sum())
                 text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                out.append(cut_at_stop(text, s["stop"]))
+                out[rows[row]] = cut_at_stop(text, s["stop"])
             self.usage.requests += 1
         return out
 

@@ -20,8 +20,15 @@ from pathlib import Path
 from phiforge.errors import DataError
 from phiforge.eval.data import find_local, hf_dataset, load_docs, read_jsonl, search_dirs
 from phiforge.eval.lm import GenRequest
-from phiforge.eval.metrics import (bbh_extract, gsm8k_flexible, gsm8k_normalize, gsm8k_strict, gsm8k_target,
-                                   macro_mean_stderr, mean_stderr)
+from phiforge.eval.metrics import (
+    bbh_extract,
+    gsm8k_flexible,
+    gsm8k_normalize,
+    gsm8k_strict,
+    gsm8k_target,
+    macro_mean_stderr,
+    mean_stderr,
+)
 from phiforge.eval.tasks.base import Task, TaskResult
 
 GSM8K_COT_SHOTS = [
@@ -94,14 +101,7 @@ class GSM8KTask(Task):
                           len(docs), [], samples)
 
 
-BBH_TASKS = (
-    "boolean_expressions causal_judgement date_understanding disambiguation_qa dyck_languages formal_fallacies "
-    "geometric_shapes hyperbaton logical_deduction_five_objects logical_deduction_seven_objects "
-    "logical_deduction_three_objects movie_recommendation multistep_arithmetic_two navigate object_counting "
-    "penguins_in_a_table reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks "
-    "sports_understanding temporal_sequences tracking_shuffled_objects_five_objects "
-    "tracking_shuffled_objects_seven_objects tracking_shuffled_objects_three_objects web_of_lies word_sorting"
-).split()
+BBH_TASKS = ["boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages", "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects", "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation", "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks", "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects", "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies", "word_sorting"]
 
 
 def bbh_cot_prompt(path: Path) -> str:

@@ -29,8 +29,7 @@ from phiforge.eval.data import load_docs, read_lines
 from phiforge.eval.metrics import macro_mean_stderr
 from phiforge.eval.tasks.base import Task, TaskResult
 
-TOXIGEN_GROUPS = ("asian bisexual black chinese immigrant jewish latino lgbtq mental_disability mexican "
-                  "middle_east muslim native_american physical_disability women").split()
+TOXIGEN_GROUPS = ["asian", "bisexual", "black", "chinese", "immigrant", "jewish", "latino", "lgbtq", "mental_disability", "mexican", "middle_east", "muslim", "native_american", "physical_disability", "women"]
 DEFAULT_PER_CLASS = 100
 
 

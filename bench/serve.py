@@ -1,0 +1,266 @@
+"""Benchmark: Phi on a laptop. Decode speed of phiforge (fp32, bf16, int8, int4 weight-only) against
+transformers' PhiForCausalLM (fp32) on the same weights, the fraction of measured memory bandwidth reached, the
+quality cost of quantization, and a bounded load test of the OpenAI-compatible server.
+
+1. Bandwidth: `x.sum()` over a 1 GiB fp32 tensor (read-only), best of 5, on all threads torch uses.
+2. Decode: preset phi-100m (~100M params, 51200 vocab), random weights, saved with save_checkpoint and loaded
+   by transformers.AutoModelForCausalLM. Batch 1, 16-token prompt, greedy. Decode tok/s = (N - 1) new tokens /
+   (time of N new tokens - time of 1 new token), so prefill is excluded. Variants are measured interleaved
+   (round-robin, best of --rounds) so machine load affects all alike.
+   Bandwidth fraction = weight bytes read per token (every linear layer, quantized size, + norms + one embedding
+   row; KV cache excluded) x tok/s / measured bandwidth.
+3. Quality: a small Phi trained for --train-steps on Python standard-library source (offline everywhere);
+   perplexity and greedy next-token agreement of int8 / int4 vs fp32 on held-out text; plus greedy agreement
+   on the random-weight phi-100m (perplexity is meaningless there).
+4. Load test: the trained small model behind `phiforge serve`'s app on 127.0.0.1 (uvicorn in a thread),
+   --clients concurrent openai clients x --requests-per-client completions of --load-max-tokens tokens each.
+   Reports requests/s, completion tokens/s, p50/p99 latency and failures (must be 0).
+
+    flock /tmp/phiforge-bench.lock python bench/serve.py
+
+Prints `RESULT <name> <value> <unit>` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def result(name: str, value: float, unit: str) -> None:
+    print(f"RESULT {name} {value:.4g} {unit}", flush=True)
+
+
+def measure_bandwidth() -> float:
+    import torch
+
+    x = torch.ones(256 * 1024 * 1024)  # 1 GiB fp32
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_time(run, n: int) -> float:
+    t = time.perf_counter()
+    run(n)
+    return time.perf_counter() - t
+
+
+def bench_decode(args: argparse.Namespace, bandwidth: float) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phiforge.checkpoint import load_checkpoint, save_checkpoint
+    from phiforge.config import preset
+    from phiforge.model import Phi
+    from phiforge.serve.engine import Engine, Request
+    from phiforge.serve.quant import quality_report, quantize, weight_bytes_per_token
+
+    class Tok:  # the engine decodes text as it goes; ids suffice here
+        eos_token_id = pad_token_id = 50256
+
+        def decode(self, ids):
+            return ""
+
+    torch.manual_seed(0)
+    cfg = preset("phi-100m")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Phi(cfg), tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        variants = {"fp32": load_checkpoint(tmp, dtype=torch.float32).eval(),
+                    "bf16": load_checkpoint(tmp, dtype=torch.bfloat16).eval(),
+                    "int8": quantize(load_checkpoint(tmp, dtype=torch.float32).eval(), "int8"),
+                    "int4": quantize(load_checkpoint(tmp, dtype=torch.float32).eval(), "int4", group_size=128)}
+    print(f"phi-100m: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params, threads={torch.get_num_threads()}")
+    for name in ("fp32", "bf16"):
+        variants[name].prepare_decoding()  # oneDNN-prepacked weights (phiforge's fp/bf16 CPU decode path)
+    prompt = torch.randint(0, 50000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    engines = {k: Engine(m, Tok()) for k, m in variants.items()}
+    if args.compile:
+        engines["int8+compile"] = Engine(variants["int8"], Tok(), compile=True)
+
+    def ours(engine):
+        return lambda n: engine.run([Request(prompt, max_tokens=n, ignore_eos=True)])
+
+    def theirs(n):
+        with torch.inference_mode():
+            hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)
+
+    runners = {"transformers_fp32": theirs, **{k: ours(e) for k, e in engines.items()}}
+    n = args.new_tokens
+    for run in runners.values():  # warm up (and compile)
+        run(4)
+    best = dict.fromkeys(runners, 0.0)
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            t1, tn = decode_time(run, 1), decode_time(run, n)
+            best[name] = max(best[name], (n - 1) / max(tn - t1, 1e-9))
+    base = best["transformers_fp32"]
+    result("decode_transformers_fp32", base, "tok/s")
+    for name in runners:
+        if name == "transformers_fp32":
+            continue
+        model = variants[name.split("+")[0]]
+        nbytes = weight_bytes_per_token(model)
+        frac = nbytes * best[name] / (bandwidth * 1e9)
+        result(f"decode_{name}", best[name], "tok/s")
+        result(f"decode_{name}_vs_transformers_fp32", best[name] / base, "x")
+        result(f"decode_{name}_bw_fraction", frac, "fraction")
+        print(f"  {name}: {nbytes / 1e6:.1f} MB read per token")
+    result("decode_transformers_fp32_bw_fraction",
+           weight_bytes_per_token(variants["fp32"]) * base / (bandwidth * 1e9), "fraction")
+
+    ids = torch.randint(0, 50000, (256,), generator=torch.Generator().manual_seed(1))
+    ref = variants["fp32"]
+    ref.release_decoding()
+    for mode in ("int8", "int4"):
+        rep = quality_report(ref, variants[mode], ids)
+        result(f"quality_random_phi100m_{mode}_greedy_agreement", rep["greedy_agreement"], "fraction")
+
+
+def train_small(args: argparse.Namespace):
+    """A small Phi trained briefly on stdlib source (plain AdamW loop), with its tokenizer and held-out ids."""
+    import torch
+
+    from phiforge.config import ModelConfig
+    from phiforge.model import Phi
+    from phiforge.tokenizer import model_vocab_size, train_tokenizer
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(lib.glob("*.py"))[:120]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    tok = train_tokenizer(texts, 2048)
+    ids = torch.tensor([t for text in texts for t in tok.encode(text) + [tok.eos_token_id]])
+    split = int(len(ids) * 0.95)
+    train, held = ids[:split], ids[split:split + 2048]
+    cfg = ModelConfig(vocab_size=model_vocab_size(tok), hidden_size=192, intermediate_size=768,
+                      num_hidden_layers=4, num_attention_heads=6, max_position_embeddings=512,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Phi(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    T, B = 128, 16
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for step in range(args.train_steps):
+        starts = torch.randint(0, len(train) - T - 1, (B,), generator=gen)
+        x = torch.stack([train[s:s + T + 1] for s in starts])  # (B, T+1)
+        lr = 2e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / args.train_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"trained small phi ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) for {args.train_steps} "
+          f"steps in {time.perf_counter() - t0:.0f}s, final train loss {loss.item():.3f}")
+    return model.eval(), tok, held
+
+
+def bench_quality(model, held) -> None:
+    import copy
+
+    from phiforge.serve.quant import quality_report, quantize
+
+    for mode in ("int8", "int4"):
+        q = quantize(copy.deepcopy(model), mode, group_size=64)
+        rep = quality_report(model, q, held)
+        result(f"quality_trained_{mode}_ppl_fp32", rep["ppl_ref"], "ppl")
+        result(f"quality_trained_{mode}_ppl", rep["ppl_quant"], "ppl")
+        result(f"quality_trained_{mode}_ppl_delta", rep["ppl_delta_pct"], "%")
+        result(f"quality_trained_{mode}_greedy_agreement", rep["greedy_agreement"], "fraction")
+
+
+def bench_load(args: argparse.Namespace, model, tok) -> None:
+    import openai
+
+    from phiforge.serve.engine import Engine
+    from phiforge.serve.server import BackgroundServer, Server
+
+    server = Server(Engine(model, tok), "small", max_batch=64, batch_wait_ms=5)
+    prompts = ["def main(", "import os\n", "class Foo:\n    def", "# Copyright", "for i in range(", "return self."]
+    latencies: list[float] = []
+    failures: list[str] = []
+    tokens = [0]
+    lock = threading.Lock()
+    with BackgroundServer(server.app) as bg:
+        def client_loop(c: int) -> None:
+            client = openai.OpenAI(base_url=bg.url, api_key="x", max_retries=0, timeout=120)
+            for r in range(args.requests_per_client):
+                t = time.perf_counter()
+                try:
+                    out = client.completions.create(model="small", prompt=prompts[(c + r) % len(prompts)],
+                                                    max_tokens=args.load_max_tokens, temperature=0)
+                    with lock:
+                        latencies.append(time.perf_counter() - t)
+                        tokens[0] += out.usage.completion_tokens
+                except Exception as e:  # noqa: BLE001 - counted as a failed request
+                    with lock:
+                        failures.append(repr(e))
+
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t0
+    server.batcher.close()
+    n = len(latencies)
+    q = statistics.quantiles(latencies, n=100) if n >= 2 else [float("nan")] * 99
+    print(f"load test: {args.clients} clients x {args.requests_per_client} requests, {n} ok, {len(failures)} failed, "
+          f"{server.batcher.batches_run} batches (largest {server.batcher.largest_batch})")
+    if failures:
+        print("  first failure:", failures[0])
+    result("server_requests_per_s", n / wall, "req/s")
+    result("server_completion_tokens_per_s", tokens[0] / wall, "tok/s")
+    result("server_latency_p50", q[49], "s")
+    result("server_latency_p99", q[98], "s")
+    result("server_failed_requests", len(failures), "requests")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=48, help="decode length per timing run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best is kept)")
+    ap.add_argument("--compile", action="store_true", help="also time int8 with a torch.compile'd decode step")
+    ap.add_argument("--train-steps", type=int, default=300, help="steps of the small model for the quality check")
+    ap.add_argument("--clients", type=int, default=64, help="concurrent clients in the load test")
+    ap.add_argument("--requests-per-client", type=int, default=3, help="requests per client")
+    ap.add_argument("--load-max-tokens", type=int, default=16, help="max_tokens of each load-test request")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "quality", "load"], help="parts to skip")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.manual_seed(0)
+    bandwidth = measure_bandwidth()
+    result("memory_bandwidth_sum", bandwidth, "GB/s")
+    if "decode" not in args.skip:
+        bench_decode(args, bandwidth)
+    if "quality" not in args.skip or "load" not in args.skip:
+        model, tok, held = train_small(args)
+        if "quality" not in args.skip:
+            bench_quality(model, held)
+        if "load" not in args.skip:
+            bench_load(args, model, tok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
