@@ -296,8 +296,8 @@ def test_native_phiforge_teacher_generates_in_batches(tiny_checkpoint, tmp_path)
 
 
 def test_textbook_run_with_native_teacher(tiny_checkpoint, tmp_path):
-    cfg = SynthConfig.from_dict(dict(n=6, seed=0, mix={"textbooks": 1}, teacher=f"phiforge:{tiny_checkpoint}",
-                                     sampling={"max_new_tokens": 40, "temperature": 1.0}, batch_size=4,
+    cfg = SynthConfig.from_dict(dict(n=4, seed=0, mix={"textbooks": 1}, teacher=f"phiforge:{tiny_checkpoint}",
+                                     sampling={"max_new_tokens": 16, "temperature": 1.0}, batch_size=4,
                                      min_chars=1, max_prompts_factor=2))
     stats = run_synth(cfg, tmp_path / "o", log=lambda m: None)
     recs = read_samples(tmp_path / "o")

@@ -236,16 +236,15 @@ class Server:
             return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
     def _completion_logprobs(self, infos: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
+        """OpenAI's completions logprobs; text_offset counts characters of the decoded text before each token."""
+        infos = [i for i in infos if i is not None]
+        ids = [i.token_id for i in infos]
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for info in infos:
-            if info is None:
-                continue
-            text = self._token_text(info.token_id)
-            out["tokens"].append(text)
+        for j, info in enumerate(infos):
+            out["tokens"].append(self._token_text(info.token_id))
             out["token_logprobs"].append(info.logprob)
             out["top_logprobs"].append({self._token_text(t): lp for t, lp in info.top})
-            out["text_offset"].append(offset)
-            offset += len(text)
+            out["text_offset"].append(offset + len(self.tokenizer.decode(ids[:j])) if j else offset)
         return out
 
     def _chat_logprobs(self, infos: list[TokenLogprob | None]) -> dict[str, Any]:
@@ -373,7 +372,7 @@ class Server:
                 infos = (res.prompt_logprobs if echo else []) + res.logprobs
                 if echo:  # the first prompt token has no logprob: report it with None
                     first = prompts[k][0]
-                    lp = self._completion_logprobs(infos[1:], len(self._token_text(first)))
+                    lp = self._completion_logprobs(infos[1:], len(self.tokenizer.decode([first])))
                     lp["tokens"].insert(0, self._token_text(first))
                     lp["token_logprobs"].insert(0, None)
                     lp["top_logprobs"].insert(0, None)

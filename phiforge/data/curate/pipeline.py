@@ -179,14 +179,23 @@ class LocalExecutor:
     def __init__(self, workers: int = 0) -> None:
         self.workers = workers
 
-    def map(self, fn, tasks: list[dict]) -> list:
+    def map(self, fn, tasks: list[dict], on_done=None) -> list:
         n = self.workers or min(os.cpu_count() or 1, len(tasks))
+        out = []
         if n <= 1 or len(tasks) <= 1:
-            return [fn(t) for t in tasks]
+            for t in tasks:
+                out.append(fn(t))
+                if on_done:
+                    on_done()
+            return out
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(n) as pool:
-            return pool.map(fn, tasks, chunksize=1)
+            for r in pool.imap(fn, tasks, chunksize=1):  # in task order, as each finishes
+                out.append(r)
+                if on_done:
+                    on_done()
+        return out
 
 
 class RayExecutor:
@@ -195,13 +204,19 @@ class RayExecutor:
     def __init__(self, address: str | None = None) -> None:
         self.address = address
 
-    def map(self, fn, tasks: list[dict]) -> list:
+    def map(self, fn, tasks: list[dict], on_done=None) -> list:
         import ray
 
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         remote = ray.remote(num_cpus=1)(fn)
-        return ray.get([remote.remote(t) for t in tasks])
+        refs = [remote.remote(t) for t in tasks]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            if on_done:
+                on_done()
+        return ray.get(refs)  # in task order
 
 
 def make_executor(cfg: CurateConfig):
@@ -500,7 +515,8 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
                      for i, s, d in zip(inputs_now, sigs, sig_dones) if not Path(d).exists()]
             if tasks:
                 log(f"stage {k} ({desc}): signatures of {len(tasks)} shard(s)")
-                executor.map(run_signature_shard, tasks)
+                with progress(total=len(tasks), desc=f"{desc} signatures", unit="shard") as bar:
+                    executor.map(run_signature_shard, tasks, on_done=lambda: bar.update(1))
             arrays = [np.load(s) for s in sigs]
             srcs = [json.loads(Path(s + ".srcs.json").read_text()) for s in sigs]
             rep = cluster_global(step, arrays)
@@ -523,8 +539,8 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
             fn = run_map_shard
         if tasks:
             log(f"stage {k} ({desc}): {len(tasks)} of {len(names)} shard(s) to do")
-            for _ in progress(executor.map(fn, tasks), total=len(tasks), desc=desc, unit="shard"):
-                pass
+            with progress(total=len(tasks), desc=desc, unit="shard") as bar:
+                executor.map(fn, tasks, on_done=lambda: bar.update(1))
         else:
             log(f"stage {k} ({desc}): all shards done (resumed)")
         results = [json.loads(Path(d).read_text()) for d in dones]
