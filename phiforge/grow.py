@@ -36,7 +36,9 @@ original. Where exactness holds, and why:
   stack: a full copy of the preceding block -> approximate (adds that block's update a second time).
 - noise > 0 breaks the symmetry between copies while staying exact: noise of std `noise * std(W)` is added to
   the *consuming* weights of copied units with zero sum over the copies of each unit (the copies carry identical
-  activations, so the sum is unchanged). Units without copies get none.
+  activations, so the sum is unchanged). Units without copies get none. Without noise, the copies of a unit
+  get identical gradients and stay identical under AdamW, so a pure x2 clone keeps the small model's capacity;
+  train with noise > 0 (fresh and mean channels break the symmetry by themselves).
 
 Exactness is "up to float rounding" and in eval mode (dropout, e.g. phi-2's resid_pdrop 0.1, acts only in
 training); tests check logits and validation loss with assert_close in float32.

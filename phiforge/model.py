@@ -106,13 +106,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 # ---- prepacked weights for CPU decoding --------------------------------------------------------------------------
 # Batch-1 decoding reads every weight once per token, so it is bound by how fast the matrix-vector kernels stream
-# weights. On CPU, oneDNN's linear with a weight reordered ("prepacked") for its kernel streams ~1.5-2x faster
-# than F.linear on the plain row-major weight. `Phi.prepare_decoding()` builds such copies (extra memory equal
-# to the linear weights) and the decode path (one new token per row, no autograd) uses them; everything else,
-# and every model whose weights changed since packing, uses the ordinary parameters.
+# weights. On CPU in bf16, oneDNN's linear with a weight reordered ("prepacked") for its kernel streams faster
+# than F.linear on the plain row-major weight (bench/decode.py: 1.6x transformers end to end). In fp32 the
+# packed kernel was measured *slower* than F.linear (MKL sgemv) at batch 1, so fp32 stays on the plain path.
+# `Phi.prepare_decoding()` builds the copies (extra memory equal to the linear weights) and the decode path (one
+# new token per row, no autograd) uses them; everything else, and every model whose weights changed since
+# packing, uses the ordinary parameters.
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN-prepacked copy of a (out, in) weight for small-batch CPU linears, or None where unsupported."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+    """oneDNN-prepacked copy of a (out, in) bf16 weight for small-batch CPU linears, or None where unsupported."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
     if not torch.backends.mkldnn.is_available():
         return None
@@ -335,7 +337,7 @@ class Phi(nn.Module):
         """Build prepacked (oneDNN) copies of every linear weight, q/k/v fused, for fast CPU decoding.
 
         Costs extra memory equal to the linear weights. Idempotent; repacks whatever changed since the last call.
-        Returns False (and packs nothing) where unsupported, e.g. on GPU, in fp16, or without oneDNN.
+        Returns False (and packs nothing) where it does not help or is unsupported: fp32/fp16, GPU, no oneDNN.
         """
         if _pack(self.lm_head.weight[:1]) is None:
             return False

@@ -271,6 +271,8 @@ def test_cli_without_tokenizer_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"qk_layernorm": True}])
 def test_packed_decode_matches_plain_and_tracks_weight_changes(overrides):
     model = spread_model(**overrides)
+    assert not model.prepare_decoding()  # fp32 stays on the plain path (packing measured slower there)
+    model.to(torch.bfloat16)
     if not model.prepare_decoding():
         pytest.skip("no oneDNN in this torch build")
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
@@ -285,17 +287,18 @@ def test_packed_decode_matches_plain_and_tracks_weight_changes(overrides):
     assert model._use_packed(1) is False  # not under autograd
     model.release_decoding()
     plain = decode_logits()
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    # bf16: the fused kernels round at different points (e.g. GELU inside fc1), so close, not equal
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=0.05, atol=0.15)
     # weights changed in place after packing: the stale copies must not be used
     model.prepare_decoding()
     with torch.no_grad():
         model.model.layers[1].mlp.fc2.weight.mul_(2.0)
     changed = decode_logits()
     model.release_decoding()
-    torch.testing.assert_close(changed, decode_logits(), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(changed, plain)
-    # dtype conversion (module.to swaps .data) repacks too
+    torch.testing.assert_close(changed, decode_logits(), rtol=0, atol=0)  # stale copies were dropped
+    assert (changed.float() - plain.float()).abs().max() > 1.0
+    # dtype conversion (module.to swaps .data) invalidates the copies too
     model.prepare_decoding()
-    model.to(torch.bfloat16)
-    model.prepare_decoding()
-    assert decode_logits().dtype == torch.bfloat16
+    model.to(torch.float32)
+    assert not model._packed_fresh()
+    assert decode_logits().dtype == torch.float32

@@ -17,9 +17,13 @@ Tokenization follows lm-evaluation-harness so scores are identical: trailing spa
 continuation, the pair is encoded as one string and split at the length of the context's own encoding, and an
 empty context is replaced by the start-of-text token.
 
-Speed (the torch backends): requests are grouped by context, each context runs once with a KV cache, and its
-cache rows are repeated for all of its continuations (a multiple-choice item costs one context plus its
-answers, not n_choices full sequences); groups are sorted longest first and batched.
+Speed (the torch backends): requests are grouped by context and each group is packed into ONE row: the context,
+then every continuation (less its last token, which is only a target) laid end to end. A block attention mask
+lets the context attend causally and each continuation attend to the context and its own earlier tokens only,
+and each continuation's position ids restart at the context length, so every token sees exactly what it would
+see in its own (context + continuation) sequence: a multiple-choice item costs its context once plus its answers,
+in one forward pass. Rows are sorted longest first and batched up to a token budget; the LM head and the
+log-softmax run only at the positions that predict a continuation token.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.errors import PhiforgeError
+
+# Log-likelihood batches are bounded by tokens, not requests: `batch_size` B allows B * 256 padded tokens per
+# forward pass (rows of one context + all its answers vary too much in length for a fixed row count).
+TOKENS_PER_BATCH_SLOT = 256
 
 OnResult = Callable[[int, Any], None]  # (request index, result): called as soon as a result is ready
 
@@ -127,13 +135,16 @@ def files_fingerprint(paths: Sequence[Path]) -> str:
 class TorchLM(LM):
     """Log-likelihood engine on token ids; subclasses provide tokenization and two forward primitives:
 
-    `_prefill(ids (B, T) left-padded, mask (B, T)) -> (last logits (B, V), state)` and
-    `_extend(state, rows (N,), ids (N, Tc)) -> logits (N, Tc, V)`: continue the cached contexts `rows`
-    (a row may repeat) with right-padded continuation tokens.
+    `_packed_hidden(ids (B, T), pos (B, T), allowed (B, T, T) bool) -> hidden (B, T, d)` (a forward with an
+    arbitrary attention pattern and explicit positions) and `_head(hidden (M, d)) -> logits (M, V)`.
+
+    `max_batch_tokens` bounds a batch's padded size (rows x longest row); `max_batch_rows` its row count.
     """
 
     max_length: int = 2048
     device: Any = "cpu"
+    max_batch_tokens: int = 4096
+    max_batch_rows: int = 256
 
     # tokenization hooks
     def tok_encode(self, text: str) -> list[int]:
@@ -190,12 +201,13 @@ class TorchLM(LM):
 
     def loglikelihood_tokens(self, requests: list[tuple[list[int], list[int]]], on_result: OnResult | None = None
                              ) -> list[tuple[float, bool]]:
-        """Score token-level (context, continuation) pairs; contexts shared by several requests run once."""
+        """Score token-level (context, continuation) pairs; a context shared by several requests runs once."""
         import torch
 
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, cont) in enumerate(requests):
+        todo = list(requests)
+        for i, (ctx, cont) in enumerate(todo):
             if not ctx:
                 ctx = [self.prefix_token_id]
             over = len(ctx) + len(cont) - (self.max_length + 1)
@@ -207,83 +219,148 @@ class TorchLM(LM):
                 if on_result:
                     on_result(i, results[i])
                 continue
-            requests[i] = (ctx, cont)
+            todo[i] = (ctx, cont)
             groups.setdefault(tuple(ctx), []).append(i)
-        # Longest first: the first batch is the largest, so memory trouble shows at once, and similar lengths
-        # land in the same batch (little padding).
-        order = sorted(groups.items(), key=lambda kv: -(len(kv[0]) + max(len(requests[i][1]) for i in kv[1])))
-        batch: list[tuple[tuple[int, ...], list[int]]] = []
-        rows = max_ctx = max_cont = 0
+        rows = pack_rows(groups, todo, self.max_length)
+        # Longest first: the first batch is the largest, so memory trouble shows at once, and rows of similar
+        # length share a batch (little padding).
+        rows.sort(key=lambda r: -r.length)
+        budget = max(self.max_batch_tokens, 1)
         with torch.inference_mode():
-            for item in order:
-                n = len(item[1])
-                c_len, x_len = len(item[0]), max(len(requests[i][1]) for i in item[1])
-                # A batch holds the longest context plus the longest continuation: keep that within the window.
-                too_long = max(max_ctx, c_len) + max(max_cont, x_len) - 1 > self.max_length
-                if batch and (rows + n > self.batch_size or len(batch) >= self.batch_size or too_long):
-                    self._score_batch(batch, requests, results, on_result)
-                    batch, rows, max_ctx, max_cont = [], 0, 0, 0
-                batch.append(item)
-                rows += n
-                max_ctx, max_cont = max(max_ctx, c_len), max(max_cont, x_len)
-            if batch:
-                self._score_batch(batch, requests, results, on_result)
+            s = 0
+            while s < len(rows):
+                n = max(1, min(budget // rows[s].length, self.max_batch_rows))  # rows[s] is the batch's longest
+                self._score_rows(rows[s:s + n], todo, results, on_result)
+                s += n
         return results  # type: ignore[return-value]
 
-    def _score_batch(self, batch, requests, results, on_result) -> None:
+    def _score_rows(self, rows: list[PackedRow], requests, results, on_result) -> None:
         import torch
 
-        ctxs = [list(c) for c, _ in batch]
-        T = max(len(c) for c in ctxs)
-        ids = torch.zeros(len(ctxs), T, dtype=torch.long)  # (B, T) left-padded contexts
-        mask = torch.zeros(len(ctxs), T, dtype=torch.long)
-        for b, c in enumerate(ctxs):
-            ids[b, T - len(c):] = torch.tensor(c)
-            mask[b, T - len(c):] = 1
-        last, state = self._prefill(ids.to(self.device), mask.to(self.device))
-        last = torch.log_softmax(last.float(), dim=-1)  # (B, V): predicts each continuation's first token
-        row_of: list[int] = []
-        req_of: list[int] = []
-        for b, (_, idxs) in enumerate(batch):
-            row_of += [b] * len(idxs)
-            req_of += idxs
-        conts = [requests[i][1] for i in req_of]
-        Tc = max(len(c) for c in conts)
-        rest = None
-        if Tc > 1:  # later tokens need the continuation itself through the model
-            cids = torch.zeros(len(conts), Tc - 1, dtype=torch.long)  # (N, Tc-1) right-padded, last token unused
-            for n, c in enumerate(conts):
-                cids[n, :len(c) - 1] = torch.tensor(c[:-1])
-            logits = self._extend(state, torch.tensor(row_of, device=self.device), cids.to(self.device))
-            rest = torch.log_softmax(logits.float(), dim=-1)  # (N, Tc-1, V)
-        for n, i in enumerate(req_of):
-            c = conts[n]
-            first = last[row_of[n]]
-            lp = float(first[c[0]])
-            greedy = int(first.argmax()) == c[0]
-            if len(c) > 1:
-                tgt = torch.tensor(c[1:], device=rest.device)
-                seg = rest[n, : len(c) - 1]  # (len-1, V)
-                lp += float(seg.gather(-1, tgt[:, None]).sum())
-                greedy = greedy and bool((seg.argmax(-1) == tgt).all())
-            results[i] = (lp, greedy)
-            if on_result:
-                on_result(i, results[i])
+        ids, pos, seg = rows_to_tensors(rows)
+        allowed = block_mask(seg)  # (B, T, T)
+        h = self._packed_hidden(ids.to(self.device), pos.to(self.device), allowed.to(self.device))  # (B, T, d)
+        # Only the positions that predict a continuation token go through the LM head and the log-softmax
+        # (a 49k-vocab head over every context position would cost more than the transformer itself).
+        at_row, at_col, target, owner = [], [], [], []
+        for b, row in enumerate(rows):
+            for i, start in zip(row.requests, row.starts):
+                cont = requests[i][1]
+                # the context's last token predicts cont[0]; cont[k] (at start + k) predicts cont[k + 1]
+                at_col += [row.ctx_len - 1] + list(range(start, start + len(cont) - 1))
+                at_row += [b] * len(cont)
+                target += cont
+                owner += [i] * len(cont)
+        sel = h[torch.tensor(at_row, device=h.device), torch.tensor(at_col, device=h.device)]  # (M, d)
+        tgt = torch.tensor(target, device=h.device)  # (M,)
+        lp_tok = torch.empty(len(target), dtype=torch.float32)
+        hit = torch.empty(len(target), dtype=torch.bool)
+        for s in range(0, len(target), 1024):  # chunks bound the (M, V) logits in memory
+            logits = self._head(sel[s:s + 1024]).float()  # (m, V)
+            lp = torch.log_softmax(logits, dim=-1)
+            t = tgt[s:s + 1024]
+            lp_tok[s:s + 1024] = lp.gather(-1, t[:, None])[:, 0].cpu()
+            hit[s:s + 1024] = (logits.argmax(-1) == t).cpu()
+        k = 0
+        for row in rows:
+            for i in row.requests:
+                n = len(requests[i][1])
+                results[i] = (float(lp_tok[k:k + n].sum()), bool(hit[k:k + n].all()))
+                k += n
+                if on_result:
+                    on_result(i, results[i])
 
-    def _prefill(self, ids, mask):
+    def _packed_hidden(self, ids, pos, allowed):
+        """Final hidden states (B, T, d) of rows `ids` (B, T) at positions `pos` (B, T), where query t sees key s
+        iff `allowed[b, t, s]` (bool (B, T, T))."""
         raise NotImplementedError
 
-    def _extend(self, state, rows, ids):
+    def _head(self, h):
+        """Logits (M, V) of final hidden states (M, d)."""
         raise NotImplementedError
+
+
+@dataclass
+class PackedRow:
+    """One context followed by (all but the last token of) each of its continuations, laid end to end."""
+
+    ctx: tuple[int, ...]
+    requests: list[int]  # request indices, in layout order
+    starts: list[int]  # where each continuation's tokens begin in the row
+    tokens: list[int]
+
+    @property
+    def ctx_len(self) -> int:
+        return len(self.ctx)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+def pack_rows(groups: dict[tuple[int, ...], list[int]], requests: list[tuple[list[int], list[int]]],
+              max_length: int) -> list[PackedRow]:
+    """Rows of a context + its continuations (their last token is only a target, so it is left out), at most
+    `max_length` tokens each: a context with more answers than fit gets several rows."""
+    rows: list[PackedRow] = []
+    for ctx, idxs in groups.items():
+        row = PackedRow(ctx, [], [], list(ctx))
+        for i in idxs:
+            body = requests[i][1][:-1]
+            if row.requests and row.length + len(body) > max_length:
+                rows.append(row)
+                row = PackedRow(ctx, [], [], list(ctx))
+            row.requests.append(i)
+            row.starts.append(row.length)
+            row.tokens += body
+        rows.append(row)
+    return rows
+
+
+def rows_to_tensors(rows: list[PackedRow]):
+    """ids, position ids and segment ids (B, T), right-padded to the longest row.
+
+    Segment 0 is the context, segment j + 1 continuation j, -1 padding. A continuation's positions restart at
+    the context length, so each one sees exactly the positions it would have in its own sequence.
+    """
+    import torch
+
+    T = max(r.length for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    pos = torch.zeros(len(rows), T, dtype=torch.long)
+    seg = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : r.length] = torch.tensor(r.tokens)
+        pos[b, : r.ctx_len] = torch.arange(r.ctx_len)
+        seg[b, : r.ctx_len] = 0
+        ends = r.starts[1:] + [r.length]
+        for j, (a, e) in enumerate(zip(r.starts, ends)):
+            pos[b, a:e] = torch.arange(r.ctx_len, r.ctx_len + e - a)
+            seg[b, a:e] = j + 1
+    return ids, pos, seg
+
+
+def block_mask(seg):
+    """Attention pattern (B, T, T) for segment ids (B, T): causal, and a continuation sees the context and its
+    own earlier tokens only. A padding query sees itself (an empty row would give NaN; its output is unused)."""
+    import torch
+
+    T = seg.shape[1]
+    q, k = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    return allowed | torch.eye(T, dtype=torch.bool)
 
 
 class PhiforgeLM(TorchLM):
     """A native phiforge model + tokenizer (tokenizer API: encode, decode, eos_token_id)."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, identity: str | None = None) -> None:
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, identity: str | None = None,
+                 max_batch_tokens: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens or TOKENS_PER_BATCH_SLOT * batch_size
         self.max_length = model.config.max_position_embeddings
         self.device = model.lm_head.weight.device
         self.identity = identity or f"phiforge-object-{id(model)}"
@@ -312,32 +389,19 @@ class PhiforgeLM(TorchLM):
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return bos if bos is not None else self.tokenizer.eos_token_id
 
-    def _prefill(self, ids, mask):
-        B, T = ids.shape
-        self._ctx_len = T
-        cache = self.model.new_cache(B, T)  # grown in _extend once the continuation length is known
-        padded = bool((mask == 0).any())
-        logits = self.model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)
-        return logits[:, -1], cache
+    def _packed_hidden(self, ids, pos, allowed):
+        # Phi.forward only takes a (B, T) padding mask, so run its blocks with the block mask directly
+        # (the same calls Phi.hidden_states makes, minus the KV cache).
+        m = self.model
+        x = m.model.embed_tokens(ids)  # (B, T, d)
+        cos, sin = m.rotary(pos, x.dtype)  # (B, 1, T, rotary_dim)
+        mask = allowed[:, None]  # (B, 1, T, T), True = may attend
+        for i, block in enumerate(m.model.layers):
+            x = block(x, cos, sin, mask, False, None, i)
+        return m.model.final_layernorm(x)
 
-    def _extend(self, cache, rows, ids):
-        import torch
-
-        # The prefill cache holds exactly the context; copy it into a cache with room for the continuation,
-        # one row per continuation (a context's rows repeat for each of its answers).
-        N, Tc = ids.shape
-        big = self.model.new_cache(N, cache.length + Tc)
-        for layer in range(len(cache.k)):
-            big.k[layer][:, :, : cache.length] = cache.k[layer][rows]
-            big.v[layer][:, :, : cache.length] = cache.v[layer][rows]
-        big.length = cache.length
-        big.valid_count = cache.valid_count[rows].clone()
-        if cache.key_mask is not None:
-            big.key_mask = torch.zeros(N, big.max_len, dtype=torch.bool, device=ids.device)
-            big.key_mask[:, : cache.length] = cache.key_mask[rows, : cache.length]
-        # Right padding needs no mask: causal attention never lets a real token see the padding after it.
-        return self.model(ids, attention_mask=torch.ones_like(ids) if big.key_mask is not None else None,
-                          cache=big)
+    def _head(self, h):
+        return self.model.lm_head(h)
 
     def _generate(self, requests, on_result=None):
         from phiforge.generate import GenerationConfig, generate
@@ -376,10 +440,11 @@ class HFLM(TorchLM):
     """A transformers causal LM (directory, .gguf file, alias or hub id)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, identity: str | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, max_batch_tokens: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens or TOKENS_PER_BATCH_SLOT * batch_size
         self.device = next(model.parameters()).device
         self.max_length = max_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.identity = identity or f"hf-object-{id(model)}"
@@ -412,27 +477,30 @@ class HFLM(TorchLM):
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.tokenizer.eos_token_id
 
-    def _prefill(self, ids, mask):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding: real tokens count from 0
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], (out.past_key_values, mask)
+    def _split_head(self) -> bool:
+        """Whether logits are exactly lm_head(decoder output), so the head can run on selected positions only
+        (models that scale or soft-cap their logits run whole)."""
+        cfg = self.model.config
+        return (getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
+                and self.model.get_output_embeddings() is not None
+                and hasattr(self.model, self.model.base_model_prefix))
 
-    def _extend(self, state, rows, ids):
+    def _packed_hidden(self, ids, pos, allowed):
         import torch
 
-        cache, mask = state
-        cache.batch_select_indices(rows)  # (N, heads, T, hd): one row per continuation
-        N, Tc = ids.shape
-        ctx_mask = mask[rows]  # (N, T)
-        full = torch.cat([ctx_mask, torch.ones(N, Tc, dtype=mask.dtype, device=mask.device)], dim=1)
-        pos = ctx_mask.sum(-1, keepdim=True) + torch.arange(Tc, device=ids.device)[None]  # (N, Tc)
-        import inspect
+        dtype = next(self.model.parameters()).dtype
+        # A 4D mask reaches the attention functions as is (transformers' masking_utils): additive float, 0 where
+        # a query may attend and the dtype's minimum elsewhere, which both the eager and the SDPA paths accept.
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]  # (B, 1, T, T)
+        if self._split_head():
+            body = getattr(self.model, self.model.base_model_prefix)
+            return body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
-        # transformers >= 5.x names the argument `cache` (past_key_values is deprecated); older ones only know it
-        # as past_key_values.
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        return self.model(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True,
-                          **{name: cache}).logits
+    def _head(self, h):
+        return self.model.get_output_embeddings()(h) if self._split_head() else h
 
     def _generate(self, requests, on_result=None):
         import torch
