@@ -53,7 +53,7 @@ def main() -> None:
 
     mc = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                     max_position_embeddings=args.seq + 1, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+                     max_position_embeddings=args.seq + 1, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     cfg = TrainConfig(max_steps=1, seq_len=args.seq, micro_batch=args.batch, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
                       weight_decay=0.1, grad_clip=1.0, compile=args.compile)
     torch.manual_seed(0)

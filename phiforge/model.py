@@ -17,6 +17,8 @@ applied from outside (phiforge/train), never here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -104,52 +106,114 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
-# ---- prepacked weights for CPU decoding --------------------------------------------------------------------------
-# Batch-1 decoding reads every weight once per token, so it is bound by how fast the matrix-vector kernels stream
-# weights. On CPU in bf16, oneDNN's linear with a weight reordered ("prepacked") for its kernel streams faster
-# than F.linear on the plain row-major weight (bench/decode.py: 1.6x transformers end to end). In fp32 the
-# packed kernel was measured *slower* than F.linear (MKL sgemv) at batch 1, so fp32 stays on the plain path.
-# `Phi.prepare_decoding()` builds the copies (extra memory equal to the linear weights) and the decode path (one
-# new token per row, no autograd) uses them; everything else, and every model whose weights changed since
-# packing, uses the ordinary parameters.
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN-prepacked copy of a (out, in) bf16 weight for small-batch CPU linears, or None where unsupported."""
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-        return None
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-    except (RuntimeError, AttributeError):  # a torch build without these ops
-        return None
+# ---- the single-token decode path --------------------------------------------------------------------------------
+# Batch-1 decoding reads every weight once per token, so it is bound by how fast the matrix-vector products
+# stream weights, plus the per-token Python/dispatch overhead (at ~100M parameters a step is only a few ms).
+# `Phi.prepare_decoding()` builds a DecodePlan: every layer's tensors resolved once, linear weights copied into
+# the layout the fastest CPU kernel for their dtype streams best (measured, bench/decode.py), and `forward` runs
+# one-token steps as one flat loop over it (no module calls, no mask or position building). Everything else
+# (prefill, padding, autograd, training) and any model whose weights changed since the plan was built uses the
+# ordinary modules. A linear layer that is not a plain nn.Linear (e.g. serve/quant's QuantLinear, swapped in
+# from outside) is simply called as a module inside the same loop.
+#
+# Kernels (x is (B, in)):
+#   "mkldnn": oneDNN weight prepacked for its small-batch kernel (bf16 on CPU: ~2x F.linear), q/k/v fused;
+#   "t":      a transposed (in, out) contiguous copy and addmm (fp32 on CPU: MKL streams it faster than the
+#             row-major weight F.linear hands it), q/k/v fused;
+#   "plain":  F.linear on the parameters themselves (other devices/dtypes): no copies, just the flat loop.
+def default_kernel(weight: torch.Tensor) -> str:
+    """The decode kernel for a weight's device and dtype (see the table above)."""
+    if weight.device.type != "cpu":
+        return "plain"
+    if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        return "mkldnn"
+    if weight.dtype == torch.float32:
+        return "t"
+    return "plain"
 
 
-class PackedLinear:
-    """A prepacked copy of one or more nn.Linear layers fused along the output dim (e.g. q, k, v in one matmul).
-    It remembers the parameters it copied so it can tell when they were replaced or modified in place."""
+LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
-    def __init__(self, *linears: nn.Linear) -> None:
-        self.sources = [self._state(lin) for lin in linears]
-        weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight
-        self.weight = _pack(weight)
-        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if len(linears) > 1 else linears[0].bias
 
-    @staticmethod
-    def _state(lin: nn.Linear) -> tuple:
-        # identity catches replaced parameters, _version in-place updates, data_ptr `.data =` swaps (module.to)
-        return tuple((p, p._version, p.data_ptr()) for p in (lin.weight, lin.bias))
+def _linear_fn(linears: list[nn.Module], kernel: str) -> LinearFn:
+    """x (B, in) -> (B, sum of out) for linears fused along the output dim, in `kernel`'s weight layout."""
+    if kernel == "plain" or len(linears) == 1 and type(linears[0]) is not nn.Linear:
+        if len(linears) == 1:
+            return linears[0]
+        return lambda x: torch.cat([lin(x) for lin in linears], dim=-1)
+    weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if len(linears) > 1 else linears[0].bias.detach()
+    if kernel == "mkldnn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if kernel == "t":
+        weight_t = weight.t().contiguous()  # (in, out)
+        return lambda x: torch.addmm(bias, x, weight_t)
+    raise ValueError(f"unknown decode kernel {kernel!r}")
 
-    def fresh(self, *linears: nn.Linear) -> bool:
-        return self.weight is not None and all(
-            all(p is q and p._version == v and p.data_ptr() == ptr for p, (q, v, ptr) in zip((lin.weight, lin.bias), s))
-            for lin, s in zip(linears, self.sources))
 
-    def __call__(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
-        """x @ W.T + b, optionally followed by GELU ("tanh" or "none" approximation) in the same kernel."""
-        x = x.contiguous()  # oneDNN wants dense rows (a last-position slice h[:, -1:] is strided)
-        if gelu is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], gelu)
+class DecodePlan:
+    """Everything a one-token decode step reads, resolved once (see the notes above)."""
+
+    def __init__(self, model: Phi, kernel: str) -> None:
+        cfg = model.config
+        self.kernel = kernel
+        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.approximate = model.model.layers[0].mlp.approximate
+        dtype = model.lm_head.weight.dtype
+        self.cos = model.rotary.cos.to(dtype)  # (P, rotary_dim): the same rounding as RotaryEmbedding.forward
+        self.sin = model.rotary.sin.to(dtype)
+        self.layers = []
+        self.modules: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, child) captured
+        for block in model.model.layers:
+            a, m, ln = block.self_attn, block.mlp, block.input_layernorm
+            q, k, v = a.q_proj, a.k_proj, a.v_proj
+            # q, k and v as one matmul (split afterwards); modules called one by one where not plain nn.Linear
+            plain_qkv = all(type(lin) is nn.Linear for lin in (q, k, v))
+            qkv = _linear_fn([q, k, v], kernel if plain_qkv else "plain")
+            qk_norm = (a.q_layernorm, a.k_layernorm) if a.qk_layernorm else None
+            self.layers.append((ln.weight, ln.bias, ln.eps, qkv, _linear_fn([a.dense], kernel),
+                                _linear_fn([m.fc1], kernel), _linear_fn([m.fc2], kernel), qk_norm))
+            self.modules += [(block, "input_layernorm", ln), (block, "self_attn", a), (block, "mlp", m)]
+            self.modules += [(a, n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "dense")]
+            self.modules += [(m, n, getattr(m, n)) for n in ("fc1", "fc2")]
+        self.lm_head = _linear_fn([model.lm_head], kernel)
+        self.modules += [(model, "lm_head", model.lm_head), (model.model, "layers", model.model.layers)]
+        # Parameters the plan copied or holds: any in-place update (_version), `.data` swap (module.to:
+        # data_ptr) or replacement (identity, via self.modules) makes the plan stale.
+        self.params = [(p, p._version, p.data_ptr()) for _, _, mod in self.modules
+                       for p in mod.parameters(recurse=False)]
+
+    def fresh(self) -> bool:
+        return all(getattr(parent, name) is child for parent, name, child in self.modules) and all(
+            p._version == v and p.data_ptr() == ptr for p, v, ptr in self.params)
+
+    def step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, V) for one new token per row, appended to an unpadded `cache`."""
+        B = input_ids.shape[0]
+        H, KV, hd = self.H, self.KV, self.hd
+        L = cache.length
+        x = model.model.embed_tokens(input_ids[:, 0])  # (B, d)
+        d = x.shape[-1]
+        cos, sin = self.cos[L], self.sin[L]  # (rotary_dim,), broadcast over rows and heads
+        for i, (ln_w, ln_b, eps, qkv, dense, fc1, fc2, qk_norm) in enumerate(self.layers):
+            h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
+            q, k, v = qkv(h).split([H * hd, KV * hd, KV * hd], dim=-1)
+            q, k, v = q.view(B, H, hd), k.view(B, KV, hd), v.view(B, KV, hd)
+            if qk_norm is not None:
+                q, k = qk_norm[0](q), qk_norm[1](k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            ck, cv = cache.k[i], cache.v[i]  # (B, KV, max_len, hd)
+            ck.select(2, L).copy_(k)
+            cv.select(2, L).copy_(v)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), ck[:, :, :L + 1], cv[:, :, :L + 1],
+                                               enable_gqa=KV != H)  # (B, H, 1, hd)
+            attn = dense(y.reshape(B, H * hd))
+            ff = fc2(F.gelu(fc1(h), approximate=self.approximate))
+            x = attn + ff + x  # same summation order as Block
+        cache.length = L + 1
+        cache.valid_count += 1
+        return self.lm_head(model.model.final_layernorm(x)).unsqueeze(1)  # (B, 1, V)
 
 
 class Attention(nn.Module):
@@ -166,26 +230,17 @@ class Attention(nn.Module):
             self.q_layernorm = nn.LayerNorm(hd, eps=config.layer_norm_eps)
             self.k_layernorm = nn.LayerNorm(hd, eps=config.layer_norm_eps)
         self.dropout = config.attention_dropout
-        self.packed: tuple[PackedLinear, PackedLinear] | None = None  # (qkv, dense), see Phi.prepare_decoding
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, layer: int, packed: bool = False) -> torch.Tensor:
+                is_causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_head, self.n_kv, self.head_dim
-        if packed:  # one prepacked matmul for q, k and v
-            qkv = self.packed[0](x).view(B, T, H + 2 * KV, hd).transpose(1, 2)  # (B, H+2KV, T, hd)
-            q, k, v = qkv.split([H, KV, KV], dim=1)
-        else:
-            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-            v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        elif packed:  # q and k are adjacent in qkv: rotate both with one call
-            q, k = apply_rotary(qkv[:, :H + KV], cos, sin).split([H, KV], dim=1)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, L, hd), L = cached + T
         # GQA (KV < H): each kv head serves H / KV query heads; SDPA broadcasts them without copies.
@@ -193,7 +248,7 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=KV != H)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
-        return self.packed[1](y) if packed else self.dense(y)
+        return self.dense(y)
 
 
 class MLP(nn.Module):
@@ -203,11 +258,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
         # gelu_new and gelu_pytorch_tanh are both the tanh approximation; plain "gelu" is the erf form.
         self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
-        self.packed: tuple[PackedLinear, PackedLinear] | None = None  # (fc1, fc2), see Phi.prepare_decoding
 
-    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        if packed:
-            return self.packed[1](self.packed[0](x, gelu=self.approximate))  # GELU fused into fc1's kernel
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
@@ -222,10 +274,10 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, layer: int, packed: bool = False) -> torch.Tensor:
+                is_causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
         h = self.input_layernorm(x)
-        attn = self.resid_dropout(self.self_attn(h, cos, sin, mask, is_causal, cache, layer, packed))
-        ff = self.resid_dropout(self.mlp(h, packed))
+        attn = self.resid_dropout(self.self_attn(h, cos, sin, mask, is_causal, cache, layer))
+        ff = self.resid_dropout(self.mlp(h))
         return attn + ff + x  # same summation order as HF, for bit-closeness
 
 
@@ -243,7 +295,7 @@ class Phi(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope_theta)
-        self.packed_head: PackedLinear | None = None  # see prepare_decoding
+        self._plan: DecodePlan | None = None  # see prepare_decoding
         if self.lm_head.weight.device.type != "meta":
             self.apply(self._init_weights)
 
@@ -313,11 +365,10 @@ class Phi(nn.Module):
         pos, mask, is_causal = self._positions_and_mask(B, T, attention_mask, cache, input_ids.device)
         if position_ids is not None:
             pos = position_ids
-        packed = self._use_packed(T)
         x = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, d)
         cos, sin = self.rotary(pos, x.dtype)  # (B or 1, 1, T, rotary_dim)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i, packed)
+            x = block(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
             cache.length += T
         return self.model.final_layernorm(x)
@@ -326,54 +377,47 @@ class Phi(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when `last_only`."""
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when `last_only`."""
+        if cache is not None and input_ids.shape[1] == 1 and attention_mask is None and position_ids is None \
+                and cache.key_mask is None and self._use_plan():
+            if cache.length + 1 > min(cache.max_len, self.config.max_position_embeddings):
+                raise ValueError(f"sequence of {cache.length + 1} tokens exceeds the context of "
+                                 f"{self.config.max_position_embeddings} or the KV cache ({cache.max_len})")
+            return self._plan.step(self, input_ids, cache)
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if last_only:
             h = h[:, -1:]  # prefill for generation needs only the next-token distribution
-        if h.shape[1] == 1 and self._use_packed(1):
-            return self.packed_head(h)
         return self.lm_head(h)
 
-    def prepare_decoding(self) -> bool:
-        """Build prepacked (oneDNN) copies of every linear weight, q/k/v fused, for fast CPU decoding.
+    def prepare_decoding(self, kernel: str | None = None) -> bool:
+        """Build the fast one-token decode path (DecodePlan): resolved weights in the fastest kernel's layout.
 
-        Costs extra memory equal to the linear weights. Idempotent; repacks whatever changed since the last call.
-        Returns False (and packs nothing) where it does not help or is unsupported: fp32/fp16, GPU, no oneDNN.
+        `kernel` overrides the choice for the weights' device/dtype ("mkldnn", "t", "plain"; see DecodePlan).
+        Costs extra memory up to the linear weights (none for "plain"). Idempotent: rebuilds only what changed
+        since the last call. Returns False on the meta device (nothing to prepare).
         """
-        if _pack(self.lm_head.weight[:1]) is None:
+        if self.lm_head.weight.device.type == "meta":
             return False
-        if self._packed_fresh():
+        kernel = kernel or default_kernel(self.lm_head.weight)
+        if self._plan is not None and self._plan.kernel == kernel and self._plan.fresh():
             return True
+        self._plan = None  # free the stale copies before making new ones
         with torch.no_grad():
-            for block in self.model.layers:
-                a, m = block.self_attn, block.mlp
-                a.packed = (PackedLinear(a.q_proj, a.k_proj, a.v_proj), PackedLinear(a.dense))
-                m.packed = (PackedLinear(m.fc1), PackedLinear(m.fc2))
-            self.packed_head = PackedLinear(self.lm_head)
+            self._plan = DecodePlan(self, kernel)
         return True
 
     def release_decoding(self) -> None:
-        """Drop the prepacked copies made by prepare_decoding (frees their memory)."""
-        for block in self.model.layers:
-            block.self_attn.packed = block.mlp.packed = None
-        self.packed_head = None
+        """Drop the decode plan made by prepare_decoding (frees its weight copies)."""
+        self._plan = None
 
-    def _use_packed(self, T: int) -> bool:
-        """Packed weights serve single-token decode steps without autograd, and only while still up to date."""
-        if self.packed_head is None or T != 1 or torch.is_grad_enabled() or self.training:
+    def _use_plan(self) -> bool:
+        """The plan serves decode steps without autograd, and only while it is still up to date."""
+        if self._plan is None or self.training or torch.is_grad_enabled():
             return False
-        if self._packed_fresh():
+        if self._plan.fresh():
             return True
-        self.release_decoding()  # weights changed (training, load_state_dict): the copies are stale
+        self._plan = None  # weights changed (training, load_state_dict, .to): the copies are stale
         return False
-
-    def _packed_fresh(self) -> bool:
-        def fresh(module: nn.Module, names: tuple[str, ...]) -> bool:
-            return module.packed is not None and module.packed[0].fresh(*(getattr(module, n) for n in names[:-1])) \
-                and module.packed[1].fresh(getattr(module, names[-1]))
-
-        return self.packed_head is not None and self.packed_head.fresh(self.lm_head) and all(
-            fresh(b.self_attn, ("q_proj", "k_proj", "v_proj", "dense")) and fresh(b.mlp, ("fc1", "fc2"))
-            for b in self.model.layers)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and dtype."""

@@ -160,3 +160,79 @@ def test_native_generate_until_stops(tiny_model):
     single = lm.generate_until("abc", max_tokens=8)
     assert outs[0] == single  # greedy: batching and padding do not change the text
     assert all(len(o.encode("utf-8", errors="ignore")) <= 8 * 4 for o in outs)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _plain(model, ctx, cont, hf):
+    """log P(cont | ctx) and greedy flag from one unpadded full forward of ctx + cont (no packing, no batch)."""
+    ids = torch.tensor([(ctx + cont)[:-1]])
+    with torch.no_grad():
+        logits = (model(ids).logits if hf else model(ids))[0].float()
+    lps = torch.log_softmax(logits, -1)
+    rows = range(len(ctx) - 1, len(ctx) - 1 + len(cont))
+    return (sum(float(lps[r, t]) for r, t in zip(rows, cont)),
+            all(int(logits[r].argmax()) == t for r, t in zip(rows, cont)))
+
+
+# Multiple-choice shaped token requests: shared contexts with answers of different lengths (1 token included),
+# plus a lone context; random ids so nothing depends on a tokenizer.
+def _mc_requests(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ints = lambda n: torch.randint(2, 256, (n,), generator=g).tolist()  # noqa: E731
+    reqs = []
+    for c_len, answers in ((7, (1, 4, 9, 2)), (30, (3, 3, 12)), (1, (5,)), (12, (1, 1)), (50, (20, 6, 1, 8))):
+        ctx = ints(c_len)
+        reqs += [(ctx, ints(n)) for n in answers]
+    return reqs
+
+
+@pytest.mark.parametrize("backend", ["hf", "native"])
+@pytest.mark.parametrize("budget", [None, 40])  # 40 tokens: one row per batch, long groups split into rows
+def test_packed_rows_equal_plain_path(backend, budget, tiny_model):
+    from phiforge.eval.lm import HFLM, PhiforgeLM
+
+    reqs = _mc_requests()
+    if backend == "hf":
+        model = _tiny_llama()
+        lm = HFLM(model, None, max_batch_tokens=budget)
+    else:
+        model = tiny_model
+        lm = PhiforgeLM(model, ByteTok(), max_batch_tokens=budget)
+    if budget:
+        lm.max_length = 40  # the 50-token context + answers no longer fit one row: truncation + several rows
+    got = lm.loglikelihood_tokens(list(reqs))
+    for (ctx, cont), (lp, greedy) in zip(reqs, got):
+        over = len(ctx) + len(cont) - (lm.max_length + 1)
+        if over > 0:
+            ctx = ctx[over:]
+        ref_lp, ref_greedy = _plain(model, ctx, cont, backend == "hf")
+        assert lp == pytest.approx(ref_lp, abs=1e-5)
+        assert greedy == ref_greedy
+
+
+def test_pack_rows_layout_and_mask():
+    from phiforge.eval.lm import block_mask, pack_rows, rows_to_tensors
+
+    reqs = [([10, 11, 12], [20, 21]), ([10, 11, 12], [30]), ([10, 11, 12], [40, 41, 42])]
+    rows = pack_rows({(10, 11, 12): [0, 1, 2]}, reqs, max_length=64)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r.tokens == [10, 11, 12, 20, 40, 41] and r.starts == [3, 4, 4]
+    ids, pos, seg = rows_to_tensors(rows)
+    assert pos[0].tolist() == [0, 1, 2, 3, 3, 4]  # each continuation restarts at the context length
+    assert seg[0].tolist() == [0, 0, 0, 1, 3, 3]
+    m = block_mask(seg)[0]
+    assert m[5].tolist() == [True, True, True, False, True, True]  # answer 3 never sees answer 1
+    assert m[3].tolist() == [True, True, True, True, False, False]
+    assert m[1].tolist() == [True, True, False, False, False, False]  # the context stays causal
+    # a too-small row budget splits the answers over rows that each repeat the context
+    split = pack_rows({(10, 11, 12): [0, 1, 2]}, reqs, max_length=5)
+    assert [x.requests for x in split] == [[0, 1], [2]]
+    assert all(x.length <= 5 for x in split)

