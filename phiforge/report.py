@@ -54,9 +54,9 @@ def _fig_png(fig) -> bytes:
 
 def _loss_figure(runs: dict[str, Path]) -> bytes | None:
     """Train and validation loss against tokens for each training run that has a log."""
-    from phiforge.train.metrics import read_log
-
     import matplotlib
+
+    from phiforge.train.metrics import read_log
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -359,21 +359,25 @@ def _metric(task_result: dict[str, Any], name: str) -> float | None:
     return v.get("value") if isinstance(v, dict) else v
 
 
-def validation_loss(lm: Any, tokens: Path, max_tokens: int = 200_000, seq_len: int = 256) -> float:
-    """Mean next-token loss (nats) over the first `max_tokens` validation tokens, in windows of `seq_len`."""
+def validation_loss(lm: Any, tokens: Path, max_tokens: int = 200_000, seq_len: int = 256) -> float | None:
+    """Mean next-token loss (nats) over the first `max_tokens` validation tokens, in windows of `seq_len`
+    (None when the split has no validation data)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     from phiforge.data.pack import open_split
 
-    arrays = open_split(tokens, "val")
+    arrays = [a for a in open_split(tokens, "val") if len(a)]
+    if not arrays:
+        return None
     flat = np.concatenate([np.asarray(a[: max_tokens]) for a in arrays])[: max_tokens]
     model = lm.model
     seq_len = min(seq_len, model.config.max_position_embeddings)
+    seq_len = min(seq_len, len(flat) - 1)
     n = (len(flat) - 1) // seq_len
     if n == 0:
-        raise PhiforgeError(f"{tokens}: too few validation tokens ({len(flat)}) for a window of {seq_len}")
+        return None
     x = torch.from_numpy(flat[: n * seq_len].astype(np.int64)).view(n, seq_len)  # (n, T)
     y = torch.from_numpy(flat[1 : n * seq_len + 1].astype(np.int64)).view(n, seq_len)
     total = 0.0

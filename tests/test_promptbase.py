@@ -316,12 +316,13 @@ def test_cli_strategy_table_json_and_cache(tiny_model, tmp_path, capsys, monkeyp
         {s: v["arc_challenge"]["acc"] for s, v in r["results"].items()}
 
 
-def test_cli_strategy_errors(capsys, tmp_path):
+def test_cli_strategy_errors(capsys):
     from phiforge.cli import main
 
-    write_arc(tmp_path / "b")
-    assert main(["eval", "--model", "x", "--tasks", "gsm8k", "--strategy", "nope"]) == 2
+    assert main(["eval", "--model", "x", "--tasks", "arc_easy", "--strategy", "nope"]) == 2
     assert "unknown" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--tasks", "gsm8k", "--strategy", "zero-shot"]) == 2
+    assert "multiple-choice" in capsys.readouterr().err
 
 
 @pytest.mark.slow

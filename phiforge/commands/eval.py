@@ -128,6 +128,12 @@ def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
 
     strategies = [parse_strategy(x.strip(), k=args.shots, shuffles=args.shuffles, vote=args.vote,
                                  threshold=args.gate_threshold) for x in args.strategy.split(",") if x.strip()]
+    from phiforge.eval.strategies.items import to_item
+    from phiforge.eval.tasks import get_task
+
+    for n in names:  # fail before loading a model: strategies need multiple-choice items
+        if get_task(n).kind != "multiple_choice":
+            to_item(n, {}, 0)
     embedder = get_embedder(args.embedder) if any(s.shots == "knn" for s in strategies) else None
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()] if args.subjects else None
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,

@@ -46,14 +46,17 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, fast=args.fast, overrides=over)
     t0 = time.time()
     summaries = run(cfg)
-    ev = summaries.get("eval", {})
+    def line(ev: dict) -> str:
+        def f(v: object) -> str:
+            return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+        return (f"validation loss {f(ev.get('val_loss'))} | held-out exercises pass@1 "
+                f"{f(ev.get('heldout_pass@1'))} | HumanEval pass@1 {f(ev.get('humaneval_pass@1'))}")
+
     print()
     print(f"phiforge run finished in {time.time() - t0:.0f}s — run directory: {cfg.out}")
-    print(f"  validation loss {ev.get('val_loss', float('nan')):.3f} | held-out exercises pass@1 "
-          f"{ev.get('heldout_pass@1', 0):.3f} | HumanEval pass@1 {ev.get('humaneval_pass@1') or 0:.3f}")
+    print(f"  {line(summaries.get('eval', {}))}")
     if "eval-raw" in summaries:
-        er = summaries["eval-raw"]
-        print(f"  ablation (raw corpus): validation loss {er.get('val_loss', float('nan')):.3f} | held-out "
-              f"pass@1 {er.get('heldout_pass@1', 0):.3f} | HumanEval pass@1 {er.get('humaneval_pass@1') or 0:.3f}")
+        print(f"  ablation (raw corpus): {line(summaries['eval-raw'])}")
     print(f"  report: {cfg.out}/report.html (and report.md)")
     return 0

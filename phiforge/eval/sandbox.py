@@ -24,6 +24,8 @@ The strongest isolation the host allows is picked once per process (`sandbox_mod
   * the program process closes every file descriptor but its stdin/stdout/stderr (it cannot reach the zygote's
     socket), the zygote was started with the scrubbed environment and never reads program text (pid 1 reads
     main.py), so the memory a program inherits holds no secrets and nothing of other runs.
+  * if the evaluating process dies, its zygotes exit and every run in flight is killed (pid 1 has
+    PR_SET_PDEATHSIG); a zygote that dies is replaced on the next run.
   Differences from a fresh interpreter, by design: the preloaded modules are already in sys.modules (a program
   that mutates one only changes its own copy-on-write copy), and all programs of one zygote share its str hash
   seed (`random` is reseeded in every fork, as the random module does itself).
@@ -38,8 +40,8 @@ The strongest isolation the host allows is picked once per process (`sandbox_mod
 Always: a scrubbed environment (only PATH, LANG and the run marker), no site-packages unless `site_packages=True`
 (HumanEval/MBPP solutions need only the standard library; `site` costs ~20 ms), rlimits on CPU time, address
 space, file size, core dumps and open files, a wall-clock timeout after which the whole namespace / process
-group is SIGKILLed, stdout/stderr captured through files (so their size is bounded by RLIMIT_FSIZE, not our
-memory). Never covered: reading world-readable host files (the repo, /etc), CPU/memory contention between runs
+group is SIGKILLed, stdout/stderr captured through files in a host-side run dir (on /dev/shm when it is roomy,
+else the temp dir; their size is bounded by RLIMIT_FSIZE, not our memory). Never covered: reading world-readable host files (the repo, /etc), CPU/memory contention between runs
 beyond the rlimits, kernel exploits. Nothing relies on in-process guards (no patched builtins), so
 `__subclasses__` tricks have nothing to escape from: the limits live in the kernel.
 """
@@ -490,8 +492,15 @@ def _close_zygotes() -> None:
 def _spawn_forked(request: bytes) -> int:
     """Start a run on an idle zygote (a new one if none is idle); returns the pidfd of its pid 1."""
     for attempt in range(2):
-        with _zygote_lock:
-            z = _idle_zygotes.pop() if _idle_zygotes else None
+        z = None
+        while attempt == 0 and z is None:  # an idle one that is still alive; the retry gets a fresh one
+            with _zygote_lock:
+                z = _idle_zygotes.pop() if _idle_zygotes else None
+            if z is None:
+                break
+            if z.proc.poll() is not None:
+                z.close()
+                z = None
         z = z or _Zygote()
         try:
             pidfd = z.spawn(request)

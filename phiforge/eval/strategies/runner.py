@@ -291,8 +291,10 @@ class StrategyRunner:
         return ItemResult(it.uid, it.gold, pred, route, votes, conf, shot_ids)
 
     # ---- chain of thought ----
-    def _answer_after_reasoning(self, prompts: list[str], n_options: list[int]) -> list[list[float]]:
-        """Generate reasoning for each prompt, then letter probabilities after ' Therefore, the answer is ('."""
+    def _answer_after_reasoning(self, prompts: list[str], n_options: list[int]
+                                ) -> tuple[list[list[float]], list[str]]:
+        """Generate reasoning for each prompt, then letter probabilities after ' Therefore, the answer is ('
+        -> (probabilities per prompt, cleaned reasoning per prompt)."""
         gens = self.lm.generate_until([GenRequest(p, COT_STOP, self.cot_max_tokens) for p in prompts])
         reasons = [clean_reasoning(g) for g in gens]
         reqs, spans = [], []
@@ -301,8 +303,7 @@ class StrategyRunner:
             spans.append((len(reqs), n))
             reqs += [(ctx, L) for L in letters(n)]
         res = self.lm.loglikelihood(reqs) if reqs else []
-        self._last_reasons = reasons
-        return [softmax([x[0] for x in res[a:a + n]]) for a, n in spans]
+        return [softmax([x[0] for x in res[a:a + n]]) for a, n in spans], reasons
 
     def ensure_cot(self, pool: list[MCItem]) -> None:
         """Self-generate (and cache) the zero-shot CoT of every given pool item; mark those whose answer is gold."""
@@ -311,8 +312,8 @@ class StrategyRunner:
         if not todo:
             return
         prompts = [header(x) + format_question(x) + COT_TRIGGER for x in todo]
-        probs = self._answer_after_reasoning(prompts, [len(x.options) for x in todo])
-        for x, p, r in zip(todo, probs, self._last_reasons):
+        probs, reasons = self._answer_after_reasoning(prompts, [len(x.options) for x in todo])
+        for x, p, r in zip(todo, probs, reasons):
             pred = argmax(p)
             self.cot.data[x.uid] = {"cot": r, "pred": pred, "correct": bool(pred == x.gold and r)}
         self.cot.stats["generated"] += len(todo)
@@ -344,7 +345,7 @@ class StrategyRunner:
             for perm in perms:
                 prompts.append(prefix + format_question(it, perm) + COT_TRIGGER)
                 n_opts.append(len(perm))
-        probs = self._answer_after_reasoning(prompts, n_opts) if prompts else []
+        probs = self._answer_after_reasoning(prompts, n_opts)[0] if prompts else []
         out = {}
         for i, perms, start in plan:
             mapped = [to_original(probs[start + q], perm) for q, perm in enumerate(perms)]

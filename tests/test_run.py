@@ -1,0 +1,97 @@
+"""`phiforge run`: the whole pipeline end to end on a micro config, stage reuse, failure handling, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from phiforge.errors import ConfigError, PhiforgeError
+from phiforge.run import load_run_config, run
+
+MICRO = {
+    "corpus": {"max_files": 12, "max_chars": 6000},
+    "curate": {"steps": [
+        {"type": "python"},
+        {"type": "exact_dedup"},
+        {"type": "minhash", "ngram": 5, "bands": 14, "rows": 8, "threshold": 0.7},
+        {"type": "decontaminate", "ngram": 13, "benchmarks": ["humaneval"]},
+    ]},
+    "synth": {"n": 40},
+    "textbooks": {"n": 0},
+    "tokenizer": {"vocab_size": 512, "val_fraction": 0.2},
+    "train": {"max_steps": 4, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 2, "eval_batches": 2,
+              "save_every": 4},
+    "eval": {"heldout_exercises": 3, "humaneval_limit": 2, "max_new_tokens": 16, "samples": ["def add(a, b):\n"]},
+}
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    cfg = load_run_config(overrides={**MICRO, "out": str(out)})
+    logs: list[str] = []
+    summaries = run(cfg, log=logs.append)
+    return cfg, out, summaries, logs
+
+
+def test_micro_run_produces_every_stage_and_a_report(micro_run):
+    cfg, out, summaries, _ = micro_run
+    for stage in ("corpus", "curated", "synth", "textbooks", "tokens", "train", "eval", "report"):
+        assert (out / stage / ".stage.json").exists(), stage
+    assert summaries["corpus"]["documents"] == 12
+    assert summaries["train"]["steps"] == 4
+    assert summaries["tokens"]["train_tokens"] > 0
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert res["heldout"]["n"] == 3 and 0.0 <= res["heldout"]["pass@1"] <= 1.0
+    assert res["val_loss"] > 0
+    assert len(res["generations"]) == 1
+    html = (out / "report.html").read_text()
+    assert "Data funnel" in html and "data:image/png;base64," in html  # figures embedded: opens offline
+    assert "http://" not in html and "https://" not in html
+    md = (out / "report.md").read_text()
+    assert "## Evaluation" in md and "| python |" in md
+
+
+def test_rerun_reuses_finished_stages(micro_run):
+    cfg, out, _, _ = micro_run
+    logs: list[str] = []
+    run(cfg, log=logs.append)
+    reused = [m for m in logs if "up to date" in m]
+    assert len(reused) == 7  # everything but the report is reused
+
+
+def test_changed_train_config_reruns_only_downstream(micro_run):
+    cfg, out, _, _ = micro_run
+    cfg2 = load_run_config(overrides={**MICRO, "out": str(out), "train": {**MICRO["train"], "max_steps": 5}})
+    logs: list[str] = []
+    summaries = run(cfg2, log=logs.append)
+    redone = {m.split(":")[0].split("] ")[1] for m in logs if m.endswith("...")}
+    assert redone == {"train", "eval", "report"}
+    assert summaries["train"]["steps"] == 5
+
+
+def test_failure_names_the_stage_and_keeps_finished_stages(micro_run, tmp_path):
+    cfg, out, _, _ = micro_run
+    bad = load_run_config(overrides={**MICRO, "out": str(tmp_path / "bad"),
+                                     "train": {**MICRO["train"], "no_such_key": 1}})
+    with pytest.raises(PhiforgeError, match="stage 'train' failed.*no_such_key"):
+        run(bad, log=lambda m: None)
+    assert (tmp_path / "bad" / "tokens" / ".stage.json").exists()
+    assert not (tmp_path / "bad" / "train" / ".stage.json").exists()
+
+
+def test_unknown_run_config_key_is_an_error(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("trian:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_run_config(p)
+
+
+def test_report_command_rebuilds(micro_run):
+    from phiforge.cli import main
+
+    _, out, _, _ = micro_run
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").exists()
