@@ -7,6 +7,9 @@ rounds (phiforge, lm-eval, phiforge, lm-eval, ...) so machine load affects both.
 the ratio, and whether the scores agree (per-request |dLL| <= 1e-3 and identical acc/acc_norm predictions).
 No result cache is used for phiforge here.
 
+`--batch-size B` means B requests per forward pass for lm-eval and a budget of B * 256 tokens per forward pass
+for phiforge (whose rows hold a whole context + all its answers, so a request count is not its unit).
+
 Run: flock /tmp/phiforge-bench.lock python bench/eval.py
 """
 
@@ -78,6 +81,7 @@ def main() -> None:
     print(f"RESULT eval_phiforge_rps {rps_ours:.1f} req/s")
     print(f"RESULT eval_lm_eval_rps {rps_theirs:.1f} req/s")
     print(f"RESULT eval_speed_ratio {rps_ours / rps_theirs:.2f} x")
+    print(f"RESULT eval_max_abs_dll {diff:.2e} nats")
     print(f"RESULT eval_scores_identical {int(identical)} bool")
 
 

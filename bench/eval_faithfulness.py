@@ -109,7 +109,11 @@ def main() -> None:
         print(f"  phiforge acc {c['ours']['acc']:.2f} acc_norm {c['ours']['acc_norm']:.2f} | lm-eval acc "
               f"{c['lm_eval']['acc']:.2f} acc_norm {c['lm_eval']['acc_norm']:.2f} | max |dLL| "
               f"{c['max_abs_ll_diff']:.2e}")
+        for m in ("acc", "acc_norm"):
+            print(f"RESULT faithfulness_{name}_{m}_phiforge {c['ours'][m]:.2f} %")
+            print(f"RESULT faithfulness_{name}_{m}_lm_eval {c['lm_eval'][m]:.2f} %")
         print(f"RESULT faithfulness_{name}_delta {delta:.2f} points")
+        print(f"RESULT faithfulness_{name}_max_abs_dll {c['max_abs_ll_diff']:.2e} nats")
         print(f"RESULT faithfulness_{name}_agree {c['agree']} predictions (of {2 * len(docs)}: acc + acc_norm)")
         print(f"RESULT faithfulness_{name}_disagree_exact_ties {c['ties']} predictions")
         print(f"RESULT faithfulness_{name}_disagree_other {c['disagree']} predictions")

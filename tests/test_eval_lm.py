@@ -162,10 +162,11 @@ def test_native_generate_until_stops(tiny_model):
     assert all(len(o.encode("utf-8", errors="ignore")) <= 8 * 4 for o in outs)
 
 
-def _tiny_llama():
+def _tiny_llama(attn: str = "sdpa"):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   attn_implementation=attn)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -193,14 +194,15 @@ def _mc_requests(seed=1):
     return reqs
 
 
-@pytest.mark.parametrize("backend", ["hf", "native"])
+@pytest.mark.parametrize("backend", ["hf", "hf-eager", "native"])
 @pytest.mark.parametrize("budget", [None, 40])  # 40 tokens: one row per batch, long groups split into rows
 def test_packed_rows_equal_plain_path(backend, budget, tiny_model):
     from phiforge.eval.lm import HFLM, PhiforgeLM
 
     reqs = _mc_requests()
-    if backend == "hf":
-        model = _tiny_llama()
+    if backend.startswith("hf"):
+        model = _tiny_llama("eager" if backend == "hf-eager" else "sdpa")
+        assert model.config._attn_implementation == ("eager" if backend == "hf-eager" else "sdpa")
         lm = HFLM(model, None, max_batch_tokens=budget)
     else:
         model = tiny_model
@@ -212,27 +214,33 @@ def test_packed_rows_equal_plain_path(backend, budget, tiny_model):
         over = len(ctx) + len(cont) - (lm.max_length + 1)
         if over > 0:
             ctx = ctx[over:]
-        ref_lp, ref_greedy = _plain(model, ctx, cont, backend == "hf")
+        ref_lp, ref_greedy = _plain(model, ctx, cont, backend.startswith("hf"))
         assert lp == pytest.approx(ref_lp, abs=1e-5)
         assert greedy == ref_greedy
 
 
-def test_pack_rows_layout_and_mask():
-    from phiforge.eval.lm import block_mask, pack_rows, rows_to_tensors
+def test_packed_layout_and_mask():
+    from phiforge.eval.lm import block_mask, fill_rows, pack_segments, rows_to_tensors
 
-    reqs = [([10, 11, 12], [20, 21]), ([10, 11, 12], [30]), ([10, 11, 12], [40, 41, 42])]
-    rows = pack_rows({(10, 11, 12): [0, 1, 2]}, reqs, max_length=64)
-    assert len(rows) == 1
-    r = rows[0]
-    assert r.tokens == [10, 11, 12, 20, 40, 41] and r.starts == [3, 4, 4]
-    ids, pos, seg = rows_to_tensors(rows)
-    assert pos[0].tolist() == [0, 1, 2, 3, 3, 4]  # each continuation restarts at the context length
-    assert seg[0].tolist() == [0, 0, 0, 1, 3, 3]
-    m = block_mask(seg)[0]
-    assert m[5].tolist() == [True, True, True, False, True, True]  # answer 3 never sees answer 1
-    assert m[3].tolist() == [True, True, True, True, False, False]
-    assert m[1].tolist() == [True, True, False, False, False, False]  # the context stays causal
-    # a too-small row budget splits the answers over rows that each repeat the context
-    split = pack_rows({(10, 11, 12): [0, 1, 2]}, reqs, max_length=5)
+    reqs = [([10, 11, 12], [20, 21]), ([10, 11, 12], [30]), ([10, 11, 12], [40, 41, 42]), ([50, 51], [60, 61])]
+    segs = pack_segments({(10, 11, 12): [0, 1, 2], (50, 51): [3]}, reqs, max_length=64)
+    assert [x.tokens for x in segs] == [[10, 11, 12, 20, 40, 41], [50, 51, 60]]
+    assert segs[0].starts == [3, 4, 4]
+    rows = fill_rows(segs, width=16)
+    assert len(rows) == 1 and rows[0].offsets == [0, 6]  # both segments share one row
+    ids, pos, seg, part = rows_to_tensors(rows)
+    assert ids[0].tolist() == [10, 11, 12, 20, 40, 41, 50, 51, 60]
+    assert pos[0].tolist() == [0, 1, 2, 3, 3, 4, 0, 1, 2]  # continuations restart at their context's length
+    assert seg[0].tolist() == [0] * 6 + [1] * 3
+    assert part[0].tolist() == [0, 0, 0, 1, 3, 3, 0, 0, 1]
+    m = block_mask(seg, part)[0].int().tolist()
+    assert m[5] == [1, 1, 1, 0, 1, 1, 0, 0, 0]  # answer 3 sees its context and itself, never answer 1
+    assert m[3] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert m[1] == [1, 1, 0, 0, 0, 0, 0, 0, 0]  # the context stays causal
+    assert m[8] == [0, 0, 0, 0, 0, 0, 1, 1, 1]  # the second segment never sees the first
+    # a too-small segment budget splits the answers over segments that each repeat the context
+    split = pack_segments({(10, 11, 12): [0, 1, 2]}, reqs, max_length=5)
     assert [x.requests for x in split] == [[0, 1], [2]]
     assert all(x.length <= 5 for x in split)
+    # rows never exceed their width
+    assert [r.length for r in fill_rows(segs, width=6)] == [6, 3]

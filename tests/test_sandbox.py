@@ -402,7 +402,9 @@ def test_evaluator_death_kills_its_running_programs(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, sys, threading, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from phiforge.eval import sandbox
         from phiforge.eval.sandbox import run_program
+        sandbox._run_dir_base = lambda: {str(tmp_path)!r}  # we die before removing the run dir: pytest will
         threading.Thread(target=run_program, args=({program!r},), kwargs=dict(timeout=1000), daemon=True).start()
         for _ in range(200):  # until the program's child shows up in the host's /proc
             time.sleep(0.05)

@@ -7,7 +7,7 @@ One interface of three methods (each takes one request or a list of them; lists 
     generate_until(context, stop, max_tokens, sampling) -> completion text, cut before the first stop string
 
 Backends:
-- `PhiforgeLM`: a native phiforge checkpoint (KV cache of phiforge.model).
+- `PhiforgeLM`: a native phiforge checkpoint (phiforge.model; generation through phiforge.generate).
 - `HFLM`: any Hugging Face causal LM through transformers: a directory, a `.gguf` file (`gguf_file=`), an
   alias such as `smollm2`, or a hub id.
 - `OpenAILM`: any OpenAI-compatible `/v1/completions` endpoint: generation always; log-likelihood when the
@@ -17,13 +17,14 @@ Tokenization follows lm-evaluation-harness so scores are identical: trailing spa
 continuation, the pair is encoded as one string and split at the length of the context's own encoding, and an
 empty context is replaced by the start-of-text token.
 
-Speed (the torch backends): requests are grouped by context and each group is packed into ONE row: the context,
+Speed (the torch backends): requests are grouped by context and each group becomes ONE segment: the context,
 then every continuation (less its last token, which is only a target) laid end to end. A block attention mask
 lets the context attend causally and each continuation attend to the context and its own earlier tokens only,
 and each continuation's position ids restart at the context length, so every token sees exactly what it would
-see in its own (context + continuation) sequence: a multiple-choice item costs its context once plus its answers,
-in one forward pass. Rows are sorted longest first and batched up to a token budget; the LM head and the
-log-softmax run only at the positions that predict a continuation token.
+see in its own (context + continuation) sequence: a multiple-choice item costs its context once plus its answers.
+Segments are packed end to end into rows (several short items share a row; the mask keeps them apart), so
+there is almost no padding; rows are batched up to a token budget; the LM head and the log-softmax run only at
+the positions that predict a continuation token.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class TorchLM(LM):
     `_packed_hidden(ids (B, T), pos (B, T), allowed (B, T, T) bool) -> hidden (B, T, d)` (a forward with an
     arbitrary attention pattern and explicit positions) and `_head(hidden (M, d)) -> logits (M, V)`.
 
-    `max_batch_tokens` bounds a batch's padded size (rows x longest row); `max_batch_rows` its row count.
+    `max_batch_tokens` bounds a batch's padded size (rows x widest row); `max_batch_rows` its row count.
     """
 
     max_length: int = 2048
@@ -221,54 +222,50 @@ class TorchLM(LM):
                 continue
             todo[i] = (ctx, cont)
             groups.setdefault(tuple(ctx), []).append(i)
-        rows = pack_rows(groups, todo, self.max_length)
-        # Longest first: the first batch is the largest, so memory trouble shows at once, and rows of similar
-        # length share a batch (little padding).
-        rows.sort(key=lambda r: -r.length)
-        budget = max(self.max_batch_tokens, 1)
+        segments = pack_segments(groups, todo, self.max_length)
+        # Segments are laid end to end into rows of one width (no padding but a row's tail); a batch holds as
+        # many rows as the token budget allows.
+        rows = fill_rows(segments, max(ROW_TOKENS, max(x.length for x in segments)) if segments else 0)
+        n = max(1, min(self.max_batch_tokens // max((r.length for r in rows), default=1), self.max_batch_rows))
         with torch.inference_mode():
-            s = 0
-            while s < len(rows):
-                n = max(1, min(budget // rows[s].length, self.max_batch_rows))  # rows[s] is the batch's longest
+            for s in range(0, len(rows), n):
                 self._score_rows(rows[s:s + n], todo, results, on_result)
-                s += n
         return results  # type: ignore[return-value]
 
-    def _score_rows(self, rows: list[PackedRow], requests, results, on_result) -> None:
+    def _score_rows(self, rows: list[Row], requests, results, on_result) -> None:
         import torch
 
-        ids, pos, seg = rows_to_tensors(rows)
-        allowed = block_mask(seg)  # (B, T, T)
+        ids, pos, seg, part = rows_to_tensors(rows)
+        allowed = block_mask(seg, part)  # (B, T, T)
         h = self._packed_hidden(ids.to(self.device), pos.to(self.device), allowed.to(self.device))  # (B, T, d)
         # Only the positions that predict a continuation token go through the LM head and the log-softmax
         # (a 49k-vocab head over every context position would cost more than the transformer itself).
-        at_row, at_col, target, owner = [], [], [], []
+        at_row, at_col, target, order = [], [], [], []
         for b, row in enumerate(rows):
-            for i, start in zip(row.requests, row.starts):
-                cont = requests[i][1]
-                # the context's last token predicts cont[0]; cont[k] (at start + k) predicts cont[k + 1]
-                at_col += [row.ctx_len - 1] + list(range(start, start + len(cont) - 1))
-                at_row += [b] * len(cont)
-                target += cont
-                owner += [i] * len(cont)
+            for x, off in zip(row.segments, row.offsets):
+                for i, start in zip(x.requests, x.starts):
+                    cont = requests[i][1]
+                    # the context's last token predicts cont[0]; cont[k] (at start + k) predicts cont[k + 1]
+                    at_col += [off + x.ctx_len - 1] + list(range(off + start, off + start + len(cont) - 1))
+                    at_row += [b] * len(cont)
+                    target += cont
+                    order.append(i)
         sel = h[torch.tensor(at_row, device=h.device), torch.tensor(at_col, device=h.device)]  # (M, d)
         tgt = torch.tensor(target, device=h.device)  # (M,)
         lp_tok = torch.empty(len(target), dtype=torch.float32)
         hit = torch.empty(len(target), dtype=torch.bool)
         for s in range(0, len(target), 1024):  # chunks bound the (M, V) logits in memory
             logits = self._head(sel[s:s + 1024]).float()  # (m, V)
-            lp = torch.log_softmax(logits, dim=-1)
             t = tgt[s:s + 1024]
-            lp_tok[s:s + 1024] = lp.gather(-1, t[:, None])[:, 0].cpu()
+            lp_tok[s:s + 1024] = torch.log_softmax(logits, dim=-1).gather(-1, t[:, None])[:, 0].cpu()
             hit[s:s + 1024] = (logits.argmax(-1) == t).cpu()
         k = 0
-        for row in rows:
-            for i in row.requests:
-                n = len(requests[i][1])
-                results[i] = (float(lp_tok[k:k + n].sum()), bool(hit[k:k + n].all()))
-                k += n
-                if on_result:
-                    on_result(i, results[i])
+        for i in order:
+            n = len(requests[i][1])
+            results[i] = (float(lp_tok[k:k + n].sum()), bool(hit[k:k + n].all()))
+            k += n
+            if on_result:
+                on_result(i, results[i])
 
     def _packed_hidden(self, ids, pos, allowed):
         """Final hidden states (B, T, d) of rows `ids` (B, T) at positions `pos` (B, T), where query t sees key s
@@ -280,13 +277,17 @@ class TorchLM(LM):
         raise NotImplementedError
 
 
+# Rows are at least this wide, so short segments (e.g. ARC questions and their answers) share a row.
+ROW_TOKENS = 256
+
+
 @dataclass
-class PackedRow:
+class Segment:
     """One context followed by (all but the last token of) each of its continuations, laid end to end."""
 
     ctx: tuple[int, ...]
     requests: list[int]  # request indices, in layout order
-    starts: list[int]  # where each continuation's tokens begin in the row
+    starts: list[int]  # where each continuation's tokens begin in the segment
     tokens: list[int]
 
     @property
@@ -298,30 +299,58 @@ class PackedRow:
         return len(self.tokens)
 
 
-def pack_rows(groups: dict[tuple[int, ...], list[int]], requests: list[tuple[list[int], list[int]]],
-              max_length: int) -> list[PackedRow]:
-    """Rows of a context + its continuations (their last token is only a target, so it is left out), at most
-    `max_length` tokens each: a context with more answers than fit gets several rows."""
-    rows: list[PackedRow] = []
+@dataclass
+class Row:
+    """Segments laid end to end in one batch row; `offsets` are where they begin."""
+
+    segments: list[Segment]
+    offsets: list[int]
+    length: int = 0
+
+
+def pack_segments(groups: dict[tuple[int, ...], list[int]], requests: list[tuple[list[int], list[int]]],
+                  max_length: int) -> list[Segment]:
+    """A segment per context with all its continuations (their last token is only a target, so it is left out),
+    at most `max_length` tokens each: a context with more answers than fit gets several segments."""
+    out: list[Segment] = []
     for ctx, idxs in groups.items():
-        row = PackedRow(ctx, [], [], list(ctx))
+        seg = Segment(ctx, [], [], list(ctx))
         for i in idxs:
             body = requests[i][1][:-1]
-            if row.requests and row.length + len(body) > max_length:
-                rows.append(row)
-                row = PackedRow(ctx, [], [], list(ctx))
-            row.requests.append(i)
-            row.starts.append(row.length)
-            row.tokens += body
-        rows.append(row)
+            if seg.requests and seg.length + len(body) > max_length:
+                out.append(seg)
+                seg = Segment(ctx, [], [], list(ctx))
+            seg.requests.append(i)
+            seg.starts.append(seg.length)
+            seg.tokens += body
+        out.append(seg)
+    return out
+
+
+def fill_rows(segments: list[Segment], width: int, lookback: int = 16) -> list[Row]:
+    """Pack segments into rows of at most `width` tokens, longest first, each into the first of the last
+    `lookback` rows with room (first-fit decreasing, bounded so it stays linear). Rows come out longest first."""
+    rows: list[Row] = []
+    for x in sorted(segments, key=lambda x: -x.length):
+        for r in rows[-lookback:]:
+            if r.length + x.length <= width:
+                break
+        else:
+            r = Row([], [])
+            rows.append(r)
+        r.segments.append(x)
+        r.offsets.append(r.length)
+        r.length += x.length
+    rows.sort(key=lambda r: -r.length)
     return rows
 
 
-def rows_to_tensors(rows: list[PackedRow]):
-    """ids, position ids and segment ids (B, T), right-padded to the longest row.
+def rows_to_tensors(rows: list[Row]):
+    """ids, position ids, segment ids and part ids (B, T), right-padded to the longest row.
 
-    Segment 0 is the context, segment j + 1 continuation j, -1 padding. A continuation's positions restart at
-    the context length, so each one sees exactly the positions it would have in its own sequence.
+    Segment ids number a row's segments from 0 (-1 = padding). Part 0 of a segment is its context, part j + 1
+    its continuation j. A continuation's positions restart at the context length, so each one sees exactly the
+    positions it would have in its own sequence.
     """
     import torch
 
@@ -329,26 +358,30 @@ def rows_to_tensors(rows: list[PackedRow]):
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     pos = torch.zeros(len(rows), T, dtype=torch.long)
     seg = torch.full((len(rows), T), -1, dtype=torch.long)
+    part = torch.zeros(len(rows), T, dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, : r.length] = torch.tensor(r.tokens)
-        pos[b, : r.ctx_len] = torch.arange(r.ctx_len)
-        seg[b, : r.ctx_len] = 0
-        ends = r.starts[1:] + [r.length]
-        for j, (a, e) in enumerate(zip(r.starts, ends)):
-            pos[b, a:e] = torch.arange(r.ctx_len, r.ctx_len + e - a)
-            seg[b, a:e] = j + 1
-    return ids, pos, seg
+        for n, (x, off) in enumerate(zip(r.segments, r.offsets)):
+            ids[b, off:off + x.length] = torch.tensor(x.tokens)
+            seg[b, off:off + x.length] = n
+            pos[b, off:off + x.ctx_len] = torch.arange(x.ctx_len)
+            ends = x.starts[1:] + [x.length]
+            for j, (a, e) in enumerate(zip(x.starts, ends)):
+                pos[b, off + a:off + e] = torch.arange(x.ctx_len, x.ctx_len + e - a)
+                part[b, off + a:off + e] = j + 1
+    return ids, pos, seg, part
 
 
-def block_mask(seg):
-    """Attention pattern (B, T, T) for segment ids (B, T): causal, and a continuation sees the context and its
-    own earlier tokens only. A padding query sees itself (an empty row would give NaN; its output is unused)."""
+def block_mask(seg, part):
+    """Attention pattern (B, T, T) from segment and part ids (B, T): causal within a segment, and a continuation
+    sees its context and its own earlier tokens only. A padding query sees itself (an empty row would give NaN;
+    its output is unused)."""
     import torch
 
     T = seg.shape[1]
-    q, k = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    sq, sk = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    pq, pk = part[:, :, None], part[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed = causal & (sk >= 0) & (sk == sq) & ((pk == 0) | (pk == pq))
     return allowed | torch.eye(T, dtype=torch.bool)
 
 

@@ -235,10 +235,20 @@ def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
 
 
-def minhash_signatures(texts: Sequence[str], params: LSHParams) -> np.ndarray:
-    """(N, bands*rows) uint32 signatures of `texts`."""
+def minhash_signatures(texts: Sequence[str], params: LSHParams, batch_bytes: int = 1 << 19) -> np.ndarray:
+    """(N, bands*rows) uint32 signatures of `texts`, hashed in batches of about `batch_bytes` of text so
+    the temporaries stay cache-sized (a big win on a busy machine where memory bandwidth is shared)."""
     hasher = MinHasher(params.bands * params.rows, params.seed)
-    return hasher.signatures(shingle_hashes(texts, params.ngram))
+    out = np.empty((len(texts), hasher.num_perm), dtype=np.uint32)
+    i = 0
+    while i < len(texts):
+        j, size = i, 0
+        while j < len(texts) and (size < batch_bytes or j == i):
+            size += len(texts[j])
+            j += 1
+        out[i:j] = hasher.signatures(shingle_hashes(texts[i:j], params.ngram))
+        i = j
+    return out
 
 
 def near_duplicate_clusters(sig: np.ndarray, params: LSHParams) -> tuple[np.ndarray, np.ndarray]:
