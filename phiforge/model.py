@@ -149,6 +149,9 @@ def _linear_fn(linears: list[nn.Module], kernel: str) -> LinearFn:
     if kernel == "t":
         weight_t = weight.t().contiguous()  # (in, out)
         return lambda x: torch.addmm(bias, x, weight_t)
+    if kernel == "mkl":
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
+        return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, 1)
     raise ValueError(f"unknown decode kernel {kernel!r}")
 
 
