@@ -2,12 +2,12 @@
 ARC-Challenge — zero-shot vs random few-shot vs kNN few-shot vs kNN + choice shuffle vs medprompt (+ medprompt+).
 
 Fixed subsets (CPU budget, ~15 minutes on 2 cores):
-- MMLU: test items of --subjects (default 5 subjects), the first --per-subject (10) of each = 50 items; pool =
+- MMLU: test items of --subjects (default 5 subjects), the first --per-subject (8) of each = 40 items; pool =
   the dev split of all 57 subjects (285 items).
 - ARC-Challenge: the local file has no train split, so its first --arc-pool (100) items are the few-shot pool
-  (never evaluated) and the next --arc-n (50) items are evaluated.
+  (never evaluated) and the next --arc-n (40) items are evaluated.
 - Chain-of-thought strategies (medprompt, medprompt+) are far slower on CPU (generation), so they run on the
-  first --cot-per-subject (4) MMLU items per subject (20) and the first --cot-arc-n (20) ARC items; the table
+  first --cot-per-subject (3) MMLU items per subject (15) and the first --cot-arc-n (15) ARC items; the table
   for that subset also shows every direct strategy on the same items (taken from the full runs).
 
 Answers are option letters (MMLU style) for every strategy; accuracy with 95% Wilson intervals. Caches go to a
@@ -58,14 +58,14 @@ def subset_table(full: dict, cot: dict, tasks: list[str]) -> tuple[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--subjects", default=DEFAULT_SUBJECTS)
-    ap.add_argument("--per-subject", type=int, default=10)
-    ap.add_argument("--arc-n", type=int, default=50)
+    ap.add_argument("--per-subject", type=int, default=8)
+    ap.add_argument("--arc-n", type=int, default=40)
     ap.add_argument("--arc-pool", type=int, default=100)
     ap.add_argument("--shots", type=int, default=3, help="exemplars for fewshot / knn strategies")
     ap.add_argument("--shuffles", type=int, default=3, help="choice-shuffle ensemble size")
     ap.add_argument("--cot-shots", type=int, default=2, help="self-generated CoT exemplars (medprompt)")
-    ap.add_argument("--cot-per-subject", type=int, default=4)
-    ap.add_argument("--cot-arc-n", type=int, default=20)
+    ap.add_argument("--cot-per-subject", type=int, default=3)
+    ap.add_argument("--cot-arc-n", type=int, default=15)
     ap.add_argument("--cot-max-tokens", type=int, default=128)
     ap.add_argument("--no-gate", action="store_true", help="skip medprompt+")
     ap.add_argument("--batch-size", type=int, default=32)
