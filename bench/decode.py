@@ -7,7 +7,12 @@ this process, interleaved rep by rep, so machine load hits both alike; we report
 tok/s counts the new tokens of a whole `generate` call (prefill of the prompt included, the same for both).
 The bandwidth bound: every decode step reads all weights except the embedding table (one row of it), so
 tokens/s <= read bandwidth / weight bytes per token. Read bandwidth is measured here as the speed of `sum()`
-over a 512 MiB tensor (read-only traffic, like weight streaming).
+over a 512 MiB tensor (read-only traffic, like weight streaming). The fraction is tok/s * those bytes / bandwidth;
+phiforge's greedy fp32 path reads the lm_head in bf16 (see model.DecodePlan), so its true traffic per token is
+~20% lower than the nominal bytes used for both sides.
+
+On a shared machine wall-clock is noisy, so each side's process CPU time per token is printed as well (a second,
+load-robust view of the same runs; the RESULT ratios are wall-clock).
 
     flock /tmp/phiforge-bench.lock python bench/decode.py [--new-tokens 96] [--reps 5]
 """
@@ -71,15 +76,19 @@ def measure(ours_model, hf, prompt: list[int], n: int, reps: int) -> tuple[float
                               pad_token_id=0, eos_token_id=None)
         return out[0, len(prompt):].tolist()
 
-    a, b = ours(), theirs()  # warm-up (and packing of our weights)
+    a, b = ours(), theirs()  # warm-up (and building our decode plan)
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    t_ours, t_theirs = [], []
+    t_ours, t_theirs, c_ours, c_theirs = [], [], [], []
     for _ in range(reps):
-        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
-            t = time.perf_counter()
+        for fn, times, cpu in ((ours, t_ours, c_ours), (theirs, t_theirs, c_theirs)):
+            t, c = time.perf_counter(), time.process_time()
             out = fn()
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
             assert len(out) == n
+    print(f"  cpu-time view: phiforge {n / statistics.median(c_ours):.1f}, transformers "
+          f"{n / statistics.median(c_theirs):.1f} tok per cpu-second, ratio "
+          f"{statistics.median(c_theirs) / statistics.median(c_ours):.2f}x")
     return n / statistics.median(t_ours), n / statistics.median(t_theirs), same
 
 

@@ -108,8 +108,10 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
     new token as it is produced (row = index into `prompts`); if it returns True that row stops (used for stop
     strings). A row also stops after `cfg.eos_token_id` (which is included in its ids) unless `cfg.ignore_eos`,
     or when the model's context is full.
-    `pack` makes prepacked weight copies for faster CPU decoding (`Phi.prepare_decoding`, kept on the model for
-    later calls); None packs when the copy is at most PACK_LIMIT_BYTES.
+    `pack` builds the fast decode path (`Phi.prepare_decoding`: weight copies in the fastest kernel's layout, kept
+    on the model for later calls); None builds it when the copies are at most PACK_LIMIT_BYTES. Greedy decoding
+    without repetition penalty asks the model only for the argmax (`Phi.greedy_step`), which skips most of the
+    lm_head's fp32 traffic while returning the same token as the argmax of the full logits.
     """
     cfg.validate()
     if not prompts:
@@ -120,7 +122,7 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
     longest = max(len(p) for p in prompts)
     if longest > context:
         raise ValueError(f"prompt of {longest} tokens exceeds the model's context of {context}")
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     if pack is None:
         linear_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
         pack = device.type == "cpu" and linear_bytes <= PACK_LIMIT_BYTES
@@ -152,9 +154,10 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
         cache = model.new_cache(B, max_len)
         padded = bool((mask == 0).any())
         logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]  # (B, V)
+        tok = next_tokens(logits, cfg, seen, generator)  # (B,)
+        greedy = cfg.temperature == 0 and seen is None  # only the argmax matters: model.greedy_step
         rows = list(range(B))  # prompt index of each row still in the batch
         while True:
-            tok = next_tokens(logits, cfg, seen, generator)  # (B',)
             keep: list[int] = []
             for j, t in enumerate(tok.tolist()):
                 r = rows[j]
@@ -172,7 +175,10 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
                 rows = [rows[j] for j in keep]
             if seen is not None:
                 seen[torch.arange(len(rows), device=device), tok] = True
-            logits = model(tok[:, None], cache=cache)[:, -1]  # (B', V)
+            if greedy:
+                tok = model.greedy_step(tok[:, None], cache)  # (B',)
+            else:
+                tok = next_tokens(model(tok[:, None], cache=cache)[:, -1], cfg, seen, generator)  # (B',)
     return out
 
 

@@ -163,7 +163,9 @@ class DecodePlan:
         self.kernel = kernel
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.approximate = model.model.layers[0].mlp.approximate
-        dtype = model.lm_head.weight.dtype
+        self.scale = 1.0 / cfg.head_dim ** 0.5
+        self.intermediate = cfg.intermediate_size
+        dtype = model.model.embed_tokens.weight.dtype
         self.cos = model.rotary.cos.to(dtype)  # (P, rotary_dim): the same rounding as RotaryEmbedding.forward
         self.sin = model.rotary.sin.to(dtype)
         self.layers = []
@@ -171,16 +173,26 @@ class DecodePlan:
         for block in model.model.layers:
             a, m, ln = block.self_attn, block.mlp, block.input_layernorm
             q, k, v = a.q_proj, a.k_proj, a.v_proj
-            # q, k and v as one matmul (split afterwards); modules called one by one where not plain nn.Linear
-            plain_qkv = all(type(lin) is nn.Linear for lin in (q, k, v))
-            qkv = _linear_fn([q, k, v], kernel if plain_qkv else "plain")
+            # q, k, v and fc1 all read the LayerNorm output: one matmul for all four (split afterwards), which
+            # streams better than four small ones; modules are called one by one where not plain nn.Linear.
+            fused = kernel != "plain" and all(type(lin) is nn.Linear for lin in (q, k, v, m.fc1))
+            proj = _linear_fn([q, k, v, m.fc1] if fused else [q, k, v], kernel if fused else "plain")
+            fc1 = None if fused else _linear_fn([m.fc1], kernel)
             qk_norm = (a.q_layernorm, a.k_layernorm) if a.qk_layernorm else None
-            self.layers.append((ln.weight, ln.bias, ln.eps, qkv, _linear_fn([a.dense], kernel),
-                                _linear_fn([m.fc1], kernel), _linear_fn([m.fc2], kernel), qk_norm))
+            self.layers.append((ln.weight, ln.bias, ln.eps, proj, _linear_fn([a.dense], kernel), fc1,
+                                _linear_fn([m.fc2], kernel), qk_norm))
             self.modules += [(block, "input_layernorm", ln), (block, "self_attn", a), (block, "mlp", m)]
             self.modules += [(a, n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "dense")]
             self.modules += [(m, n, getattr(m, n)) for n in ("fc1", "fc2")]
         self.lm_head = _linear_fn([model.lm_head], kernel)
+        # Greedy decoding needs only the argmax of the logits. In fp32 the lm_head is a third of the bytes a step
+        # reads, so screen with a bf16 copy (half the bytes) and a rigorous per-row error bound, then compute the
+        # exact fp32 logits of the few rows that could still be the maximum (see greedy_step).
+        self.screen = None
+        if kernel == "t" and type(model.lm_head) is nn.Linear and torch.backends.mkldnn.is_available():
+            w = model.lm_head.weight.detach()
+            self.screen = (torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1),
+                           w.norm(dim=-1), w, model.lm_head.bias.detach())
         self.modules += [(model, "lm_head", model.lm_head), (model.model, "layers", model.model.layers)]
         # Parameters the plan copied or holds: any in-place update (_version), `.data` swap (module.to:
         # data_ptr) or replacement (identity, via self.modules) makes the plan stale.
@@ -191,17 +203,41 @@ class DecodePlan:
         return all(getattr(parent, name) is child for parent, name, child in self.modules) and all(
             p._version == v and p.data_ptr() == ptr for p, v, ptr in self.params)
 
-    def step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, 1, V) for one new token per row, appended to an unpadded `cache`."""
+    def greedy_step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The argmax token (B,) of the step's fp32 logits, without computing all of them (see self.screen)."""
+        h = self.step(model, input_ids, cache, head=False)  # (B, d)
+        if self.screen is None:
+            return self.lm_head(h).float().argmax(-1)
+        w_bf16, w_norm, w, b = self.screen
+        p = torch.ops.mkldnn._linear_pointwise(h.to(torch.bfloat16), w_bf16, None, "none", [], "").float()
+        # |h.w - bf16(h).bf16(w)| <= 2^-8 sum|h||w| <= 2^-8 |h|_2 |w|_2 (Cauchy-Schwarz; rounding of h and w is
+        # 2^-9 relative each), +2^-8 |p| for the bf16 output; 2^-7 leaves room for fp32 accumulation error.
+        bound = 2.0 ** -7 * h.float().norm(dim=-1, keepdim=True) * w_norm + 2.0 ** -8 * p.abs()  # (B, V)
+        approx = p + b
+        floor = (approx - bound).amax(-1, keepdim=True)  # the maximum is at least this
+        toks = []
+        for r, cand in enumerate(approx + bound >= floor):
+            idx = cand.nonzero()[:, 0]  # ascending, so argmax ties resolve to the lowest id as a full argmax
+            exact = F.linear(h[r:r + 1], w[idx], b[idx])  # (1, n_candidates) fp32
+            toks.append(idx[exact.argmax(-1)])
+        return torch.cat(toks)
+
+    def step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache, head: bool = True) -> torch.Tensor:
+        """Logits (B, 1, V) for one new token per row, appended to an unpadded `cache` (`head=False`: the final
+        LayerNorm output (B, d) instead)."""
         B = input_ids.shape[0]
         H, KV, hd = self.H, self.KV, self.hd
         L = cache.length
         x = model.model.embed_tokens(input_ids[:, 0])  # (B, d)
         d = x.shape[-1]
         cos, sin = self.cos[L], self.sin[L]  # (rotary_dim,), broadcast over rows and heads
-        for i, (ln_w, ln_b, eps, qkv, dense, fc1, fc2, qk_norm) in enumerate(self.layers):
+        sizes = [H * hd, KV * hd, KV * hd]
+        for i, (ln_w, ln_b, eps, proj, dense, fc1, fc2, qk_norm) in enumerate(self.layers):
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
-            q, k, v = qkv(h).split([H * hd, KV * hd, KV * hd], dim=-1)
+            if fc1 is None:  # fc1 fused into the projection
+                q, k, v, f = proj(h).split(sizes + [self.intermediate], dim=-1)
+            else:
+                (q, k, v), f = proj(h).split(sizes, dim=-1), fc1(h)
             q, k, v = q.view(B, H, hd), k.view(B, KV, hd), v.view(B, KV, hd)
             if qk_norm is not None:
                 q, k = qk_norm[0](q), qk_norm[1](k)
@@ -209,14 +245,18 @@ class DecodePlan:
             ck, cv = cache.k[i], cache.v[i]  # (B, KV, max_len, hd)
             ck.select(2, L).copy_(k)
             cv.select(2, L).copy_(v)
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), ck[:, :, :L + 1], cv[:, :, :L + 1],
-                                               enable_gqa=KV != H)  # (B, H, 1, hd)
-            attn = dense(y.reshape(B, H * hd))
-            ff = fc2(F.gelu(fc1(h), approximate=self.approximate))
+            # Attention of one query by hand: SDPA's fused CPU kernel costs ~0.1 ms a call in setup alone. In fp32
+            # (as SDPA accumulates); query head h reads kv head h // G, as SDPA's enable_gqa.
+            qg = q.float().view(B, KV, H // KV, hd) * self.scale  # (B, KV, G, hd)
+            att = (qg @ ck[:, :, :L + 1].float().transpose(-1, -2)).softmax(-1)  # (B, KV, G, L+1)
+            y = (att @ cv[:, :, :L + 1].float()).to(x.dtype)  # (B, KV, G, hd)
+            attn = dense(y.view(B, H * hd))
+            ff = fc2(F.gelu(f, approximate=self.approximate))
             x = attn + ff + x  # same summation order as Block
         cache.length = L + 1
         cache.valid_count += 1
-        return self.lm_head(model.model.final_layernorm(x)).unsqueeze(1)  # (B, 1, V)
+        h = model.model.final_layernorm(x)
+        return self.lm_head(h).unsqueeze(1) if head else h  # (B, 1, V) or (B, d)
 
 
 class Attention(nn.Module):
@@ -381,16 +421,30 @@ class Phi(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when `last_only`."""
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when `last_only`."""
-        if cache is not None and input_ids.shape[1] == 1 and attention_mask is None and position_ids is None \
-                and cache.key_mask is None and self._use_plan():
-            if cache.length + 1 > min(cache.max_len, self.config.max_position_embeddings):
-                raise ValueError(f"sequence of {cache.length + 1} tokens exceeds the context of "
-                                 f"{self.config.max_position_embeddings} or the KV cache ({cache.max_len})")
+        if self._plan_serves(input_ids, attention_mask, position_ids, cache):
             return self._plan.step(self, input_ids, cache)
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if last_only:
             h = h[:, -1:]  # prefill for generation needs only the next-token distribution
         return self.lm_head(h)
+
+    def greedy_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step (input_ids (B, 1), appended to `cache`) that returns only the greedy next token (B,):
+        the argmax of `forward`'s fp32 logits, computed faster where a decode plan allows (see DecodePlan)."""
+        if self._plan_serves(input_ids, None, None, cache):
+            return self._plan.greedy_step(self, input_ids, cache)
+        return self(input_ids, cache=cache)[:, -1].float().argmax(-1)
+
+    def _plan_serves(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None, cache: KVCache | None) -> bool:
+        """Whether this call is a one-token step on an unpadded cache that the decode plan can run."""
+        if cache is None or input_ids.shape[1] != 1 or attention_mask is not None or position_ids is not None \
+                or cache.key_mask is not None or not self._use_plan():
+            return False
+        if cache.length + 1 > min(cache.max_len, self.config.max_position_embeddings):
+            raise ValueError(f"sequence of {cache.length + 1} tokens exceeds the context of "
+                             f"{self.config.max_position_embeddings} or the KV cache ({cache.max_len})")
+        return True
 
     def prepare_decoding(self, kernel: str | None = None) -> bool:
         """Build the fast one-token decode path (DecodePlan): resolved weights in the fastest kernel's layout.
@@ -399,9 +453,9 @@ class Phi(nn.Module):
         Costs extra memory up to the linear weights (none for "plain"). Idempotent: rebuilds only what changed
         since the last call. Returns False on the meta device (nothing to prepare).
         """
-        if self.lm_head.weight.device.type == "meta":
+        if self.model.embed_tokens.weight.device.type == "meta":
             return False
-        kernel = kernel or default_kernel(self.lm_head.weight)
+        kernel = kernel or default_kernel(self.model.embed_tokens.weight)
         if self._plan is not None and self._plan.kernel == kernel and self._plan.fresh():
             return True
         self._plan = None  # free the stale copies before making new ones
@@ -424,7 +478,7 @@ class Phi(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and dtype."""
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings, device=p.device,
                        dtype=p.dtype)
 

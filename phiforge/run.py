@@ -72,12 +72,15 @@ class RunConfig:
     curate: dict[str, Any] = field(default_factory=_default_curate)
     synth: dict[str, Any] = field(default_factory=lambda: {
         "n": 3000, "mix": {"python_exercises": 0.7, "math_problems": 0.3}, "sandbox_workers": 2})
+    # A taste of teacher-written text (SmolLM2-135M is a weak teacher; its code exercises rarely pass, so the
+    # default asks for prose formats only). Point `teacher` at a stronger model to make this the main source.
     textbooks: dict[str, Any] = field(default_factory=lambda: {
-        "n": 16, "teacher": "smollm2", "batch_size": 16,
-        "sampling": {"max_new_tokens": 160, "temperature": 0.7, "top_p": 0.95}})
+        "n": 8, "teacher": "smollm2", "batch_size": 8,
+        "formats": {"textbook_section": 3, "worked_example": 2, "qa": 1, "exercise": 1},
+        "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.95}})
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"vocab_size": 4096, "val_fraction": 0.02})
     train: dict[str, Any] = field(default_factory=lambda: {
-        "model": "tiny", "seq_len": 256, "micro_batch": 16, "grad_accum": 1, "max_steps": 600, "lr": 2e-3,
+        "model": "tiny", "seq_len": 256, "micro_batch": 16, "grad_accum": 1, "max_steps": 400, "lr": 2e-3,
         "min_lr": 2e-4, "warmup": 40, "schedule": "cosine", "eval_every": 100, "eval_batches": 8,
         "save_every": 200, "keep_last": 1})
     eval: dict[str, Any] = field(default_factory=lambda: {

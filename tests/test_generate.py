@@ -267,38 +267,108 @@ def test_cli_without_tokenizer_is_a_clear_error(tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
 
 
-# ---- prepacked decode weights (model.py's fast CPU path) ------------------------------------------------------
+# ---- the decode plan (model.py's fast one-token path) --------------------------------------------------------
+def decode_logits(model: Phi, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the last token of `ids` (1, T), decoded one step after a prefill of the rest."""
+    cache = model.new_cache(1, 16)
+    with torch.inference_mode():
+        model(ids[:, :-1], cache=cache)
+        return model(ids[:, -1:], cache=cache)[0, -1]
+
+
+IDS = torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"qk_layernorm": True}])
-def test_packed_decode_matches_plain_and_tracks_weight_changes(overrides):
+@pytest.mark.parametrize("kernel", ["t", "plain"])
+def test_plan_decode_matches_modules_in_fp32(overrides, kernel):
     model = spread_model(**overrides)
-    assert not model.prepare_decoding()  # fp32 stays on the plain path (packing measured slower there)
-    model.to(torch.bfloat16)
-    if not model.prepare_decoding():
-        pytest.skip("no oneDNN in this torch build")
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    plain = decode_logits(model, IDS)
+    assert model.prepare_decoding(kernel) and model._plan is not None
+    planned = decode_logits(model, IDS)
+    assert model._plan is not None  # the step ran on the plan (it was fresh)
+    torch.testing.assert_close(planned, plain, rtol=1e-5, atol=1e-5)
 
-    def decode_logits():
-        cache = model.new_cache(1, 16)
-        with torch.inference_mode():
-            model(ids[:, :-1], cache=cache)
-            return model(ids[:, -1:], cache=cache)[0, -1]
 
-    packed = decode_logits()
-    assert model._use_packed(1) is False  # not under autograd
-    model.release_decoding()
-    plain = decode_logits()
-    # bf16: the fused kernels round at different points (e.g. GELU inside fc1), so close, not equal
-    torch.testing.assert_close(packed.float(), plain.float(), rtol=0.05, atol=0.15)
-    # weights changed in place after packing: the stale copies must not be used
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}])
+def test_plan_decode_bf16_is_close_and_tracks_weight_changes(overrides):
+    model = spread_model(**overrides).to(torch.bfloat16)
+    plain = decode_logits(model, IDS)
     model.prepare_decoding()
+    assert model._plan.kernel in ("mkldnn", "plain")
+    planned = decode_logits(model, IDS)
+    torch.testing.assert_close(planned.float(), plain.float(), rtol=0.05, atol=0.15)  # other bf16 kernels
+    # weights changed in place after planning: the stale copies must not be used
     with torch.no_grad():
         model.model.layers[1].mlp.fc2.weight.mul_(2.0)
-    changed = decode_logits()
-    model.release_decoding()
-    torch.testing.assert_close(changed, decode_logits(), rtol=0, atol=0)  # stale copies were dropped
+    changed = decode_logits(model, IDS)
+    assert model._plan is None  # dropped as stale
+    torch.testing.assert_close(changed, decode_logits(model, IDS), rtol=0, atol=0)
     assert (changed.float() - plain.float()).abs().max() > 1.0
-    # dtype conversion (module.to swaps .data) invalidates the copies too
+    # dtype conversion (module.to swaps .data) invalidates the plan too
     model.prepare_decoding()
     model.to(torch.float32)
-    assert not model._packed_fresh()
-    assert decode_logits().dtype == torch.float32
+    assert decode_logits(model, IDS).dtype == torch.float32 and model._plan is None
+
+
+def test_plan_calls_swapped_in_linear_modules():
+    """A linear replaced from outside by another module type (as serve/quant does) is called, not copied."""
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    model = spread_model()
+    model.prepare_decoding()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = Doubled(attn.k_proj)
+    model.lm_head = Doubled(model.lm_head)
+    plain = model(IDS)[0, -1].detach()
+    assert model._plan is not None and not model._plan.fresh()  # the swap made the plan stale
+    model.prepare_decoding()
+    torch.testing.assert_close(decode_logits(model, IDS), plain, rtol=1e-5, atol=1e-5)
+    assert model._plan is not None and model._plan.fresh()
+
+
+def greedy_vs_argmax(model: Phi, steps: int) -> list[list[int]]:
+    """Feed the same random tokens to two caches; greedy_step's tokens must equal the full logits' argmax."""
+    a, b = model.new_cache(2, 32), model.new_cache(2, 32)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    g = torch.Generator().manual_seed(0)
+    picked = []
+    with torch.inference_mode():
+        model(prompt, cache=a), model(prompt, cache=b)
+        for _ in range(steps):
+            tok = torch.randint(0, VOCAB, (2, 1), generator=g)
+            fast = model.greedy_step(tok, a)
+            assert fast.tolist() == model(tok, cache=b)[:, -1].argmax(-1).tolist()
+            picked.append(fast.tolist())
+    return picked
+
+
+@pytest.mark.parametrize("kernel", ["t", "plain"])
+def test_greedy_step_is_the_argmax_of_the_logits(kernel):
+    model = spread_model()
+    model.prepare_decoding(kernel)
+    greedy_vs_argmax(model, 8)
+    assert model._plan is not None and model._plan.fresh()
+    with torch.no_grad():  # an exact tie at the top: the lowest id wins, as with a full argmax
+        model.lm_head.weight[250] = model.lm_head.weight[40]
+        model.lm_head.bias[250] = model.lm_head.bias[40] = 40.0
+    model.prepare_decoding(kernel)
+    assert greedy_vs_argmax(model, 3) == [[40, 40]] * 3
+    assert model._plan is not None and model._plan.fresh()
+
+
+def test_greedy_generation_with_plan_matches_without(model_and_hf):
+    model, hf = model_and_hf
+    prompt = [9, 8, 7, 6, 5]
+    model.release_decoding()
+    plain = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=20), pack=False)
+    planned = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=20), pack=True)
+    assert model._plan is not None
+    assert planned == plain == hf_greedy(hf, [prompt], 20)
