@@ -116,10 +116,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ordinary modules. A linear layer that is not a plain nn.Linear (e.g. serve/quant's QuantLinear, swapped in
 # from outside) is simply called as a module inside the same loop.
 #
-# Kernels (x is (B, in)):
-#   "mkldnn": oneDNN weight prepacked for its small-batch kernel (bf16 on CPU: ~2x F.linear), q/k/v fused;
+# Kernels (x is (B, in)); with the copying ones q, k, v and fc1 (all fed by the same LayerNorm) are one matmul:
+#   "mkldnn": oneDNN weight prepacked for its small-batch kernel (bf16 on CPU: ~2x F.linear);
 #   "t":      a transposed (in, out) contiguous copy and addmm (fp32 on CPU: MKL streams it faster than the
-#             row-major weight F.linear hands it), q/k/v fused;
+#             row-major weight F.linear hands it);
+#   "mkl":    MKL's packed sgemm format (fp32; measured no faster than "t" and its packed buffers are 2-5x the
+#             weights, so never the default);
 #   "plain":  F.linear on the parameters themselves (other devices/dtypes): no copies, just the flat loop.
 def default_kernel(weight: torch.Tensor) -> str:
     """The decode kernel for a weight's device and dtype (see the table above)."""
@@ -218,6 +220,9 @@ class DecodePlan:
         toks = []
         for r, cand in enumerate(approx + bound >= floor):
             idx = cand.nonzero()[:, 0]  # ascending, so argmax ties resolve to the lowest id as a full argmax
+            if idx.numel() == 0 or idx.numel() > w.shape[0] // 8:  # NaN/inf, or flat logits: no point screening
+                toks.append(self.lm_head(h[r:r + 1]).argmax(-1))
+                continue
             exact = F.linear(h[r:r + 1], w[idx], b[idx])  # (1, n_candidates) fp32
             toks.append(idx[exact.argmax(-1)])
         return torch.cat(toks)
