@@ -189,6 +189,26 @@ _HF_IGNORED = (
 )
 
 
+def read_yaml(path: str | Path, *, what: str = "settings", mapping: bool = True) -> Any:
+    """Parse a YAML file; a missing file, invalid YAML (with file:line) or a non-mapping is a ConfigError."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if mapping:
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of {what}")
+    return data
+
+
 def pad_vocab(n: int, multiple: int = 64) -> int:
     """Round a tokenizer size up to a multiple of `multiple` (64, as Phi's `pad_vocab_size_multiple`)."""
     return int(math.ceil(n / multiple) * multiple)
@@ -239,9 +259,7 @@ def load_model_config(spec: str | Path) -> ModelConfig:
         raise ConfigError(f"{spec}: not a preset ({', '.join(PRESETS)}), checkpoint directory or config file")
     text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(p, what="model config fields")
     else:
         try:
             data = json.loads(text)

@@ -120,19 +120,10 @@ def load_run_config(path: str | os.PathLike | None = None, *, fast: bool = False
     if fast:
         d = _merge(d, FAST_OVERRIDES)
     if path is not None:
-        import yaml
+        from phiforge.config import read_yaml
 
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: no such run config file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of run config fields")
+        data = read_yaml(p, what="run config fields")
         unknown = sorted(set(data) - set(d))
         if unknown:
             raise ConfigError(f"{p}: unknown run config key(s) {', '.join(map(repr, unknown))} "

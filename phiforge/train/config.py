@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from phiforge.config import read_yaml
 from phiforge.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the shipped recipes (tiny, phi-1.5, phi-2)
@@ -203,21 +204,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                       base: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML recipe (or a shipped name), apply KEY=VALUE overrides; unknown keys name the key and file."""
-    import yaml
 
     data: dict[str, Any] = dict(base or {})
     source = "train config"
     if path is not None:
         p = resolve_config_path(path)
         source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of train config keys")
+        loaded = read_yaml(p, what="train config keys")
         known = [f.name for f in fields(TrainConfig)]
         unknown = [k for k in loaded if k not in known]
         if unknown:

@@ -159,15 +159,9 @@ def parse_config(data: dict, where: str = "config") -> CurateConfig:
 
 
 def load_config(path: str | os.PathLike) -> CurateConfig:
-    import yaml
+    from phiforge.config import read_yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    return parse_config(data, str(path))
+    return parse_config(read_yaml(path, what="curation settings"), str(path))
 
 
 # ---------------------------------------------------------------------------------------------- executors

@@ -74,17 +74,9 @@ class SynthConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SynthConfig:
-        import yaml
+        from phiforge.config import read_yaml
 
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_yaml(path, what="synth settings"), where=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "synth config") -> SynthConfig:

@@ -41,17 +41,9 @@ class PromptSpec:
 
 
 def _load_yaml(path: Path) -> Any:
-    import yaml
+    from phiforge.config import read_yaml
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    return read_yaml(path, mapping=False)
 
 
 def load_topics(paths: list[str | Path] | None = None) -> list[Topic]:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from phiforge.errors import PhiforgeError
+from phiforge.eval.metrics import argmax
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -114,14 +115,6 @@ def softmax(xs: Sequence[float]) -> list[float]:
     e = [math.exp(x - m) for x in xs]
     s = sum(e)
     return [v / s for v in e]
-
-
-def argmax(xs: Sequence[float]) -> int:
-    best = 0
-    for i, x in enumerate(xs):
-        if x > xs[best]:
-            best = i
-    return best
 
 
 def majority_vote(preds: Sequence[int], probs: Sequence[Sequence[float]] | None = None) -> int:
