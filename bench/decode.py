@@ -41,6 +41,19 @@ def read_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
     return nbytes / statistics.median(times)
 
 
+def copy_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
+    """Bytes/s moved (read + written) by a large tensor copy_ (median of reps)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
 def build_model(seed: int = 0):
     from phiforge.config import preset
     from phiforge.model import Phi
@@ -108,12 +121,14 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     bw = read_bandwidth()
-    print(f"read bandwidth (sum over 512 MiB fp32): {bw / 1e9:.1f} GB/s")
+    cbw = copy_bandwidth()
+    print(f"read bandwidth (sum over 512 MiB fp32): {bw / 1e9:.1f} GB/s; copy bandwidth (copy_ of 512 MiB, "
+          f"read + write): {cbw / 1e9:.1f} GB/s")
     base = build_model()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_tokens,), generator=g).tolist()
     N = args.new_tokens
-    ratios, fractions = {}, {}
+    ratios, fractions, copy_fractions = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(base, tmp)
         for name in args.dtypes.split(","):
@@ -125,6 +140,7 @@ def main() -> None:
             ours_tps, theirs_tps, same = measure(ours_model, hf, prompt, N, args.reps)
             ratios[name] = ours_tps / theirs_tps
             fractions[name] = ours_tps * weight_bytes / bw
+            copy_fractions[name] = ours_tps * weight_bytes / cbw
             print(f"[{name}] weights read per token {weight_bytes / 1e6:.0f} MB -> bound {bw / weight_bytes:.0f} tok/s")
             print(f"[{name}] phiforge {ours_tps:.1f} tok/s, transformers {theirs_tps:.1f} tok/s, "
                   f"ratio {ratios[name]:.2f}x; bandwidth fraction phiforge {fractions[name]:.2f}, "
@@ -136,6 +152,8 @@ def main() -> None:
         print(f"RESULT decode_ratio_{name} {ratio:.2f} x")
     for name, frac in fractions.items():
         print(f"RESULT decode_bw_fraction_{name} {frac:.2f} of_sum_read_bandwidth")
+    for name, frac in copy_fractions.items():
+        print(f"RESULT decode_copy_bw_fraction_{name} {frac:.2f} of_copy_bandwidth")
 
 
 if __name__ == "__main__":
