@@ -80,9 +80,9 @@ class RunConfig:
         "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.95}})
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"vocab_size": 4096, "val_fraction": 0.02})
     train: dict[str, Any] = field(default_factory=lambda: {
-        "model": "tiny", "seq_len": 256, "micro_batch": 16, "grad_accum": 1, "max_steps": 400, "lr": 2e-3,
-        "min_lr": 2e-4, "warmup": 40, "schedule": "cosine", "eval_every": 100, "eval_batches": 8,
-        "save_every": 200, "keep_last": 1})
+        "model": "tiny", "seq_len": 256, "micro_batch": 16, "grad_accum": 1, "max_steps": 1000, "lr": 2e-3,
+        "min_lr": 2e-4, "warmup": 50, "schedule": "cosine", "eval_every": 200, "eval_batches": 8,
+        "save_every": 500, "keep_last": 1})
     eval: dict[str, Any] = field(default_factory=lambda: {
         "heldout_exercises": 100, "humaneval_limit": 0, "max_new_tokens": 128, "batch_size": 16,
         "samples": ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
