@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    add_load_arguments(parser)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-loading flags `chat` and `serve` share: quantization, dtype, device."""
     parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                         help="weight-only quantization of the linear layers (faster decoding)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")

@@ -95,7 +95,6 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise PhiforgeError("--model is required (or --tasks list)")
-    from phiforge.atomic import atomic_write_json
     from phiforge.eval.evaluator import evaluate, format_table
     from phiforge.eval.lm import load_lm
     from phiforge.eval.tasks import task_names
@@ -112,16 +111,10 @@ def main(args: argparse.Namespace) -> int:
                        cache_path=args.cache, use_cache=not args.no_cache, log_samples=args.log_samples,
                        allow_hub=not args.offline, model_spec=args.model, task_options=opts)
     print(format_table(results))
-    c = results["cache"]
-    print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)
-    if args.output:
-        atomic_write_json(args.output, json.loads(json.dumps(results, default=str)))
-        print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return _finish(args, results)
 
 
 def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
-    from phiforge.atomic import atomic_write_json
     from phiforge.eval.lm import load_lm
     from phiforge.eval.strategies import evaluate_strategies, format_strategy_table, parse_strategy
     from phiforge.eval.strategies.embed import get_embedder
@@ -144,6 +137,13 @@ def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
                                   cot_candidates=args.cot_candidates, seed=args.seed, allow_hub=not args.offline,
                                   log_samples=args.log_samples, model_spec=args.model)
     print(format_strategy_table(results))
+    return _finish(args, results)
+
+
+def _finish(args: argparse.Namespace, results: dict) -> int:
+    """Report cache use and write --output (JSON) atomically."""
+    from phiforge.atomic import atomic_write_json
+
     c = results["cache"]
     print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)
     if args.output:

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from phiforge.commands.chat import add_load_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer")
     parser.add_argument("--name", default=None, help="model id clients ask for (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                        help="weight-only quantization of the linear layers (faster decoding)")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="weights dtype (auto: as stored)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_load_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=64, help="most requests decoded together in one batch")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long the worker waits for more requests before starting a batch")
