@@ -105,6 +105,29 @@ def measure(ours_model, hf, prompt: list[int], n: int, reps: int) -> tuple[float
     return n / statistics.median(t_ours), n / statistics.median(t_theirs), same
 
 
+def logit_errors(ours_model, hf, ckpt_dir: str, steps: int = 32) -> tuple[float, float]:
+    """Mean max |logit error| of phiforge's and transformers' low-precision decode steps against fp32 decoding of
+    the same (already rounded) weights, on one teacher-forced random sequence."""
+    from phiforge.checkpoint import load_checkpoint
+
+    ref = load_checkpoint(ckpt_dir, dtype=torch.float32).eval()
+    ref.load_state_dict({k: v.float() for k, v in ours_model.state_dict().items()})
+    seq = torch.randint(0, ref.config.vocab_size, (1, 32 + steps), generator=torch.Generator().manual_seed(3))
+    errs_ours, errs_theirs = [], []
+    with torch.inference_mode():
+        c_ref, c_ours = ref.new_cache(1, seq.shape[1]), ours_model.new_cache(1, seq.shape[1])
+        ref(seq[:, :32], cache=c_ref)
+        ours_model(seq[:, :32], cache=c_ours)
+        past = hf(seq[:, :32], use_cache=True).past_key_values
+        for t in range(32, 32 + steps):
+            exact = ref(seq[:, t:t + 1], cache=c_ref)[0, -1]
+            errs_ours.append(float((ours_model(seq[:, t:t + 1], cache=c_ours)[0, -1].float() - exact).abs().max()))
+            out = hf(seq[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            errs_theirs.append(float((out.logits[0, -1].float() - exact).abs().max()))
+    return statistics.mean(errs_ours), statistics.mean(errs_theirs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -147,6 +170,10 @@ def main() -> None:
                   f"transformers {theirs_tps * weight_bytes / bw:.2f}")
             print(f"[{name}] same greedy tokens as transformers: {same}/{N}"
                   + ("" if same == N else " (first difference at that index)"))
+            if name != "fp32":  # rounding differs by kernel: say how close each side is to exact instead
+                ours_err, theirs_err = logit_errors(ours_model, hf, tmp)
+                print(f"[{name}] mean over 32 decode steps of the max |logit - fp32 logit| (same rounded weights, "
+                      f"teacher-forced): phiforge {ours_err:.4f}, transformers {theirs_err:.4f}")
             del hf
     for name, ratio in ratios.items():
         print(f"RESULT decode_ratio_{name} {ratio:.2f} x")

@@ -100,6 +100,17 @@ TokenCallback = Callable[[int, int], Any]
 PACK_LIMIT_BYTES = 2 << 30  # auto-pack weights for CPU decoding only while the copy costs at most this much
 
 
+def prepare_decoding(model: Phi, pack: bool | None = None) -> bool:
+    """Build the model's fast decode path (`Phi.prepare_decoding`) if `pack`, or, when None, if the model is on
+    the CPU and its linear weights (the most the plan copies) are at most PACK_LIMIT_BYTES. Returns whether a
+    plan was built."""
+    if pack is None:
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        linear_bytes = sum(t.numel() * t.element_size() for n, t in tensors if "embed" not in n and "rotary" not in n)
+        pack = model.model.embed_tokens.weight.device.type == "cpu" and linear_bytes <= PACK_LIMIT_BYTES
+    return bool(pack) and model.prepare_decoding()
+
+
 def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *, pad_token_id: int = 0,
                  on_token: TokenCallback | None = None, pack: bool | None = None) -> list[list[int]]:
     """Generate up to `cfg.max_new_tokens` new tokens after each prompt; returns only the new ids per prompt.
@@ -123,11 +134,7 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
     if longest > context:
         raise ValueError(f"prompt of {longest} tokens exceeds the model's context of {context}")
     device = model.model.embed_tokens.weight.device
-    if pack is None:
-        linear_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
-        pack = device.type == "cpu" and linear_bytes <= PACK_LIMIT_BYTES
-    if pack:
-        model.prepare_decoding()
+    prepare_decoding(model, pack)
     B = len(prompts)
     max_len = min(longest + cfg.max_new_tokens, context)
     eos = None if cfg.ignore_eos else cfg.eos_token_id

@@ -17,13 +17,18 @@ applied from outside (phiforge/train), never here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phiforge import kernels
 from phiforge.config import ModelConfig
+
+FP32_CACHE_LIMIT_BYTES = 256 << 20  # see Phi.new_cache
 
 
 class KVCache:
@@ -40,6 +45,8 @@ class KVCache:
             raise ValueError(f"KV cache length {max_len} exceeds the model's context "
                              f"{config.max_position_embeddings}")
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        # `dtype` is the storage dtype; it may be wider than the activations (see Phi.new_cache): `update` hands
+        # back the cached keys and values in the dtype they came in, losslessly.
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
@@ -58,7 +65,7 @@ class KVCache:
             raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer][:, :, :end].to(k.dtype), self.v[layer][:, :, :end].to(v.dtype)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (e.g. drop finished sequences from a batch)."""
@@ -123,6 +130,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 #   "mkl":    MKL's packed sgemm format (fp32; measured no faster than "t" and its packed buffers are 2-5x the
 #             weights, so never the default);
 #   "plain":  F.linear on the parameters themselves (other devices/dtypes): no copies, just the flat loop.
+# Int8 QuantLinears (serve/quant) served by the native kernel (phiforge/kernels) are fused the same way, as one
+# concatenated int8 matrix (per-row scales make that exact), whatever the kernel for the float weights.
 def default_kernel(weight: torch.Tensor) -> str:
     """The decode kernel for a weight's device and dtype (see the table above)."""
     if weight.device.type != "cpu":
@@ -137,8 +146,38 @@ def default_kernel(weight: torch.Tensor) -> str:
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _is_q8(linear: nn.Module) -> bool:
+    """An int8 QuantLinear that runs on the native kernel (duck-typed: model.py does not import serve)."""
+    return getattr(linear, "kernel", None) == "q8"
+
+
+def _fusable(linears: list[nn.Module], kernel: str) -> bool:
+    return kernel != "plain" and (all(type(lin) is nn.Linear for lin in linears) or all(map(_is_q8, linears)))
+
+
+def _q8_fn(linears: list[nn.Module]) -> LinearFn:
+    """One native int8 matmul for int8 QuantLinears fused along the output dim (modules called if it declines)."""
+    q = torch.cat([lin.qweight for lin in linears])  # (sum of out, in) int8
+    scale = torch.cat([lin.scales for lin in linears]).float()
+    bias = None if any(lin.bias is None for lin in linears) else torch.cat([lin.bias.detach() for lin in linears])
+    bias = None if bias is None else bias.float()
+    fallback = _linear_fn(linears, "plain")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = kernels.q8_linear(x, q, scale, bias, x.dtype)
+        return fallback(x) if y is None else y
+
+    return fn
+
+
+def _mkldnn_fn(packed: torch.Tensor, bias: torch.Tensor) -> LinearFn:
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _linear_fn(linears: list[nn.Module], kernel: str) -> LinearFn:
     """x (B, in) -> (B, sum of out) for linears fused along the output dim, in `kernel`'s weight layout."""
+    if kernel != "plain" and all(map(_is_q8, linears)):
+        return _q8_fn(linears)
     if kernel == "plain" or len(linears) == 1 and type(linears[0]) is not nn.Linear:
         if len(linears) == 1:
             return linears[0]
@@ -146,8 +185,7 @@ def _linear_fn(linears: list[nn.Module], kernel: str) -> LinearFn:
     weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
     bias = torch.cat([lin.bias.detach() for lin in linears]) if len(linears) > 1 else linears[0].bias.detach()
     if kernel == "mkldnn":
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return _mkldnn_fn(torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias)
     if kernel == "t":
         weight_t = weight.t().contiguous()  # (in, out)
         return lambda x: torch.addmm(bias, x, weight_t)
@@ -155,6 +193,91 @@ def _linear_fn(linears: list[nn.Module], kernel: str) -> LinearFn:
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
         return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, 1)
     raise ValueError(f"unknown decode kernel {kernel!r}")
+
+
+class ArgmaxScreen:
+    """argmax(h @ W^T + b) per row of h, reading a low-precision copy of W instead of all of it.
+
+    A cheap pass gives approximations y_n of every logit with a rigorous bound |y_n - r_n| <= B (B over all
+    rows n at once; r_n are the logits the full lm_head computes, in its dtype). The argmax n* of r satisfies
+    y_n* >= max(y) - 2B, so only rows within 2B of the top can win: their exact logits are computed from W (a few
+    rows, usually < 20 of 51,200) and argmax'd, lowest id first on ties like a full argmax. When too many rows
+    are candidates (flat logits, inf/NaN) the caller computes all the logits instead.
+
+    Copies, by what exists (both halve the bytes or better):
+    - "int8": per-row int8 codes read by the native kernel (phiforge/kernels), for fp32 and bf16 weights. With
+      d_n = w_n - s_n q_n (kept: its 2-norm), x~ the kernel's int16 rounding of h and a_n = s_n sum_k |q_nk|:
+      |h.w_n - y_n| <= |h|_2 |d_n|_2 + 0.51 max|h| / 32767 a_n + float error (< 2^-20 (max|h| a_n + |b_n|));
+      the full lm_head accumulates in fp32 (<= (K + 2) 2^-24 |h|_2 |w_n|_2) and rounds its output to its dtype
+      (unit roundoff u: 2^-8 bf16, 2^-24 fp32).
+    - "bf16" (fp32 weights, no C compiler): oneDNN with bf16 h and W, fp32 accumulation, bf16 output:
+      |h.w_n - y_n| <= 2^-7 |h|_2 |w_n|_2 + 2^-8 |y_n| (Cauchy-Schwarz over the 2^-9 rounding of each side).
+    """
+
+    MAX_CANDIDATES = 1 / 8  # of the vocabulary; beyond it a full matmul is cheaper than the gather
+
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight.detach()
+        self.kind, self.weight = kind, w
+        self.bias = bias.detach() if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        wf = w.float()
+        w_norm_max = float(wf.norm(dim=-1).max())
+        K = w.shape[1]
+        if kind == "int8":
+            scale = (wf.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (V,) as serve/quant.quantize_int8
+            self.q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.scale, self.bias32 = scale, self.bias.float()
+            a = scale * self.q.float().abs().sum(-1)  # (V,)
+            d_norm_max = float((wf - self.q.float() * scale[:, None]).norm(dim=-1).max())
+            u = 2.0 ** -8 if w.dtype != torch.float32 else 2.0 ** -24
+            # B = (c_h2 |h|_2 + c_hmax max|h| + c_b) (1 + u) + u max|y|, constants per weight, scalars per row
+            self.c_h2 = d_norm_max + (K + 2) * 2.0 ** -24 * w_norm_max
+            self.c_hmax = float(a.max()) * (0.51 / 32767 + 2.0 ** -20)
+            self.c_b = float(self.bias32.abs().max()) * 2.0 ** -20
+            self.u = u
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1)
+            self.c_h2, self.c_hmax, self.c_b, self.u = 2.0 ** -7 * w_norm_max, 0.0, 0.0, 2.0 ** -8
+
+    @classmethod
+    def build(cls, lm_head: nn.Linear) -> ArgmaxScreen | None:
+        """The best screen for this CPU lm_head, or None (other dtypes, nothing to screen with)."""
+        w = lm_head.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if kernels.available():
+            return cls("int8", w, lm_head.bias)
+        if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return cls("bf16", w, lm_head.bias)
+        return None
+
+    def argmax(self, h: torch.Tensor) -> torch.Tensor | None:
+        """(B,) argmax ids for h (B, d), or None when the screen cannot decide cheaply."""
+        if self.kind == "int8":
+            y = kernels.q8_linear(h, self.q, self.scale, self.bias32, torch.float32)  # (B, V), bias included
+            if y is None:
+                return None
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(h.to(torch.bfloat16), self.packed, None, "none", [], "").float()
+            y += self.bias
+        hf = h.float()
+        toks = []
+        for r in range(h.shape[0]):
+            yr = y[r].numpy()  # numpy's compare + flatnonzero is ~3x faster than torch's on 51,200 entries
+            top = float(yr.max())
+            h2, hmax = float(hf[r].norm()), float(hf[r].abs().max())
+            bound = (self.c_h2 * h2 + self.c_hmax * hmax + self.c_b) * (1 + self.u) + self.u * max(top, -float(
+                yr.min()))
+            if not math.isfinite(bound):
+                return None
+            idx = np.flatnonzero(yr >= top - 2 * bound)  # ascending ids
+            if idx.size == 0 or idx.size > self.MAX_CANDIDATES * yr.size:
+                return None
+            idx = torch.from_numpy(idx)
+            # the candidates' logits as the full lm_head makes them: fp32 accumulation, rounded to its dtype
+            exact = F.linear(hf[r:r + 1], self.weight[idx].float(), self.bias[idx].float()).to(h.dtype)
+            toks.append(idx[exact.float().argmax(-1)])
+        return torch.cat(toks)
 
 
 class DecodePlan:
@@ -169,7 +292,11 @@ class DecodePlan:
         self.intermediate = cfg.intermediate_size
         dtype = model.model.embed_tokens.weight.dtype
         self.cos = model.rotary.cos.to(dtype)  # (P, rotary_dim): the same rounding as RotaryEmbedding.forward
-        self.sin = model.rotary.sin.to(dtype)
+        # rotate_half(x) * sin == roll(x, rd/2) * [-sin_lo, sin_hi] exactly (negation commutes with rounding)
+        rd = self.cos.shape[-1]
+        sin = model.rotary.sin.to(dtype)
+        self.sin_signed = torch.cat((-sin[:, : rd // 2], sin[:, rd // 2:]), dim=-1)  # (P, rotary_dim)
+        self.rotary_dim = rd
         self.layers = []
         self.modules: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, child) captured
         for block in model.model.layers:
@@ -177,77 +304,82 @@ class DecodePlan:
             q, k, v = a.q_proj, a.k_proj, a.v_proj
             # q, k, v and fc1 all read the LayerNorm output: one matmul for all four (split afterwards), which
             # streams better than four small ones; modules are called one by one where not plain nn.Linear.
-            fused = kernel != "plain" and all(type(lin) is nn.Linear for lin in (q, k, v, m.fc1))
+            fused = _fusable([q, k, v, m.fc1], kernel)
             proj = _linear_fn([q, k, v, m.fc1] if fused else [q, k, v], kernel if fused else "plain")
             fc1 = None if fused else _linear_fn([m.fc1], kernel)
             qk_norm = (a.q_layernorm, a.k_layernorm) if a.qk_layernorm else None
-            self.layers.append((ln.weight, ln.bias, ln.eps, proj, _linear_fn([a.dense], kernel), fc1,
-                                _linear_fn([m.fc2], kernel), qk_norm))
+            # bf16 (oneDNN): dense and fc2 as one matmul over the concatenated inputs, attn + ff = [y, g] @ [Wd |
+            # Wf]^T + (bd + bf), which saves a call (~14 us of fixed cost) and an add per layer. One fp32
+            # accumulation instead of two bf16-rounded halves: not bit-equal to the modules, but closer to exact.
+            # fp32 keeps the modules' summation order, so fp32 decoding stays token-identical to transformers.
+            if kernel == "mkldnn" and type(a.dense) is nn.Linear and type(m.fc2) is nn.Linear:
+                w = torch.cat([a.dense.weight.detach(), m.fc2.weight.detach()], dim=1)  # (d, H hd + intermediate)
+                bias = (a.dense.bias.detach().float() + m.fc2.bias.detach().float()).to(w.dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                dense, fc2 = None, _mkldnn_fn(packed, bias)
+            else:
+                dense, fc2 = _linear_fn([a.dense], kernel), _linear_fn([m.fc2], kernel)
+            self.layers.append((ln.weight, ln.bias, ln.eps, proj, dense, fc1, fc2, qk_norm))
             self.modules += [(block, "input_layernorm", ln), (block, "self_attn", a), (block, "mlp", m)]
             self.modules += [(a, n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "dense")]
             self.modules += [(m, n, getattr(m, n)) for n in ("fc1", "fc2")]
         self.lm_head = _linear_fn([model.lm_head], kernel)
-        # Greedy decoding needs only the argmax of the logits. In fp32 the lm_head is a third of the bytes a step
-        # reads, so screen with a bf16 copy (half the bytes) and a rigorous per-row error bound, then compute the
-        # exact fp32 logits of the few rows that could still be the maximum (see greedy_step).
+        # Greedy decoding needs only the argmax of the logits, and the lm_head is a third (fp32) to two fifths
+        # (bf16) of the bytes a step reads: screen with a smaller copy, recompute the few candidates (ArgmaxScreen).
         self.screen = None
-        if kernel == "t" and type(model.lm_head) is nn.Linear and torch.backends.mkldnn.is_available():
-            w = model.lm_head.weight.detach()
-            self.screen = (torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1),
-                           w.norm(dim=-1), w, model.lm_head.bias.detach())
-        self.modules += [(model, "lm_head", model.lm_head), (model.model, "layers", model.model.layers)]
+        if kernel in ("t", "mkldnn") and type(model.lm_head) is nn.Linear:
+            self.screen = ArgmaxScreen.build(model.lm_head)
+        emb, fln = model.model.embed_tokens, model.model.final_layernorm
+        self.embed, self.final_ln = emb.weight, (fln.weight, fln.bias, fln.eps)
+        self.modules += [(model, "lm_head", model.lm_head), (model.model, "layers", model.model.layers),
+                         (model.model, "embed_tokens", emb), (model.model, "final_layernorm", fln)]
         # Parameters the plan copied or holds: any in-place update (_version), `.data` swap (module.to:
         # data_ptr) or replacement (identity, via self.modules) makes the plan stale.
-        self.params = [(p, p._version, p.data_ptr()) for _, _, mod in self.modules
-                       for p in mod.parameters(recurse=False)]
+        self.params = [p for _, _, mod in self.modules
+                       for p in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]]
+        self.children = [child for _, _, child in self.modules]
+        self.versions, self.ptrs = self._state()
+
+    def _state(self) -> tuple[list[int], list[int]]:
+        return [p._version for p in self.params], [p.data_ptr() for p in self.params]
 
     def fresh(self) -> bool:
-        return all(getattr(parent, name) is child for parent, name, child in self.modules) and all(
-            p._version == v and p.data_ptr() == ptr for p, v, ptr in self.params)
+        # Runs every step, so kept cheap (~30 us at 10 layers): _modules lookups (Module.__getattr__ is ~1 us a
+        # call), lists compared whole; modules define no __eq__, so list == compares them by identity.
+        return [parent._modules.get(name) for parent, name, _ in self.modules] == self.children and \
+            self._state() == (self.versions, self.ptrs)
 
     def greedy_step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The argmax token (B,) of the step's fp32 logits, without computing all of them (see self.screen)."""
+        """The argmax token (B,) of the step's logits, without computing all of them where a screen exists."""
         h = self.step(model, input_ids, cache, head=False)  # (B, d)
-        if self.screen is None:
-            return self.lm_head(h).float().argmax(-1)
-        w_bf16, w_norm, w, b = self.screen
-        p = torch.ops.mkldnn._linear_pointwise(h.to(torch.bfloat16), w_bf16, None, "none", [], "").float()
-        # |h.w - bf16(h).bf16(w)| <= 2^-8 sum|h||w| <= 2^-8 |h|_2 |w|_2 (Cauchy-Schwarz; rounding of h and w is
-        # 2^-9 relative each), +2^-8 |p| for the bf16 output; 2^-7 leaves room for fp32 accumulation error.
-        bound = 2.0 ** -7 * h.float().norm(dim=-1, keepdim=True) * w_norm + 2.0 ** -8 * p.abs()  # (B, V)
-        approx = p + b
-        floor = (approx - bound).amax(-1, keepdim=True)  # the maximum is at least this
-        toks = []
-        for r, cand in enumerate(approx + bound >= floor):
-            idx = cand.nonzero()[:, 0]  # ascending, so argmax ties resolve to the lowest id as a full argmax
-            if idx.numel() == 0 or idx.numel() > w.shape[0] // 8:  # NaN/inf, or flat logits: no point screening
-                toks.append(self.lm_head(h[r:r + 1]).argmax(-1))
-                continue
-            exact = F.linear(h[r:r + 1], w[idx], b[idx])  # (1, n_candidates) fp32
-            toks.append(idx[exact.argmax(-1)])
-        return torch.cat(toks)
+        if self.screen is not None:
+            tok = self.screen.argmax(h)
+            if tok is not None:
+                return tok
+        return self.lm_head(h).float().argmax(-1)
 
     def step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache, head: bool = True) -> torch.Tensor:
         """Logits (B, 1, V) for one new token per row, appended to an unpadded `cache` (`head=False`: the final
         LayerNorm output (B, d) instead)."""
         B = input_ids.shape[0]
-        H, KV, hd = self.H, self.KV, self.hd
+        H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
         L = cache.length
-        x = model.model.embed_tokens(input_ids[:, 0])  # (B, d)
+        x = F.embedding(input_ids[:, 0], self.embed)  # (B, d)
         d = x.shape[-1]
-        cos, sin = self.cos[L], self.sin[L]  # (rotary_dim,), broadcast over rows and heads
-        sizes = [H * hd, KV * hd, KV * hd]
+        cos, sin = self.cos[L], self.sin_signed[L]  # (rotary_dim,), broadcast over rows and heads
         for i, (ln_w, ln_b, eps, proj, dense, fc1, fc2, qk_norm) in enumerate(self.layers):
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
-            if fc1 is None:  # fc1 fused into the projection
-                q, k, v, f = proj(h).split(sizes + [self.intermediate], dim=-1)
-            else:
-                (q, k, v), f = proj(h).split(sizes, dim=-1), fc1(h)
-            q, k, v = q.view(B, H, hd), k.view(B, KV, hd), v.view(B, KV, hd)
+            qkv = proj(h)  # (B, (H + 2 KV) hd [+ intermediate])
+            f = qkv[:, (H + 2 * KV) * hd:] if fc1 is None else fc1(h)  # fc1 fused into the projection, or not
+            qk = qkv[:, :(H + KV) * hd].view(B, H + KV, hd)  # q and k heads side by side
             if qk_norm is not None:
-                q, k = qk_norm[0](q), qk_norm[1](k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            ck, cv = cache.k[i], cache.v[i]  # (B, KV, max_len, hd)
+                qk = torch.cat((qk_norm[0](qk[:, :H]), qk_norm[1](qk[:, H:])), dim=1)
+            # Rotary on q and k together, in place in the projection's output: (B, H + KV, rd) channels
+            x_rot = qk[..., :rd]
+            x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
+            q, k = qk[:, :H], qk[:, H:]  # (B, H, hd), (B, KV, hd)
+            v = qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
+            ck, cv = cache.k[i], cache.v[i]  # (B, KV, max_len, hd), fp32 for a low-precision CPU model
             ck.select(2, L).copy_(k)
             cv.select(2, L).copy_(v)
             # Attention of one query by hand: SDPA's fused CPU kernel costs ~0.1 ms a call in setup alone. In fp32
@@ -255,12 +387,14 @@ class DecodePlan:
             qg = q.float().view(B, KV, H // KV, hd) * self.scale  # (B, KV, G, hd)
             att = (qg @ ck[:, :, :L + 1].float().transpose(-1, -2)).softmax(-1)  # (B, KV, G, L+1)
             y = (att @ cv[:, :, :L + 1].float()).to(x.dtype)  # (B, KV, G, hd)
-            attn = dense(y.view(B, H * hd))
-            ff = fc2(F.gelu(f, approximate=self.approximate))
-            x = attn + ff + x  # same summation order as Block
+            g = F.gelu(f, approximate=self.approximate)
+            if dense is None:  # dense and fc2 fused (bf16, see __init__)
+                x = fc2(torch.cat((y.view(B, H * hd), g), dim=-1)) + x
+            else:
+                x = dense(y.view(B, H * hd)) + fc2(g) + x  # same summation order as Block
         cache.length = L + 1
         cache.valid_count += 1
-        h = model.model.final_layernorm(x)
+        h = F.layer_norm(x, (d,), *self.final_ln)
         return self.lm_head(h).unsqueeze(1) if head else h  # (B, 1, V) or (B, d)
 
 
@@ -482,10 +616,18 @@ class Phi(nn.Module):
         return False
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and dtype."""
+        """An empty KV cache on this model's device, in its dtype, except: a bf16/fp16 model on the CPU gets an
+        fp32 cache when that stays under FP32_CACHE_LIMIT_BYTES. CPU attention computes in fp32 anyway, so the
+        decode plan would otherwise convert every cached key and value at every step (a third of a small
+        model's per-token overhead); storing the bf16-rounded values in fp32 is exact."""
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings, device=p.device,
-                       dtype=p.dtype)
+        max_len = max_len or self.config.max_position_embeddings
+        dtype = p.dtype
+        if p.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            c = self.config
+            fp32_bytes = 2 * c.num_hidden_layers * batch_size * c.num_key_value_heads * max_len * c.head_dim * 4
+            dtype = torch.float32 if fp32_bytes <= FP32_CACHE_LIMIT_BYTES else dtype
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype)
 
 
 def init_on_meta(config: ModelConfig) -> Phi:

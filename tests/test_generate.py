@@ -364,6 +364,66 @@ def test_greedy_step_is_the_argmax_of_the_logits(kernel):
     assert model._plan is not None and model._plan.fresh()
 
 
+def test_greedy_step_of_a_bf16_model_is_the_argmax_of_its_logits():
+    model = spread_model().to(torch.bfloat16)
+    model.prepare_decoding()
+    greedy_vs_argmax(model, 8)
+    assert model._plan is not None and model._plan.fresh()
+
+
+@pytest.mark.parametrize("kind,dtype", [("int8", torch.float32), ("int8", torch.bfloat16),
+                                        ("bf16", torch.float32)])
+def test_argmax_screen_is_exact_even_for_near_ties(kind, dtype):
+    from phiforge import kernels
+    from phiforge.model import ArgmaxScreen
+
+    if kind == "int8" and not kernels.available():
+        pytest.skip("no C compiler for the native int8 kernel")
+    g = torch.Generator().manual_seed(0)
+    V, d = 4096, 96
+    w = torch.randn(V, d, generator=g) / d ** 0.5
+    b = torch.randn(V, generator=g) * 0.1
+    # near-ties far below the screen's quantization error: rows 7..15 are row 3 nudged by 1e-4 relative
+    for i in range(7, 16):
+        w[i] = w[3] * (1 + 1e-4 * (i - 11))
+        b[i] = b[3]
+    w, b = w.to(dtype), b.to(dtype)
+    screen = ArgmaxScreen(kind, w, b)
+    full = torch.nn.functional.linear
+    decided = 0
+    for trial in range(60):
+        h = torch.randn(3, d, generator=g) * 3
+        if trial % 2:
+            h[0] = w[3].float() * 40  # make the near-tied rows the top
+        h = h.to(dtype)
+        tok = screen.argmax(h)
+        if tok is not None:
+            decided += 1
+            assert tok.tolist() == full(h, w, b).float().argmax(-1).tolist()
+    assert decided >= 50  # the screen decides nearly always; when it declines the caller computes in full
+    flat = ArgmaxScreen(kind, torch.zeros(V, d, dtype=dtype), torch.zeros(V, dtype=dtype))
+    assert flat.argmax(torch.ones(1, d, dtype=dtype)) is None  # every row is a candidate: not worth screening
+
+
+def test_plan_runs_int8_layers_fused_and_exactly():
+    from phiforge import kernels
+    from phiforge.serve.quant import quantize
+
+    if not kernels.available():
+        pytest.skip("no C compiler for the native int8 kernel")
+    model = quantize(spread_model(), "int8")
+    plain = decode_logits(model, IDS)
+    model.prepare_decoding()
+    assert model._plan.layers[0][5] is None  # fc1 fused with q, k, v into one int8 matmul
+    assert model._plan.screen is None  # the lm_head is int8 already: its argmax is read directly
+    torch.testing.assert_close(decode_logits(model, IDS), plain, rtol=0, atol=0)  # same per-row integer sums
+    greedy_vs_argmax(model, 6)
+    with torch.no_grad():  # codes changed in place: the fused copies are stale and must not be used
+        model.model.layers[0].mlp.fc1.qweight.neg_()
+    changed = decode_logits(model, IDS)
+    assert model._plan is None and not torch.equal(changed, plain)
+
+
 def test_greedy_generation_with_plan_matches_without(model_and_hf):
     model, hf = model_and_hf
     prompt = [9, 8, 7, 6, 5]

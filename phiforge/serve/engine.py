@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from phiforge.generate import GenerationConfig, IncrementalDecoder, next_tokens
-from phiforge.model import KVCache, Phi
+from phiforge.generate import GenerationConfig, IncrementalDecoder, next_tokens, prepare_decoding
+from phiforge.model import Phi
 
 
 @dataclass
@@ -84,13 +84,16 @@ class Engine:
         self.dtype = model.model.embed_tokens.weight.dtype  # activations and the KV cache
         self.context = model.config.max_position_embeddings
         self.step = torch.compile(model, dynamic=True) if compile else model
+        self.compiled = compile
+        if not compile:
+            prepare_decoding(model)  # the flat one-token path (fused int8 matmuls for quantized models) on CPU
 
     # ---- scoring --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprob | None]:
         """Logprob of every prompt token given the ones before it (the first has none), with top-k alternatives."""
         out: list[TokenLogprob | None] = [None]
-        cache = KVCache(self.model.config, 1, len(ids), device=self.device, dtype=self.dtype)
+        cache = self.model.new_cache(1, len(ids))
         x = torch.tensor([ids], device=self.device)
         for s in range(0, len(ids) - 1, self.prefill_chunk):
             chunk = x[:, s:min(s + self.prefill_chunk, len(ids) - 1)]
@@ -137,7 +140,7 @@ class Engine:
             mask[j, longest - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         padded = bool((mask == 0).any())
-        cache = KVCache(self.model.config, n, max_len, device=self.device, dtype=self.dtype)
+        cache = self.model.new_cache(n, max_len)
         for s in range(0, longest, self.prefill_chunk):  # chunked prefill
             e = min(s + self.prefill_chunk, longest)
             logits = self.model(ids[:, s:e], attention_mask=mask[:, s:e] if padded else None, cache=cache,
@@ -169,11 +172,17 @@ class Engine:
                         on_text(i, chunk if k == 0 else "", info)
 
         rows = list(live)  # request index of each row in the batch
+        # Greedy rows that want no logprobs need only each step's argmax (Phi.greedy_step: cheaper lm_head)
+        argmax_only = not gens and not self.compiled and all(requests[i].logprobs is None for i in live)
+        next_tok = None
         while True:
-            logprobs = logits.float().log_softmax(-1)  # (n', V)
-            if not gens:
+            if next_tok is not None:
+                tok = next_tok
+            elif not gens:
+                logprobs = logits.float().log_softmax(-1)  # (n', V)
                 tok = logprobs.argmax(-1)
             else:
+                logprobs = logits.float().log_softmax(-1)  # (n', V)
                 tok = torch.empty(len(rows), dtype=torch.long, device=self.device)
                 for j, i in enumerate(rows):
                     if i in gens:
@@ -222,5 +231,8 @@ class Engine:
                 cache.select(sel)
                 tok = tok[sel]
                 rows = [rows[j] for j in keep]
-            logits = self.step(tok[:, None], cache=cache)[:, -1]  # (n', V)
+            if argmax_only:
+                next_tok = self.model.greedy_step(tok[:, None], cache)  # (n',)
+            else:
+                logits = self.step(tok[:, None], cache=cache)[:, -1]  # (n', V)
         return results

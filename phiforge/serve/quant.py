@@ -7,11 +7,14 @@ Storing weights in 8 (4) bits and dequantizing inside the matmul reads 4x (8x) f
 `QuantLinear` from outside the model (model.py is untouched); activations, LayerNorms, embeddings and biases
 keep their dtype. Kernels, by device:
 
-- CPU: torch's weight-only kernels `torch._weight_int8pack_mm` (int8, per-channel scales) and
-  `torch._weight_int4pack_mm_for_cpu` (int4, asymmetric groups, weight prepacked by
-  `aten._convert_weight_to_int4pack_for_cpu`). Both stream weights ~10x faster with bf16 activations than with
-  fp32 ones (measured on torch 2.13, AVX-512: ~45 GB/s vs ~3 GB/s at batch 1), so the input is cast to bf16 for
-  the matmul and the output cast back; the rest of the model keeps its own dtype.
+- CPU int8, up to kernels.MAX_ROWS rows (decoding): phiforge's native kernel `kernels.q8_linear` (exact integer
+  products with the activation row quantized to int16; streams at memory speed where torch's kernel is
+  compute-bound; built on first use, see phiforge/kernels). More rows (prefill), or no C compiler: torch's
+  `torch._weight_int8pack_mm`.
+- CPU int4: `torch._weight_int4pack_mm_for_cpu` (asymmetric groups, weight prepacked by
+  `aten._convert_weight_to_int4pack_for_cpu`). torch's weight-only kernels stream weights ~10x faster with bf16
+  activations than with fp32 ones (measured on torch 2.13, AVX-512), so their input is cast to bf16 for the
+  matmul and the output cast back; the rest of the model keeps its own dtype.
 - other devices (CUDA, ...) and shapes a kernel rejects: dequantize-then-matmul (`F.linear(x, q.to(x.dtype)) *
   scale` for int8, as gpt-fast does; torch.compile fuses the dequantization into the matmul's prologue).
 
@@ -30,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from phiforge import kernels
 
 if TYPE_CHECKING:
     from phiforge.model import Phi
@@ -81,9 +86,13 @@ class QuantLinear(nn.Module):
         if mode == "int8":
             q, scale = quantize_int8(w)
             self.register_buffer("qweight", q)
-            self.register_buffer("scales", scale.to(torch.bfloat16 if device.type == "cpu" else w.dtype))
-            if use_kernel and device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+            on_cpu = use_kernel and device.type == "cpu"
+            if on_cpu and kernels.available():
+                self.kernel = "q8"  # small batches; int8pack_mm (if present) serves prefill
+            elif on_cpu and hasattr(torch, "_weight_int8pack_mm"):
                 self.kernel = "int8pack_mm"
+            self.register_buffer("scales", scale if self.kernel == "q8" else scale.to(
+                torch.bfloat16 if self.kernel == "int8pack_mm" else w.dtype))
             self.group_size = self.in_features
         else:
             g = pick_group_size(self.in_features, group_size)
@@ -140,7 +149,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernels take 2-D input
-        if self.kernel == "int8pack_mm":
+        if self.kernel == "q8":
+            bias = None if self.bias is None else self.bias.float()
+            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            y = kernels.q8_linear(x2, self.qweight, self.scales, bias, out_dtype)
+            if y is not None:  # bias included
+                return y.to(x.dtype).view(*shape[:-1], self.out_features)
+            if hasattr(torch, "_weight_int8pack_mm"):
+                y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16))
+            else:
+                y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        elif self.kernel == "int8pack_mm":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales)
         elif self.kernel == "int4pack_mm":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
