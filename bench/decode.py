@@ -8,8 +8,11 @@ tok/s counts the new tokens of a whole `generate` call (prefill of the prompt in
 The bandwidth bound: every decode step reads all weights except the embedding table (one row of it), so
 tokens/s <= read bandwidth / weight bytes per token. Read bandwidth is measured here as the speed of `sum()`
 over a 512 MiB tensor (read-only traffic, like weight streaming). The fraction is tok/s * those bytes / bandwidth;
-phiforge's greedy fp32 path reads the lm_head in bf16 (see model.DecodePlan), so its true traffic per token is
-~20% lower than the nominal bytes used for both sides.
+phiforge's greedy path reads the lm_head through an int8 screen (model.ArgmaxScreen; the bf16 copy where no C
+compiler builds the native kernel), so its true traffic per token is 20-30% lower than the nominal bytes used
+for both sides. In bf16 the two sides round differently (phiforge fuses dense + fc2 into one fp32
+accumulation), so greedy tokens part early; the bench prints each side's logit error against fp32 decoding of
+the same weights instead.
 
 On a shared machine wall-clock is noisy, so each side's process CPU time per token is printed as well (a second,
 load-robust view of the same runs; the RESULT ratios are wall-clock).
