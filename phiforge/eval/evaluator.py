@@ -81,6 +81,11 @@ def evaluate(lm: LM, tasks: list[str], *, num_fewshot: int | None = None, limit:
     finally:
         if cache is not None:
             cache.close()
+    return finish_results(out, hits, misses, log_samples)
+
+
+def finish_results(out: dict[str, Any], hits: int, misses: int, log_samples: bool) -> dict[str, Any]:
+    """The last touches of a results dict (eval and strategies alike): cache totals; samples only if logged."""
     out["cache"] = {"hits": hits, "misses": misses}
     if not log_samples:
         out.pop("samples")

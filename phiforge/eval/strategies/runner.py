@@ -398,7 +398,7 @@ def evaluate_strategies(lm: LM, tasks: list[str], strategies: list[Strategy], *,
     """Every strategy on every task: {"config", "results": {strategy: {task: {...acc, ci95, n...}}}, "cache"}."""
     import phiforge
     from phiforge.eval.cache import CachedLM, ResultCache
-    from phiforge.eval.evaluator import default_cache_path
+    from phiforge.eval.evaluator import default_cache_path, finish_results
 
     if embedder is None and any(s.shots == "knn" for s in strategies):
         from phiforge.eval.strategies.embed import MiniLMEmbedder
@@ -446,10 +446,7 @@ def evaluate_strategies(lm: LM, tasks: list[str], strategies: list[Strategy], *,
     finally:
         if cache is not None:
             cache.close()
-    out["cache"] = {"hits": hits, "misses": misses}
-    if not log_samples:
-        out.pop("samples")
-    return out
+    return finish_results(out, hits, misses, log_samples)
 
 
 def _cot_pool_stats(runner: StrategyRunner, data: TaskData) -> dict[str, int]:
