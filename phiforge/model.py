@@ -162,9 +162,14 @@ def _q8_fn(linears: list[nn.Module]) -> LinearFn:
     bias = None if any(lin.bias is None for lin in linears) else torch.cat([lin.bias.detach() for lin in linears])
     bias = None if bias is None else bias.float()
     fallback = _linear_fn(linears, "plain")
+    by_dtype: dict[torch.dtype, Callable[[torch.Tensor], torch.Tensor | None] | None] = {}  # output = x's dtype
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        y = kernels.q8_linear(x, q, scale, bias, x.dtype)
+        if x.dtype not in by_dtype:
+            native = x.dtype in (torch.float32, torch.bfloat16)
+            by_dtype[x.dtype] = kernels.q8_matmul(q, scale, bias, x.dtype) if native else None
+        matmul = by_dtype[x.dtype]
+        y = None if matmul is None else matmul(x)
         return fallback(x) if y is None else y
 
     return fn
@@ -297,6 +302,9 @@ class DecodePlan:
         sin = model.rotary.sin.to(dtype)
         self.sin_signed = torch.cat((-sin[:, : rd // 2], sin[:, rd // 2:]), dim=-1)  # (P, rotary_dim)
         self.rotary_dim = rd
+        # fp32 activations (fp32 and int8 models): rotary, cache write and attention in one native call a layer
+        # (kernels.attend_step) where the kernels are built; it reads the fp32 cache new_cache gives CPU models
+        self.native_attention = dtype == torch.float32 and not cfg.qk_layernorm and kernels.available()
         self.layers = []
         self.modules: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, child) captured
         for block in model.model.layers:
@@ -356,13 +364,16 @@ class DecodePlan:
             tok = self.screen.argmax(h)
             if tok is not None:
                 return tok
-        return self.lm_head(h).float().argmax(-1)
+        logits = self.lm_head(h).float()  # (B, V)
+        if logits.device.type == "cpu":  # numpy's argmax is ~10x faster than torch's on a row of 51,200
+            return torch.from_numpy(logits.numpy().argmax(-1))
+        return logits.argmax(-1)
 
     def step(self, model: Phi, input_ids: torch.Tensor, cache: KVCache, head: bool = True) -> torch.Tensor:
         """Logits (B, 1, V) for one new token per row, appended to an unpadded `cache` (`head=False`: the final
         LayerNorm output (B, d) instead)."""
         B = input_ids.shape[0]
-        H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
+        H, KV, hd = self.H, self.KV, self.hd
         L = cache.length
         x = F.embedding(input_ids[:, 0], self.embed)  # (B, d)
         d = x.shape[-1]
@@ -371,31 +382,40 @@ class DecodePlan:
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
             qkv = proj(h)  # (B, (H + 2 KV) hd [+ intermediate])
             f = qkv[:, (H + 2 * KV) * hd:] if fc1 is None else fc1(h)  # fc1 fused into the projection, or not
-            qk = qkv[:, :(H + KV) * hd].view(B, H + KV, hd)  # q and k heads side by side
-            if qk_norm is not None:
-                qk = torch.cat((qk_norm[0](qk[:, :H]), qk_norm[1](qk[:, H:])), dim=1)
-            # Rotary on q and k together, in place in the projection's output: (B, H + KV, rd) channels
-            x_rot = qk[..., :rd]
-            x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
-            q, k = qk[:, :H], qk[:, H:]  # (B, H, hd), (B, KV, hd)
-            v = qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
             ck, cv = cache.k[i], cache.v[i]  # (B, KV, max_len, hd), fp32 for a low-precision CPU model
-            ck.select(2, L).copy_(k)
-            cv.select(2, L).copy_(v)
-            # Attention of one query by hand: SDPA's fused CPU kernel costs ~0.1 ms a call in setup alone. In fp32
-            # (as SDPA accumulates); query head h reads kv head h // G, as SDPA's enable_gqa.
-            qg = q.float().view(B, KV, H // KV, hd) * self.scale  # (B, KV, G, hd)
-            att = (qg @ ck[:, :, :L + 1].float().transpose(-1, -2)).softmax(-1)  # (B, KV, G, L+1)
-            y = (att @ cv[:, :, :L + 1].float()).to(x.dtype)  # (B, KV, G, hd)
             g = F.gelu(f, approximate=self.approximate)
+            y = kernels.attend_step(qkv, H, KV, hd, cos, sin, ck, cv, L, self.scale) if self.native_attention \
+                else None  # (B, H hd)
+            if y is None:
+                y = self._attend(qkv, B, L, cos, sin, ck, cv, qk_norm, x.dtype)
             if dense is None:  # dense and fc2 fused (bf16, see __init__)
-                x = fc2(torch.cat((y.view(B, H * hd), g), dim=-1)) + x
+                x = fc2(torch.cat((y, g), dim=-1)) + x
             else:
-                x = dense(y.view(B, H * hd)) + fc2(g) + x  # same summation order as Block
+                x = dense(y) + fc2(g) + x  # same summation order as Block
         cache.length = L + 1
         cache.valid_count += 1
         h = F.layer_norm(x, (d,), *self.final_ln)
         return self.lm_head(h).unsqueeze(1) if head else h  # (B, 1, V) or (B, d)
+
+    def _attend(self, qkv: torch.Tensor, B: int, L: int, cos: torch.Tensor, sin: torch.Tensor, ck: torch.Tensor,
+                cv: torch.Tensor, qk_norm: tuple[nn.Module, nn.Module] | None, dtype: torch.dtype) -> torch.Tensor:
+        """attend_step in torch: rotary (in place in qkv), cache write at L, attention -> (B, H hd)."""
+        H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
+        qk = qkv[:, :(H + KV) * hd].view(B, H + KV, hd)  # q and k heads side by side
+        if qk_norm is not None:
+            qk = torch.cat((qk_norm[0](qk[:, :H]), qk_norm[1](qk[:, H:])), dim=1)
+        # Rotary on q and k together, in place in the projection's output: (B, H + KV, rd) channels
+        x_rot = qk[..., :rd]
+        x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, hd), (B, KV, hd)
+        v = qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
+        ck.select(2, L).copy_(k)
+        cv.select(2, L).copy_(v)
+        # Attention of one query by hand: SDPA's fused CPU kernel costs ~0.1 ms a call in setup alone. In fp32
+        # (as SDPA accumulates); query head h reads kv head h // G, as SDPA's enable_gqa.
+        qg = q.float().view(B, KV, H // KV, hd) * self.scale  # (B, KV, G, hd)
+        att = (qg @ ck[:, :, :L + 1].float().transpose(-1, -2)).softmax(-1)  # (B, KV, G, L+1)
+        return (att @ cv[:, :, :L + 1].float()).to(dtype).view(B, H * hd)  # (B, KV, G, hd) -> (B, H hd)
 
 
 class Attention(nn.Module):

@@ -416,6 +416,7 @@ def test_plan_runs_int8_layers_fused_and_exactly():
     model.prepare_decoding()
     assert model._plan.layers[0][5] is None  # fc1 fused with q, k, v into one int8 matmul
     assert model._plan.screen is None  # the lm_head is int8 already: its argmax is read directly
+    assert model._plan.native_attention  # fp32 activations: rotary + cache + attention in one native call
     torch.testing.assert_close(decode_logits(model, IDS), plain, rtol=0, atol=0)  # same per-row integer sums
     greedy_vs_argmax(model, 6)
     with torch.no_grad():  # codes changed in place: the fused copies are stale and must not be used

@@ -90,7 +90,35 @@ def test_kernel_is_built_once_and_reused(tmp_path):
     code = "from phiforge import kernels\nprint(kernels.describe())"
     first = _fresh_python(code, tmp_path)
     assert first.returncode == 0 and "native int8 kernel" in first.stdout, first.stderr
-    (so,) = tmp_path.glob("q8_linear-*.so")
+    (so,) = tmp_path.glob("decode-*.so")
     stamp = so.stat().st_mtime_ns
     second = _fresh_python(code, tmp_path)
     assert second.stdout == first.stdout and so.stat().st_mtime_ns == stamp
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,KV,L", [(1, 4, 4, 0), (2, 8, 2, 40), (3, 6, 3, 129)])
+def test_attend_step_matches_torch(B, H, KV, L):
+    """Rotary in place, cache write at L, softmax attention over 0..L: as the decode plan's torch code does it."""
+    hd, rd, max_len = 16, 8, 160
+    g = torch.Generator().manual_seed(L)
+    qkv = torch.randn(B, (H + 2 * KV) * hd + 24, generator=g) * 2  # wider rows: fc1's part rides along
+    cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
+    ck, cv = torch.randn(2, B, KV, max_len, hd, generator=g)
+    ref_qkv, ref_k, ref_v = qkv.clone(), ck.clone(), cv.clone()
+    y = kernels.attend_step(qkv, H, KV, hd, cos, sin, ck, cv, L, 0.25)
+    # reference
+    qk = ref_qkv[:, :(H + KV) * hd].view(B, H + KV, hd)
+    x = qk[..., :rd]
+    x.copy_(x * cos + x.roll(rd // 2, -1) * sin)
+    ref_k[:, :, L] = qk[:, H:]
+    ref_v[:, :, L] = ref_qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
+    q = qk[:, :H].reshape(B, KV, H // KV, hd) * 0.25
+    att = (q @ ref_k[:, :, :L + 1].transpose(-1, -2)).softmax(-1)
+    ref_y = (att @ ref_v[:, :, :L + 1]).reshape(B, H * hd)
+    assert torch.equal(qkv, ref_qkv)  # rotary rounds as torch's separate multiplies and add do
+    assert torch.equal(ck, ref_k) and torch.equal(cv, ref_v)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        kernels.attend_step(qkv, H, KV, hd, cos, sin, ck, cv, max_len, 0.25)  # past the cache
+    assert kernels.attend_step(qkv.double(), H, KV, hd, cos, sin, ck, cv, L, 0.25) is None  # torch's path

@@ -1,9 +1,13 @@
-"""Optional native CPU kernels, built on first use with the machine's C compiler; torch paths otherwise.
+"""Optional native CPU kernels for decoding, built on first use with the machine's C compiler; torch paths
+otherwise. Both live in decode.c (see it for the method and the error of each):
 
-There is one: `q8_linear`, y = x @ (q * scale)^T + bias for int8 weights at small batch (see q8_linear.c for
-the method and its error). Batch-1 decoding of an int8 model is a matrix-vector product per layer, and torch's
-own `_weight_int8pack_mm` is compute-bound there (~15 GB/s of weights a core, measured on torch 2.13 with
-AVX-512); this kernel multiplies in exact integer arithmetic and streams at memory speed (bench/serve.py).
+- `q8_linear`: y = x @ (q * scale)^T + bias for int8 weights at small batch. Batch-1 decoding of an int8 model
+  is a matrix-vector product per layer, and torch's own `_weight_int8pack_mm` is compute-bound there (~15 GB/s
+  of weights a core, measured on torch 2.13 with AVX-512); this kernel multiplies in exact integer arithmetic
+  and streams at the speed of a plain read of the same bytes (bench/serve.py).
+- `attend_step`: one decode step's rotary, KV-cache write and attention for fp32 activations, in one call
+  instead of ~20 small torch ops a layer (each has microseconds of fixed cost: at a 100M model they weigh as
+  much as the int8 weights themselves).
 
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC` (CC overrides the compiler; without OpenMP support it is
 built single-threaded) into PHIFORGE_KERNEL_CACHE (default ~/.cache/phiforge/kernels), keyed by a hash of the
@@ -24,12 +28,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("q8_linear.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+SOURCE = Path(__file__).with_name("decode.c")
+# -ffp-contract=off: a * b + c rounds twice, as torch's separate ops do (attend_step's rotary matches them)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 MAX_ROWS = 16  # above this many activation rows (prefill), torch's batched kernels win
 ISA_NAMES = {3: "AVX-512 VNNI", 2: "AVX-512BW", 1: "AVX2", 0: "portable C"}
 
@@ -86,7 +92,7 @@ def _load() -> ctypes.CDLL | None:
                 version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
                 key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cc, version, _cpu_id()])
                                      .encode()).hexdigest()[:16]
-                out = cache_dir() / f"q8_linear-{key}.so"
+                out = cache_dir() / f"decode-{key}.so"
                 if not out.exists():
                     out.parent.mkdir(parents=True, exist_ok=True)
                     _why_not = _compile(cc, out)
@@ -96,12 +102,16 @@ def _load() -> ctypes.CDLL | None:
                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                               ctypes.c_int]
                     lib.q8_linear.restype = ctypes.c_int
+                    lib.attend_step.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 6, ctypes.c_void_p,
+                                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
+                    lib.attend_step.restype = ctypes.c_int
                     lib.q8_isa.restype = ctypes.c_int
                     _lib = lib
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = f"{type(e).__name__}: {e}"
         if _lib is None:  # said once: a failed build is worth knowing about, a slower path is not an error
-            warnings.warn(f"phiforge: native int8 kernel unavailable ({_why_not}); using torch's kernels",
+            warnings.warn(f"phiforge: native decode kernels unavailable ({_why_not}); using torch's kernels",
                           RuntimeWarning, stacklevel=3)
         return _lib
 
@@ -122,18 +132,67 @@ def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     """x (M, K) -> (M, N) = x @ (q * scale[:, None])^T + bias in `out_dtype` (fp32 or bf16), for CPU int8 `q`
     (N, K), fp32 `scale` (N,) and fp32 `bias` (N,) or None, all contiguous. None where the kernel cannot serve
     the call (not built, more than MAX_ROWS rows, another dtype or device, inf/NaN in x): use torch instead."""
+    fn = q8_matmul(q, scale, bias, out_dtype)
+    return None if fn is None else fn(x)
+
+
+def q8_matmul(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """`q8_linear` with the weight side checked once: x -> y or None (as q8_linear), or None when the kernel
+    is not built. The decode plan keeps one per fused matrix: a call then costs ~3 us less in Python, which at a
+    100M model is ~5 % of a token. The tensors must not be resized while `fn` lives (it holds their pointers)."""
     lib = _load()
-    M, K = x.shape
-    if lib is None or M > MAX_ROWS or x.device.type != "cpu" or out_dtype not in (torch.float32, torch.bfloat16):
+    if lib is None or q.device.type != "cpu" or out_dtype not in (torch.float32, torch.bfloat16):
         return None
-    if q.dtype != torch.int8 or scale.dtype != torch.float32 or bias is not None and bias.dtype != torch.float32 \
-            or q.shape[1] != K or not (q.is_contiguous() and scale.is_contiguous()):
+    if q.dtype != torch.int8 or q.ndim != 2 or scale.dtype != torch.float32 or scale.shape != q.shape[:1] \
+            or bias is not None and (bias.dtype != torch.float32 or bias.shape != q.shape[:1]) \
+            or not (q.is_contiguous() and scale.is_contiguous() and (bias is None or bias.is_contiguous())):
         raise ValueError("q8_linear: needs contiguous int8 q (N, K) and fp32 scale/bias (N,)")
-    x = x.float().contiguous()
-    y = torch.empty(M, q.shape[0], dtype=out_dtype)
-    rc = lib.q8_linear(x.data_ptr(), M, K, q.data_ptr(), scale.data_ptr(),
-                       None if bias is None else bias.data_ptr(), y.data_ptr(), q.shape[0],
-                       int(out_dtype == torch.bfloat16))
+    N, K = q.shape
+    ptrs = (q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
+    bf16 = int(out_dtype == torch.bfloat16)
+    keep = (q, scale, bias)  # the pointers' owners live as long as fn
+
+    def fn(x: torch.Tensor) -> torch.Tensor | None:
+        M = x.shape[0]
+        if M > MAX_ROWS or x.device.type != "cpu":
+            return None
+        if x.shape[1] != K:
+            raise ValueError(f"q8_linear: x has {x.shape[1]} columns, the weights {K}")
+        x = x.float().contiguous()
+        y = torch.empty(M, N, dtype=out_dtype)
+        rc = lib.q8_linear(x.data_ptr(), M, K, ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), N, bf16)
+        if rc == -1:
+            raise MemoryError("q8_linear: out of memory for the quantized activations")
+        return y if rc == 0 else None
+
+    fn.keep = keep  # type: ignore[attr-defined]
+    return fn
+
+
+def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                scale: float) -> torch.Tensor | None:
+    """One decode step's attention for B rows of one new token, all fp32 on CPU: rotary on the first
+    `cos.numel()` channels of every q and k head of `qkv` (B, >= (H + 2 KV) hd; rows may be a slice of a wider
+    projection output; rotated in place), k and v written into `k_cache`/`v_cache` (B, KV, max_len, hd) at `pos`,
+    then softmax((q scale) . k_t, t <= pos) over v_t -> (B, H hd). `sin_signed` is sin with its first half
+    negated (rotate_half as a roll). None where the kernel cannot serve the call (not built, other dtypes or
+    layouts): use torch."""
+    lib = _load()
+    B = qkv.shape[0]
+    if lib is None or qkv.dtype != torch.float32 or k_cache.dtype != torch.float32 or qkv.stride(-1) != 1 \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
+                    and sin_signed.is_contiguous()) or cos.dtype != torch.float32 or qkv.device.type != "cpu":
+        return None
+    if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim or num_heads % num_kv_heads \
+            or tuple(k_cache.shape) != (B, num_kv_heads, k_cache.shape[2], head_dim) \
+            or v_cache.shape != k_cache.shape or not 0 <= pos < k_cache.shape[2] or cos.numel() > head_dim:
+        raise ValueError("attend_step: shapes do not match the heads and the cache")
+    y = torch.empty(B, num_heads * head_dim)
+    rc = lib.attend_step(qkv.data_ptr(), B, qkv.stride(0), num_heads, num_kv_heads, head_dim, cos.numel(),
+                         cos.data_ptr(), sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         k_cache.shape[2], pos, scale, y.data_ptr())
     if rc == -1:
-        raise MemoryError("q8_linear: out of memory for the quantized activations")
-    return y if rc == 0 else None
+        raise MemoryError("attend_step: out of memory for the attention scores")
+    return y
