@@ -155,12 +155,21 @@ def _fusable(linears: list[nn.Module], kernel: str) -> bool:
     return kernel != "plain" and (all(type(lin) is nn.Linear for lin in linears) or all(map(_is_q8, linears)))
 
 
+def _q8_parts(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(int8 codes, fp32 row scales, fp32 bias or None) of int8 QuantLinears fused along the output dim (one
+    linear: its own tensors where they are fp32 already, no copy)."""
+    def cat(ts: list[torch.Tensor]) -> torch.Tensor:
+        return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+    q = cat([lin.qweight for lin in linears])  # (sum of out, in) int8
+    scale = cat([lin.scales for lin in linears]).float().contiguous()
+    bias = None if any(lin.bias is None for lin in linears) else cat([lin.bias.detach() for lin in linears])
+    return q, scale, None if bias is None else bias.float().contiguous()
+
+
 def _q8_fn(linears: list[nn.Module]) -> LinearFn:
     """One native int8 matmul for int8 QuantLinears fused along the output dim (modules called if it declines)."""
-    q = torch.cat([lin.qweight for lin in linears])  # (sum of out, in) int8
-    scale = torch.cat([lin.scales for lin in linears]).float()
-    bias = None if any(lin.bias is None for lin in linears) else torch.cat([lin.bias.detach() for lin in linears])
-    bias = None if bias is None else bias.float()
+    q, scale, bias = _q8_parts(linears)
     fallback = _linear_fn(linears, "plain")
     by_dtype: dict[torch.dtype, Callable[[torch.Tensor], torch.Tensor | None] | None] = {}  # output = x's dtype
 
@@ -172,6 +181,7 @@ def _q8_fn(linears: list[nn.Module]) -> LinearFn:
         y = None if matmul is None else matmul(x)
         return fallback(x) if y is None else y
 
+    fn.parts = (q, scale, bias)  # type: ignore[attr-defined]  # for kernels.Q8Layer
     return fn
 
 
@@ -327,7 +337,14 @@ class DecodePlan:
                 dense, fc2 = None, _mkldnn_fn(packed, bias)
             else:
                 dense, fc2 = _linear_fn([a.dense], kernel), _linear_fn([m.fc2], kernel)
-            self.layers.append((ln.weight, ln.bias, ln.eps, proj, dense, fc1, fc2, qk_norm))
+            # int8 model, fp32 activations: the whole layer in one native call (kernels.Q8Layer)
+            native = None
+            if self.native_attention and fc1 is None and dense is not None and all(map(_is_q8, [a.dense, m.fc2])):
+                native = kernels.Q8Layer(num_heads=self.H, num_kv_heads=self.KV, head_dim=self.hd, rotary_dim=rd,
+                                         intermediate=self.intermediate, eps=ln.eps, scale=self.scale,
+                                         gelu_tanh=self.approximate == "tanh", ln_w=ln.weight.detach(),
+                                         ln_b=ln.bias.detach(), proj=proj.parts, dense=dense.parts, fc2=fc2.parts)
+            self.layers.append((ln.weight, ln.bias, ln.eps, proj, dense, fc1, fc2, qk_norm, native))
             self.modules += [(block, "input_layernorm", ln), (block, "self_attn", a), (block, "mlp", m)]
             self.modules += [(a, n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "dense")]
             self.modules += [(m, n, getattr(m, n)) for n in ("fc1", "fc2")]
@@ -378,7 +395,9 @@ class DecodePlan:
         x = F.embedding(input_ids[:, 0], self.embed)  # (B, d)
         d = x.shape[-1]
         cos, sin = self.cos[L], self.sin_signed[L]  # (rotary_dim,), broadcast over rows and heads
-        for i, (ln_w, ln_b, eps, proj, dense, fc1, fc2, qk_norm) in enumerate(self.layers):
+        for i, (ln_w, ln_b, eps, proj, dense, fc1, fc2, qk_norm, native) in enumerate(self.layers):
+            if native is not None and native(x, L, cos, sin, cache.k[i], cache.v[i]):
+                continue  # x updated in place, k and v cached
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
             qkv = proj(h)  # (B, (H + 2 KV) hd [+ intermediate])
             f = qkv[:, (H + 2 * KV) * hd:] if fc1 is None else fc1(h)  # fc1 fused into the projection, or not

@@ -24,7 +24,8 @@ def _case(M, N, K, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 37, 65), (3, 130, 640), (16, 64, 1000), (2, 5, 2560), (1, 9, 5000)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 37, 65), (3, 130, 640), (16, 64, 1000), (2, 5, 2560), (1, 9, 5000),
+                                   (2, 3, 70000)])  # the last: more than one int32 block a row
 def test_q8_linear_matches_float64(M, N, K):
     x, q, s, b = _case(M, N, K)
     y = kernels.q8_linear(x, q, s, b, torch.float32)
@@ -37,6 +38,28 @@ def test_q8_linear_matches_float64(M, N, K):
     yb = kernels.q8_linear(x, q, s, b, torch.bfloat16)
     assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
     torch.testing.assert_close(kernels.q8_linear(x, q, s, None, torch.float32), y - b, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", ["-mno-avx512vnni", "-mno-avx512f", "-mno-avx2 -mno-avx512f"])
+def test_every_instruction_set_path_is_exact(tmp_path, flags):
+    """The AVX-512BW, AVX2 and plain C paths (what other CPUs build) meet the same float64 bound as this one."""
+    import ctypes
+
+    so = tmp_path / "k.so"
+    cc = os.environ.get("CC") or "cc"
+    subprocess.run([cc, *kernels.FLAGS, *flags.split(), str(kernels.SOURCE), "-o", str(so), "-lm"], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.q8_isa.restype = ctypes.c_int
+    assert lib.q8_isa() < 3  # not the VNNI path this machine builds by default
+    for M, N, K in [(1, 37, 65), (3, 130, 1000), (1, 3, 70000)]:
+        x, q, s, b = _case(M, N, K)
+        y = torch.empty(M, N)
+        rc = lib.q8_linear(*(ctypes.c_void_p(t.data_ptr()) if isinstance(t, torch.Tensor) else ctypes.c_int64(t)
+                             for t in (x, M, K, q, s, b, y, N)), ctypes.c_int(0))
+        exact = (x.double() @ q.double().t()) * s.double() + b.double()
+        bound = x.abs().amax(1, keepdim=True).double() / 65534 * (q.double().abs() * s.double()[:, None]).sum(1)
+        assert rc == 0 and ((y.double() - exact).abs() <= bound * 1.01 + 1e-4 + 1e-5 * exact.abs()).all()
 
 
 @needs_kernel
@@ -122,3 +145,57 @@ def test_attend_step_matches_torch(B, H, KV, L):
     with pytest.raises(ValueError):
         kernels.attend_step(qkv, H, KV, hd, cos, sin, ck, cv, max_len, 0.25)  # past the cache
     assert kernels.attend_step(qkv.double(), H, KV, hd, cos, sin, ck, cv, L, 0.25) is None  # torch's path
+
+
+@needs_kernel
+def test_q8_layer_matches_float64_layer_and_declines_bad_input():
+    """decode_layer = Phi's parallel block on int8 weights: LayerNorm, q/k/v/fc1, rotary, cache, attention, GELU,
+    dense + fc2 + residual; compared with the same block in float64 on the dequantized weights."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    B, d, H, KV, hd, rd, inter, L, max_len = 2, 64, 4, 2, 16, 8, 96, 5, 12
+
+    def q8(n, k):
+        return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g) / 200,
+                torch.randn(n, generator=g) / 10)
+
+    proj, dense, fc2 = q8((H + 2 * KV) * hd + inter, d), q8(d, H * hd), q8(d, inter)
+    ln_w, ln_b = 1 + torch.randn(d, generator=g) / 10, torch.randn(d, generator=g) / 10
+    layer = kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter, eps=1e-5,
+                            scale=hd ** -0.5, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)
+    x = torch.randn(B, d, generator=g)
+    cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
+    kc, vc = torch.randn(2, B, KV, max_len, hd, generator=g)
+    x0, k0, v0 = x.clone(), kc.clone(), vc.clone()
+    assert layer(x, L, cos, sin, kc, vc)
+
+    def lin(a, p):
+        return a @ (p[0].double() * p[1].double()[:, None]).t() + p[2].double()
+
+    h = F.layer_norm(x0.double(), (d,), ln_w.double(), ln_b.double(), 1e-5)
+    qkv = lin(h, proj)
+    qk = qkv[:, :(H + KV) * hd].view(B, H + KV, hd)
+    r = qk[..., :rd].clone()
+    qk[..., :rd] = r * cos.double() + r.roll(rd // 2, -1) * sin.double()
+    k_all, v_all = k0.double(), v0.double()
+    k_all[:, :, L], v_all[:, :, L] = qk[:, H:], qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
+    q = qk[:, :H].reshape(B, KV, H // KV, hd) * hd ** -0.5
+    att = (q @ k_all[:, :, :L + 1].transpose(-1, -2)).softmax(-1)
+    y = (att @ v_all[:, :, :L + 1]).reshape(B, H * hd)
+    ff = F.gelu(qkv[:, (H + 2 * KV) * hd:], approximate="tanh")
+    ref = lin(y, dense) + lin(ff, fc2) + x0.double()
+    torch.testing.assert_close(x.double(), ref, rtol=0, atol=2e-3)  # int16 activation rounding, 3 matmuls deep
+    torch.testing.assert_close(kc[:, :, L].double(), k_all[:, :, L], rtol=0, atol=1e-3)
+    assert torch.equal(kc[:, :, :L], k0[:, :, :L]) and torch.equal(vc[:, :, L + 1:], v0[:, :, L + 1:])
+    # declines, leaving x as it was: inf/NaN activations, too many rows, another dtype
+    bad = x.clone()
+    bad[0, 3] = float("inf")
+    assert not layer(bad, L, cos, sin, kc, vc) and bad[0, 3] == float("inf") and torch.equal(bad[1], x[1])
+    many = torch.randn(kernels.MAX_ROWS + 1, d)
+    assert not layer(many, L, cos, sin, torch.zeros(kernels.MAX_ROWS + 1, KV, max_len, hd),
+                     torch.zeros(kernels.MAX_ROWS + 1, KV, max_len, hd))
+    assert not layer(x.double(), L, cos, sin, kc, vc)
+    with pytest.raises(ValueError):
+        kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter + 1, eps=1e-5,
+                        scale=1.0, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)

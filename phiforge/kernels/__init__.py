@@ -8,6 +8,8 @@ otherwise. Both live in decode.c (see it for the method and the error of each):
 - `attend_step`: one decode step's rotary, KV-cache write and attention for fp32 activations, in one call
   instead of ~20 small torch ops a layer (each has microseconds of fixed cost: at a 100M model they weigh as
   much as the int8 weights themselves).
+- `Q8Layer`: a whole decoder layer of an int8 model with fp32 activations (LayerNorm, the fused q/k/v/fc1
+  matmul, attend_step, GELU, dense + fc2 + residual) in one call.
 
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC` (CC overrides the compiler; without OpenMP support it is
 built single-threaded) into PHIFORGE_KERNEL_CACHE (default ~/.cache/phiforge/kernels), keyed by a hash of the
@@ -106,6 +108,9 @@ def _load() -> ctypes.CDLL | None:
                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                 ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
                     lib.attend_step.restype = ctypes.c_int
+                    lib.decode_layer.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                 ctypes.c_void_p, ctypes.c_void_p]
+                    lib.decode_layer.restype = ctypes.c_int
                     lib.q8_isa.restype = ctypes.c_int
                     _lib = lib
             except (OSError, subprocess.SubprocessError) as e:
@@ -196,3 +201,62 @@ def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
     if rc == -1:
         raise MemoryError("attend_step: out of memory for the attention scores")
     return y
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("d", "H", "KV", "hd", "rd", "inter", "max_len", "gelu_tanh")] + \
+        [("eps", ctypes.c_float), ("scale", ctypes.c_float)] + \
+        [(n, ctypes.c_void_p) for n in ("ln_w", "ln_b", "q1", "s1", "b1", "qd", "sd", "bd", "q2", "s2", "b2", "kc",
+                                        "vc")]
+
+
+class Q8Layer:
+    """One decoder layer of an int8 model in one native call (decode.c's decode_layer): x (B, d) fp32 is updated
+    in place, x += dense(attn) + fc2(gelu(fc1(LayerNorm(x)))), and the layer's k, v written into the cache.
+    Weights are the int8 codes, fp32 row scales and fp32 biases (or None) of: q|k|v|fc1 fused (rows in that
+    order), dense, fc2. Built once per decode plan; it holds pointers, so the tensors must stay as they are."""
+
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, intermediate: int,
+                 eps: float, scale: float, gelu_tanh: bool, ln_w: torch.Tensor, ln_b: torch.Tensor,
+                 proj: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 fc2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> None:
+        self.lib = _load()
+        if self.lib is None:
+            raise RuntimeError(f"native kernels unavailable: {_why_not}")
+        d, Hh = ln_w.numel(), num_heads * head_dim
+        shapes = {"proj": (proj, ((num_heads + 2 * num_kv_heads) * head_dim + intermediate, d)),
+                  "dense": (dense, (d, Hh)), "fc2": (fc2, (d, intermediate))}
+        for name, ((q, s, b), shape) in shapes.items():
+            if q.dtype != torch.int8 or tuple(q.shape) != shape or s.dtype != torch.float32 or s.numel() != shape[0] \
+                    or b is not None and (b.dtype != torch.float32 or b.numel() != shape[0]) \
+                    or not (q.is_contiguous() and s.is_contiguous() and (b is None or b.is_contiguous())):
+                raise ValueError(f"Q8Layer: {name} needs contiguous int8 {shape} with fp32 scales/bias")
+        ln_w, ln_b = ln_w.detach().float().contiguous(), ln_b.detach().float().contiguous()
+        self.keep = (ln_w, ln_b, proj, dense, fc2)
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        self.d, self.KV, self.hd, self.H = d, num_kv_heads, head_dim, num_heads
+        self.st = _Layer(d=d, H=num_heads, KV=num_kv_heads, hd=head_dim, rd=rotary_dim, inter=intermediate,
+                         max_len=0, gelu_tanh=int(gelu_tanh), eps=eps, scale=scale, ln_w=ptr(ln_w), ln_b=ptr(ln_b),
+                         q1=ptr(proj[0]), s1=ptr(proj[1]), b1=ptr(proj[2]), qd=ptr(dense[0]), sd=ptr(dense[1]),
+                         bd=ptr(dense[2]), q2=ptr(fc2[0]), s2=ptr(fc2[1]), b2=ptr(fc2[2]))
+        self.ref = ctypes.byref(self.st)
+
+    def __call__(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """Run the layer on x (B, d) at cache position `pos`; False (x unchanged) where the caller must use torch:
+        more than MAX_ROWS rows, other dtypes or layouts, inf/NaN in an activation."""
+        B = x.shape[0]
+        if B > MAX_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or k_cache.dtype != torch.float32 \
+                or not (k_cache.is_contiguous() and v_cache.is_contiguous()) \
+                or tuple(k_cache.shape) != (B, self.KV, k_cache.shape[2], self.hd) or not 0 <= pos < k_cache.shape[2]:
+            return False
+        st = self.st
+        st.max_len, st.kc, st.vc = k_cache.shape[2], k_cache.data_ptr(), v_cache.data_ptr()
+        rc = self.lib.decode_layer(self.ref, x.data_ptr(), B, pos, cos.data_ptr(), sin_signed.data_ptr())
+        if rc == -1:
+            raise MemoryError("decode_layer: out of memory")
+        return rc == 0

@@ -44,14 +44,16 @@ static inline uint16_t f32_to_bf16(float f) {
 #define VNNI 1
 #define KBV 65536 /* inputs per flush: 2 chains x 512 chunks x 4 products of <= 255 * 128 a lane: < 2^28 */
 #define PD 2048    /* prefetch distance in bytes */
+#define KBV_ALL KBV
 
 /* The activation row split for vpdpbusd (see the top): lo and hi bytes of xq[k] for k < K64 (K rounded down to
    64), and hc[16 b + j] = the sum of hi over lane j's bytes in block b, so that 128 hc corrects the flipped sign */
 static void split_row(const int16_t *xq, int64_t K64, uint8_t *lo, int8_t *hi, int32_t *hc) {
     const __m512i ones = _mm512_set1_epi8(1);
-    for (int64_t k = 0; k < K64; k++) {
-        lo[k] = (uint8_t)(xq[k] & 255);
-        hi[k] = (int8_t)(xq[k] >> 8); /* arithmetic shift: xq = 256 hi + lo exactly */
+    for (int64_t k = 0; k < K64; k += 32) { /* K64 is a multiple of 64 */
+        __m512i v = _mm512_loadu_si512((const void *)(xq + k));
+        _mm256_storeu_si256((__m256i *)(lo + k), _mm512_cvtepi16_epi8(v)); /* low bytes: xq & 255 */
+        _mm256_storeu_si256((__m256i *)(hi + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8))); /* xq >> 8 */
     }
     for (int64_t k0 = 0, b = 0; k0 < K64; k0 += KBV, b++) {
         __m512i c = _mm512_setzero_si512();
@@ -94,6 +96,10 @@ static inline float dot_vnni(const uint8_t *lo, const int8_t *hi, const int32_t 
     }
     return _mm512_reduce_add_ps(facc);
 }
+#endif
+
+#ifndef KBV_ALL
+#define KBV_ALL 65536
 #endif
 
 /* sum over K64 <= k < K of xq[k] q[k] in exact int32 blocks of KB (the VNNI path's remainder) */
@@ -174,60 +180,99 @@ int q8_isa(void) {
 #endif
 }
 
-int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const float *scale, const float *bias,
-              void *y, int64_t N, int out_bf16) {
-    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)M);
-    if (!xq || !sx) {
-        free(xq);
-        free(sx);
+/* Activation rows quantized for the dot products: xq (and, for VNNI, its split bytes) and the row scales. */
+typedef struct {
+    int64_t M, K, K64, nb;
+    int16_t *xq;
+    float *sx;
+    uint8_t *lo;
+    int8_t *hi;
+    int32_t *hc;
+} acts_t;
+
+static void acts_free(acts_t *a) {
+    free(a->xq), free(a->sx), free(a->lo), free(a->hi), free(a->hc);
+}
+
+/* Quantize M rows of K (row m at x + m ldx): 0, -1 out of memory, -2 inf or NaN in x (nothing to free then) */
+static int acts_init(acts_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
+    int64_t K64 = K / 64 * 64, nb = (K64 + KBV_ALL - 1) / KBV_ALL;
+    *a = (acts_t){M, K, K64, nb, malloc(sizeof(int16_t) * (size_t)(M * K) + 1), malloc(sizeof(float) * (size_t)M),
+                  malloc((size_t)(M * K64) + 1), malloc((size_t)(M * K64) + 1),
+                  malloc(sizeof(int32_t) * (size_t)(M * nb * 16) + 1)};
+    if (!a->xq || !a->sx || !a->lo || !a->hi || !a->hc) {
+        acts_free(a);
         return -1;
     }
     for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * ldx;
+        int16_t *xqm = a->xq + m * K;
         float mx = 0;
-        for (int64_t k = 0; k < K; k++) {
-            float a = fabsf(x[m * K + k]);
-            if (!(a <= 3.0e38f)) { /* inf or NaN */
-                free(xq);
-                free(sx);
+        int64_t k = 0;
+#if defined(__AVX512BW__) /* the same numbers as the scalar loops below, 16 at a time */
+        __m512 vmx = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_abs_ps(_mm512_loadu_ps(xm + k));
+            bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ); /* inf or NaN */
+            vmx = _mm512_max_ps(vmx, v);
+        }
+        if (bad) {
+            acts_free(a);
+            return -2;
+        }
+        mx = _mm512_reduce_max_ps(vmx);
+#endif
+        for (; k < K; k++) {
+            float v = fabsf(xm[k]);
+            if (!(v <= 3.0e38f)) { /* inf or NaN */
+                acts_free(a);
                 return -2;
             }
-            mx = a > mx ? a : mx;
+            mx = v > mx ? v : mx;
         }
-        sx[m] = mx > 0 ? mx / 32767.0f : 1.0f;
-        float inv = 1.0f / sx[m];
-        for (int64_t k = 0; k < K; k++) {
-            long v = lrintf(x[m * K + k] * inv);
-            xq[m * K + k] = (int16_t)(v > 32767 ? 32767 : v < -32767 ? -32767 : v);
+        a->sx[m] = mx > 0 ? mx / 32767.0f : 1.0f;
+        float inv = 1.0f / a->sx[m];
+        k = 0;
+#if defined(__AVX512BW__) /* round to nearest even (the default mode, as lrintf), clamp, narrow */
+        for (; k + 16 <= K; k += 16) {
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), _mm512_set1_ps(inv)));
+            v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(32767)), _mm512_set1_epi32(-32767));
+            _mm256_storeu_si256((__m256i *)(xqm + k), _mm512_cvtepi32_epi16(v));
         }
-    }
+#endif
+        for (; k < K; k++) {
+            long v = lrintf(xm[k] * inv);
+            xqm[k] = (int16_t)(v > 32767 ? 32767 : v < -32767 ? -32767 : v);
+        }
 #ifdef VNNI
-    int64_t K64 = K / 64 * 64, nb = (K64 + KBV - 1) / KBV;
-    uint8_t *lo = (uint8_t *)malloc((size_t)(M * K64));
-    int8_t *hi = (int8_t *)malloc((size_t)(M * K64));
-    int32_t *hc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * nb * 16 + 1));
-    if (!lo || !hi || !hc) {
-        free(lo), free(hi), free(hc), free(xq), free(sx);
-        return -1;
+        split_row(a->xq + m * K, K64, a->lo + m * K64, a->hi + m * K64, a->hc + m * nb * 16);
+#endif
     }
-    for (int64_t m = 0; m < M; m++) split_row(xq + m * K, K64, lo + m * K64, hi + m * K64, hc + m * nb * 16);
-#pragma omp parallel for schedule(static) if (M * N * K > 65536) /* else the fork costs more */
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float acc = dot_vnni(lo + m * K64, hi + m * K64, hc + m * nb * 16, q + n * K, K64);
-            store(y, m * N + n, (acc + dot_tail(xq + m * K, q + n * K, K64, K)) * sx[m], scale[n],
-                  bias ? bias[n] : 0.0f, out_bf16);
-        }
-    free(lo), free(hi), free(hc);
+    return 0;
+}
+
+/* Row m of the activations . weight row qn (K int8), in x's units (before the weight's scale) */
+static inline float acts_dot(const acts_t *a, int64_t m, const int8_t *qn) {
+#ifdef VNNI
+    float acc = dot_vnni(a->lo + m * a->K64, a->hi + m * a->K64, a->hc + m * a->nb * 16, qn, a->K64) +
+                dot_tail(a->xq + m * a->K, qn, a->K64, a->K);
 #else
+    float acc = dot_i16_i8(a->xq + m * a->K, qn, a->K);
+#endif
+    return acc * a->sx[m];
+}
+
+int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const float *scale, const float *bias,
+              void *y, int64_t N, int out_bf16) {
+    acts_t a;
+    int rc = acts_init(&a, x, M, K, K);
+    if (rc) return rc;
 #pragma omp parallel for schedule(static) if (M * N * K > 65536) /* else the fork costs more */
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            store(y, m * N + n, dot_i16_i8(xq + m * K, q + n * K, K) * sx[m], scale[n], bias ? bias[n] : 0.0f,
-                  out_bf16);
-#endif
-    free(xq);
-    free(sx);
+            store(y, m * N + n, acts_dot(&a, m, q + n * K), scale[n], bias ? bias[n] : 0.0f, out_bf16);
+    acts_free(&a);
     return 0;
 }
 
@@ -320,4 +365,95 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
     }
     free(scores);
     return 0;
+}
+
+/* ---- one whole decoder layer of an int8 model (fp32 activations) --------------------------------------------
+ * x <- x + dense(attention(rotary(q, k), v)) + fc2(gelu(fc1(h))), h = LayerNorm(x), for B rows of one new token:
+ * Phi's parallel block, as DecodePlan.step does it with the calls above, in one call (each torch op and ctypes
+ * call costs microseconds: at a 100M model a layer's ~12 of them weighed as much as its int8 weights). The int8
+ * matmuls and the attention are the functions above; LayerNorm and GELU are computed here in fp32 (within a
+ * few ulp of torch's). Returns 0; -1 out of memory; -2 inf/NaN in an activation, with x unchanged (the cache
+ * slot at L may be written: the caller's torch path rewrites it). */
+typedef struct {
+    int64_t d, H, KV, hd, rd, inter, max_len, gelu_tanh;
+    float eps, scale;
+    const float *ln_w, *ln_b;
+    const int8_t *q1; /* q, k, v and fc1 fused: ((H + 2 KV) hd + inter, d) */
+    const float *s1, *b1;
+    const int8_t *qd; /* dense: (d, H hd) */
+    const float *sd, *bd;
+    const int8_t *q2; /* fc2: (d, inter) */
+    const float *s2, *b2;
+    float *kc, *vc; /* (B, KV, max_len, hd) */
+} layer_t;
+
+static void gelu_inplace(float *g, int64_t n, int tanh_approx) {
+    const float c = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2 / pi) */
+    int64_t i = 0;
+    if (tanh_approx) {
+#if defined(__AVX512F__)
+        /* tanh(u) = 1 - 2 / (e^{2u} + 1): exact at both tails (e^{2u} -> inf or 0) */
+        const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+        for (; i + 16 <= n; i += 16) {
+            __m512 x = _mm512_loadu_ps(g + i);
+            __m512 u = _mm512_mul_ps(_mm512_set1_ps(c), _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(kappa),
+                                                                       _mm512_mul_ps(x, _mm512_mul_ps(x, x)))));
+            __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_mul_ps(two, u)), one)));
+            _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t)));
+        }
+#endif
+        for (; i < n; i++) {
+            float x = g[i];
+            g[i] = 0.5f * x * (1.0f + tanhf(c * (x + kappa * x * x * x)));
+        }
+    } else {
+        for (; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + erff(g[i] * 0.70710678118654752f));
+    }
+}
+
+int decode_layer(const layer_t *P, float *x, int64_t B, int64_t L, const float *cos, const float *sin_signed) {
+    int64_t d = P->d, Hh = P->H * P->hd, qkvw = (P->H + 2 * P->KV) * P->hd, N1 = qkvw + P->inter;
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * d)), *qkv = (float *)malloc(sizeof(float) * (size_t)(B * N1));
+    float *y = (float *)malloc(sizeof(float) * (size_t)(B * Hh));
+    acts_t a, ay, ag;
+    int rc = -1;
+    if (!h || !qkv || !y) goto out;
+    for (int64_t b = 0; b < B; b++) { /* LayerNorm: mean and biased variance in two passes, as torch's CPU kernel */
+        const float *xb = x + b * d;
+        float *hb = h + b * d;
+        double mean = 0, var = 0;
+        for (int64_t k = 0; k < d; k++) mean += xb[k];
+        mean /= (double)d;
+        for (int64_t k = 0; k < d; k++) var += ((double)xb[k] - mean) * ((double)xb[k] - mean);
+        float m = (float)mean, rstd = (float)(1.0 / sqrt(var / (double)d + (double)P->eps));
+        for (int64_t k = 0; k < d; k++) hb[k] = (xb[k] - m) * rstd * P->ln_w[k] + P->ln_b[k];
+    }
+    if ((rc = acts_init(&a, h, B, d, d))) goto out;
+#pragma omp parallel for schedule(static) if (B * N1 * d > 65536)
+    for (int64_t n = 0; n < N1; n++)
+        for (int64_t m = 0; m < B; m++)
+            qkv[m * N1 + n] = acts_dot(&a, m, P->q1 + n * d) * P->s1[n] + (P->b1 ? P->b1[n] : 0.0f);
+    acts_free(&a);
+    if ((rc = attend_step(qkv, B, N1, P->H, P->KV, P->hd, P->rd, cos, sin_signed, P->kc, P->vc, P->max_len, L,
+                          P->scale, y)))
+        goto out;
+    for (int64_t b = 0; b < B; b++) gelu_inplace(qkv + b * N1 + qkvw, P->inter, (int)P->gelu_tanh);
+    if ((rc = acts_init(&ay, y, B, Hh, Hh))) goto out;
+    if ((rc = acts_init(&ag, qkv + qkvw, B, P->inter, N1))) {
+        acts_free(&ay);
+        goto out;
+    }
+    /* dense(y) + fc2(g) + x, in the modules' order; one pass, so the residual add costs nothing extra */
+#pragma omp parallel for schedule(static) if (B * d * (Hh + P->inter) > 65536)
+    for (int64_t n = 0; n < d; n++)
+        for (int64_t m = 0; m < B; m++) {
+            float att = acts_dot(&ay, m, P->qd + n * Hh) * P->sd[n] + (P->bd ? P->bd[n] : 0.0f);
+            float ff = acts_dot(&ag, m, P->q2 + n * P->inter) * P->s2[n] + (P->b2 ? P->b2[n] : 0.0f);
+            x[m * d + n] = att + ff + x[m * d + n];
+        }
+    acts_free(&ay);
+    acts_free(&ag);
+out:
+    free(h), free(qkv), free(y);
+    return rc;
 }
