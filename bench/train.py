@@ -6,7 +6,11 @@ The peer is the loop everyone writes first:
 
     loss = hf(input_ids, labels=input_ids).loss; loss.backward(); clip; opt.step(); opt.zero_grad()
 
-ours is phiforge.train's step (CausalLMLoss + forward_backward + the fused AdamW of build_optimizer). Rounds
+ours is phiforge.train's step (CausalLMLoss + forward_backward + the fused AdamW of build_optimizer), prepared by
+prepare_model as `phiforge train` does: on CPU that routes fp32 matmuls through oneDNN (train/onednn.py), which
+on AMD CPUs runs ~2x faster than the MKL sgemm torch uses by default (the peer's path); `--cpu-matmul torch`
+measures ours on MKL too, to separate that from the rest of the engine. MFU is against the faster of the two
+libraries' measured peak. Rounds
 are interleaved (ours, peer, ours, ...) so machine load hits both alike; we report median tokens/s, the ratio,
 and our MFU against the CPU's measured matmul peak.
 
@@ -37,6 +41,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="fp32 (phiforge's CPU default), or bf16 autocast on both sides")
     ap.add_argument("--check", action="store_true", help="also check that both sides compute the same loss")
+    ap.add_argument("--cpu-matmul", choices=["auto", "torch"], default="auto",
+                    help="our fp32 CPU matmuls: auto (oneDNN, phiforge's default) or torch (MKL, as the peer)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,7 +61,7 @@ def main() -> None:
                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
                      max_position_embeddings=args.seq + 1, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     cfg = TrainConfig(max_steps=1, seq_len=args.seq, micro_batch=args.batch, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                      weight_decay=0.1, grad_clip=1.0, compile=args.compile)
+                      weight_decay=0.1, grad_clip=1.0, compile=args.compile, cpu_matmul=args.cpu_matmul)
     torch.manual_seed(0)
     phi = Phi(mc).train()
     hf = transformers.PhiForCausalLM(transformers.PhiConfig(**mc.to_hf())).train()
@@ -129,7 +135,7 @@ def main() -> None:
     peak = max(max(peaks), cpu_peak_flops(peak_dtype))
     fpt = mc.flops_per_token(args.seq)
     print(f"model: {phi.num_params() / 1e6:.1f}M params, {args.layers} layers x {args.hidden}, vocab {args.vocab}, "
-          f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}, compile {args.compile}, dtype {args.dtype}")
+          f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}, compile {args.compile}, dtype {args.dtype}, our cpu matmul {args.cpu_matmul}")
     print(f"CPU {args.dtype} matmul peak (measured, best): {peak / 1e9:.1f} GFLOP/s; {fpt / 1e6:.1f} MFLOP/token")
     sfx = "" if args.dtype == "fp32" else f"_{args.dtype}"
     print(f"RESULT train_tokens_per_s_phiforge{sfx} {o:.0f} tok/s")

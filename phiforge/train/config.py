@@ -57,6 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False
     fsdp: bool = False  # FSDP2 fully_shard under torchrun (else DDP when world size > 1)
+    cpu_matmul: str = "auto"  # auto = fp32 CPU matmuls on oneDNN where torch has it (train/onednn.py); torch
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     loss_chunk: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = auto (chunk only huge logits)
     device: str = "auto"  # auto | cpu | cuda
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"train config: max_steps must be >= 1, got {self.max_steps}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train config: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.cpu_matmul not in ("auto", "torch"):
+            raise ConfigError(f"train config: cpu_matmul {self.cpu_matmul!r} is not one of auto, torch")
         if self.dtype not in DTYPES:
             raise ConfigError(f"train config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda"):

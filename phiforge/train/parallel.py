@@ -85,26 +85,29 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.phi = phi
         self.chunk = chunk
+        self.onednn = False  # the loss head's fp32 CPU matmuls on oneDNN (set by prepare_model)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         h = self.phi.hidden_states(inputs)  # (B, T, d)
-        return lm_loss(h, self.phi.lm_head, targets, self.chunk)
+        return lm_loss(h, self.phi.lm_head, targets, self.chunk, onednn=self.onednn)
 
 
-def lm_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def lm_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 0, *,
+            onednn: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of lm_head(h) against targets, fused and chunked over tokens.
 
     `chunk` tokens at a time: logits (chunk, vocab) in fp32, their log-sum-exp and loss, and, when training, the
     gradients w.r.t. h, W and b right away (the loss is a scalar, so d loss / d logits = softmax - onehot is
     known in the forward pass). The full (B*T, vocab) fp32 logits never exist, nothing is recomputed, and each
-    chunk stays in cache while it is used five times. chunk 0 = auto (about 16 MB of logits per chunk)."""
+    chunk stays in cache while it is used five times. chunk 0 = auto (about 16 MB of logits per chunk).
+    `onednn`: fp32 CPU matmuls on oneDNN (train/onednn.py) when training."""
     d = h.shape[-1]
     h, t = h.reshape(-1, d), targets.reshape(-1)  # (N, d), (N,)
     vocab = head.weight.shape[0]
     if chunk <= 0:
         chunk = min(4096, max(128, (1 << 22) // vocab))
     if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk)
+        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk, onednn)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, t.shape[0], chunk):
         total += F.cross_entropy(head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
@@ -116,11 +119,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int, onednn: bool = False) -> torch.Tensor:
+        from phiforge.train import onednn as dnn
+
         dev = h.device.type
         # Under autocast the matmuls run in the autocast dtype; softmax / loss / accumulation stay in fp32.
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
         n = t.shape[0]
+        fast = onednn and dnn.wanted(h, w)
         with torch.autocast(dev, enabled=False):
             wd = w.to(dt)
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
@@ -129,7 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, n, chunk):
                 hc, tc = h[i:i + chunk].to(dt), t[i:i + chunk]  # (c, d), (c,)
-                logits = (hc @ wd.t()).float()  # (c, V)
+                logits = (dnn.matmul_nt(hc, wd) if fast else hc @ wd.t()).float()  # (c, V)
                 if b is not None:
                     logits += b.float()
                 lse = torch.logsumexp(logits, dim=-1)  # (c,)
@@ -138,8 +144,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p = logits.sub_(lse[:, None]).exp_()
                 p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
                 pd = p.to(dt)
-                grad_h[i:i + chunk] = (pd @ wd).to(h.dtype)  # (c, d)
-                if dt == torch.float32:
+                grad_h[i:i + chunk] = (dnn.matmul_nn(pd, wd) if fast else pd @ wd).to(h.dtype)  # (c, d)
+                if fast:
+                    grad_w += dnn.grad_weight(pd, hc)  # (V, d)
+                elif dt == torch.float32:
                     grad_w.addmm_(pd.t(), hc)  # (V, d)
                 else:
                     grad_w += (pd.t() @ hc).float()
@@ -154,7 +162,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         s = g / ctx.n  # the loss is a mean over n tokens
         gb = (grad_b * s).to(ctx.dtypes[1]) if ctx.has_bias else None
-        return grad_h * s.to(grad_h.dtype), (grad_w * s).to(ctx.dtypes[0]), gb, None, None
+        return grad_h * s.to(grad_h.dtype), (grad_w * s).to(ctx.dtypes[0]), gb, None, None, None
 
 
 def _checkpointed(forward):
@@ -167,8 +175,18 @@ def _checkpointed(forward):
 
 
 def prepare_model(model: CausalLMLoss, cfg: TrainConfig, dist: Dist) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2/DDP (in that order) and return what to train."""
+    """Apply the CPU matmul backend, activation checkpointing, compile and FSDP2/DDP (in that order) and
+    return what to train."""
     blocks = list(model.phi.model.layers)
+    # 0. fp32 CPU matmuls on oneDNN (~2x MKL's rate on AMD CPUs; train/onednn.py). Each call checks for CPU
+    #    fp32 without autocast, so GPU and bf16 runs are untouched; skipped where torch.compile or FSDP2 own the
+    #    linears' execution.
+    if cfg.cpu_matmul == "auto" and not cfg.compile and not (dist.enabled and cfg.fsdp):
+        from phiforge.train import onednn
+
+        if onednn.available():
+            onednn.use_onednn_linears(model.phi)
+            model.onednn = True
     # 1. Activation checkpointing: keep only each block's input; recompute its insides during backward.
     if cfg.activation_checkpointing:
         for block in blocks:
