@@ -158,11 +158,12 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
     result(f"{tag}_memory_bandwidth_sum_peak", peak, "GB/s")
     result(f"{tag}_memory_bandwidth_sum_low", min(min(v) for v in bws.values()), "GB/s")
 
-    def fractions(name: str, nbytes: int) -> tuple[float, float]:
-        """(median over rounds of the round's rate against the bandwidth around it, best rate against the peak)"""
+    def fractions(name: str, nbytes: int) -> tuple[float, float, list[float]]:
+        """(median over rounds of the round's rate against the bandwidth around it, best rate against the peak,
+        the per-round fractions)"""
         per_round = [nbytes * (n - 1) / max(tn - t1, 1e-9) / (bw * 1e9)
                      for t1, tn, bw in zip(t1s[name], tns[name], bws[name])]
-        return statistics.median(per_round), nbytes * best[name] / (peak * 1e9)
+        return statistics.median(per_round), nbytes * best[name] / (peak * 1e9), per_round
 
     base = best["transformers_fp32"]
     result(f"{tag}_decode_transformers_fp32", base, "tok/s")
@@ -171,13 +172,13 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
             continue
         model = variants[name.split("+")[0]]
         nbytes = weight_bytes_per_token(model)
-        frac, frac_peak = fractions(name, nbytes)
+        frac, frac_peak, per_round = fractions(name, nbytes)
         result(f"{tag}_decode_{name}", best[name], "tok/s")
         result(f"{tag}_decode_{name}_vs_transformers_fp32", best[name] / base, "x")
         result(f"{tag}_decode_{name}_bw_fraction", frac, "fraction")
         result(f"{tag}_decode_{name}_bw_fraction_vs_peak", frac_peak, "fraction")
-        print(f"  {name}: {nbytes / 1e6:.1f} MB read per token; bandwidth around its rounds (GB/s): "
-              + ", ".join(f"{b:.0f}" for b in bws[name]))
+        print(f"  {name}: {nbytes / 1e6:.1f} MB read per token; per round, bandwidth around it (GB/s) -> fraction: "
+              + ", ".join(f"{b:.0f} -> {f:.2f}" for b, f in zip(bws[name], per_round)))
     hf_bytes = sum(p.numel() * 4 for n_, p in hf.named_parameters() if "embed_tokens" not in n_)
     result(f"{tag}_decode_transformers_fp32_bw_fraction", fractions("transformers_fp32", hf_bytes)[0], "fraction")
     if small:
