@@ -263,15 +263,22 @@ static inline float acts_dot(const acts_t *a, int64_t m, const int8_t *qn) {
     return acc * a->sx[m];
 }
 
+/* y (M, N) = the quantized rows times (q scale)^T + bias, rows of q split over threads */
+static void q8_rows(const acts_t *a, const int8_t *q, const float *scale, const float *bias, void *y, int64_t N,
+                    int out_bf16) {
+    int64_t M = a->M, K = a->K;
+#pragma omp parallel for schedule(static) if (M * N * K > 65536) /* else the fork costs more */
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            store(y, m * N + n, acts_dot(a, m, q + n * K), scale[n], bias ? bias[n] : 0.0f, out_bf16);
+}
+
 int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const float *scale, const float *bias,
               void *y, int64_t N, int out_bf16) {
     acts_t a;
     int rc = acts_init(&a, x, M, K, K);
     if (rc) return rc;
-#pragma omp parallel for schedule(static) if (M * N * K > 65536) /* else the fork costs more */
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            store(y, m * N + n, acts_dot(&a, m, q + n * K), scale[n], bias ? bias[n] : 0.0f, out_bf16);
+    q8_rows(&a, q, scale, bias, y, N, out_bf16);
     acts_free(&a);
     return 0;
 }
@@ -429,10 +436,7 @@ int decode_layer(const layer_t *P, float *x, int64_t B, int64_t L, const float *
         for (int64_t k = 0; k < d; k++) hb[k] = (xb[k] - m) * rstd * P->ln_w[k] + P->ln_b[k];
     }
     if ((rc = acts_init(&a, h, B, d, d))) goto out;
-#pragma omp parallel for schedule(static) if (B * N1 * d > 65536)
-    for (int64_t n = 0; n < N1; n++)
-        for (int64_t m = 0; m < B; m++)
-            qkv[m * N1 + n] = acts_dot(&a, m, P->q1 + n * d) * P->s1[n] + (P->b1 ? P->b1[n] : 0.0f);
+    q8_rows(&a, P->q1, P->s1, P->b1, qkv, N1, 0);
     acts_free(&a);
     if ((rc = attend_step(qkv, B, N1, P->H, P->KV, P->hd, P->rd, cos, sin_signed, P->kc, P->vc, P->max_len, L,
                           P->scale, y)))
