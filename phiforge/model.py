@@ -17,6 +17,7 @@ applied from outside (phiforge/train), never here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -53,6 +54,7 @@ class KVCache:
         self.length = 0
         self.key_mask: torch.Tensor | None = None  # (B, max_len) bool, only once padding was seen
         self.valid_count = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.plan_serial = 0  # the decode plan this cache's steps were checked against (see Phi._use_plan)
 
     @property
     def batch_size(self) -> int:
@@ -120,8 +122,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # the layout the fastest CPU kernel for their dtype streams best (measured, bench/decode.py), and `forward` runs
 # one-token steps as one flat loop over it (no module calls, no mask or position building). Everything else
 # (prefill, padding, autograd, training) and any model whose weights changed since the plan was built uses the
-# ordinary modules. A linear layer that is not a plain nn.Linear (e.g. serve/quant's QuantLinear, swapped in
-# from outside) is simply called as a module inside the same loop.
+# ordinary modules. That check costs ~15 us a layer in Python (10 % of a 100M int8 model's step), so it runs once
+# per KV cache, at the cache's first planned step: a cache holds the keys and values of one set of weights, and
+# changing weights in the middle of a generation would mix two models whichever path ran. A linear layer that
+# is not a plain nn.Linear (e.g. serve/quant's QuantLinear, swapped in from outside) is simply called as a
+# module inside the same loop.
 #
 # Kernels (x is (B, in)); with the copying ones q, k, v and fc1 (all fed by the same LayerNorm) are one matmul:
 #   "mkldnn": oneDNN weight prepacked for its small-batch kernel (bf16 on CPU: ~2x F.linear);
@@ -295,6 +300,9 @@ class ArgmaxScreen:
         return torch.cat(toks)
 
 
+_PLAN_SERIALS = itertools.count(1)
+
+
 class DecodePlan:
     """Everything a one-token decode step reads, resolved once (see the notes above)."""
 
@@ -316,6 +324,7 @@ class DecodePlan:
         # (kernels.attend_step) where the kernels are built; it reads the fp32 cache new_cache gives CPU models
         self.native_attention = dtype == torch.float32 and not cfg.qk_layernorm and kernels.available()
         self.layers = []
+        natives = []  # per layer a kernels.Q8Layer, or None
         self.modules: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, child) captured
         for block in model.model.layers:
             a, m, ln = block.self_attn, block.mlp, block.input_layernorm
@@ -337,17 +346,20 @@ class DecodePlan:
                 dense, fc2 = None, _mkldnn_fn(packed, bias)
             else:
                 dense, fc2 = _linear_fn([a.dense], kernel), _linear_fn([m.fc2], kernel)
-            # int8 model, fp32 activations: the whole layer in one native call (kernels.Q8Layer)
+            # int8 model, fp32 activations: the whole layer natively (kernels.Q8Layer), all layers in one call
             native = None
             if self.native_attention and fc1 is None and dense is not None and all(map(_is_q8, [a.dense, m.fc2])):
                 native = kernels.Q8Layer(num_heads=self.H, num_kv_heads=self.KV, head_dim=self.hd, rotary_dim=rd,
                                          intermediate=self.intermediate, eps=ln.eps, scale=self.scale,
                                          gelu_tanh=self.approximate == "tanh", ln_w=ln.weight.detach(),
                                          ln_b=ln.bias.detach(), proj=proj.parts, dense=dense.parts, fc2=fc2.parts)
-            self.layers.append((ln.weight, ln.bias, ln.eps, proj, dense, fc1, fc2, qk_norm, native))
+            self.layers.append((ln.weight, ln.bias, ln.eps, proj, dense, fc1, fc2, qk_norm))
+            natives.append(native)
             self.modules += [(block, "input_layernorm", ln), (block, "self_attn", a), (block, "mlp", m)]
             self.modules += [(a, n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "dense")]
             self.modules += [(m, n, getattr(m, n)) for n in ("fc1", "fc2")]
+        # every layer int8 (as serve/quant.quantize makes them): the whole stack is one native call a step
+        self.native = kernels.Q8Stack(natives) if natives and None not in natives else None
         self.lm_head = _linear_fn([model.lm_head], kernel)
         # Greedy decoding needs only the argmax of the logits, and the lm_head is a third (fp32) to two fifths
         # (bf16) of the bytes a step reads: screen with a smaller copy, recompute the few candidates (ArgmaxScreen).
@@ -364,12 +376,13 @@ class DecodePlan:
                        for p in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]]
         self.children = [child for _, _, child in self.modules]
         self.versions, self.ptrs = self._state()
+        self.serial = next(_PLAN_SERIALS)  # which plan a KVCache was checked against (Phi._use_plan)
 
     def _state(self) -> tuple[list[int], list[int]]:
         return [p._version for p in self.params], [p.data_ptr() for p in self.params]
 
     def fresh(self) -> bool:
-        # Runs every step, so kept cheap (~30 us at 10 layers): _modules lookups (Module.__getattr__ is ~1 us a
+        # Runs once per KV cache (Phi._use_plan) and kept cheap: _modules lookups (Module.__getattr__ is ~1 us a
         # call), lists compared whole; modules define no __eq__, so list == compares them by identity.
         return [parent._modules.get(name) for parent, name, _ in self.modules] == self.children and \
             self._state() == (self.versions, self.ptrs)
@@ -395,9 +408,10 @@ class DecodePlan:
         x = F.embedding(input_ids[:, 0], self.embed)  # (B, d)
         d = x.shape[-1]
         cos, sin = self.cos[L], self.sin_signed[L]  # (rotary_dim,), broadcast over rows and heads
-        for i, (ln_w, ln_b, eps, proj, dense, fc1, fc2, qk_norm, native) in enumerate(self.layers):
-            if native is not None and native(x, L, cos, sin, cache.k[i], cache.v[i]):
-                continue  # x updated in place, k and v cached
+        # layers the native stack ran (x updated in place, k and v cached): all, or up to one that declined
+        start = self.native(x, L, cos, sin, cache.k, cache.v) if self.native is not None else 0
+        for i in range(start, len(self.layers)):
+            ln_w, ln_b, eps, proj, dense, fc1, fc2, qk_norm = self.layers[i]
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
             qkv = proj(h)  # (B, (H + 2 KV) hd [+ intermediate])
             f = qkv[:, (H + 2 * KV) * hd:] if fc1 is None else fc1(h)  # fc1 fused into the projection, or not
@@ -617,7 +631,7 @@ class Phi(nn.Module):
                      position_ids: torch.Tensor | None, cache: KVCache | None) -> bool:
         """Whether this call is a one-token step on an unpadded cache that the decode plan can run."""
         if cache is None or input_ids.shape[1] != 1 or attention_mask is not None or position_ids is not None \
-                or cache.key_mask is not None or not self._use_plan():
+                or cache.key_mask is not None or not self._use_plan(cache):
             return False
         if cache.length + 1 > min(cache.max_len, self.config.max_position_embeddings):
             raise ValueError(f"sequence of {cache.length + 1} tokens exceeds the context of "
@@ -645,11 +659,16 @@ class Phi(nn.Module):
         """Drop the decode plan made by prepare_decoding (frees its weight copies)."""
         self._plan = None
 
-    def _use_plan(self) -> bool:
-        """The plan serves decode steps without autograd, and only while it is still up to date."""
-        if self._plan is None or self.training or torch.is_grad_enabled():
+    def _use_plan(self, cache: KVCache) -> bool:
+        """The plan serves decode steps without autograd, and only while it is still up to date: checked at the
+        first planned step of each cache (see the notes above DecodePlan)."""
+        plan = self._plan
+        if plan is None or self.training or torch.is_grad_enabled():
             return False
-        if self._plan.fresh():
+        if cache.plan_serial == plan.serial:
+            return True
+        if plan.fresh():
+            cache.plan_serial = plan.serial
             return True
         self._plan = None  # weights changed (training, load_state_dict, .to): the copies are stale
         return False

@@ -416,12 +416,12 @@ def test_plan_runs_int8_layers_fused_and_exactly():
     model.prepare_decoding()
     assert model._plan.layers[0][5] is None  # fc1 fused with q, k, v into one int8 matmul
     assert model._plan.screen is None  # the lm_head is int8 already: its argmax is read directly
-    assert all(layer[-1] is not None for layer in model._plan.layers)  # each layer one native call (Q8Layer)
+    assert model._plan.native.n == len(model.model.layers)  # every layer native, all in one call (Q8Stack)
     # LayerNorm, GELU and softmax agree with torch's to a few ulp, but the int16 rounding of each activation row
     # is discontinuous: an ulp can move one code by 1 (~1e-4 on these logits). Quantization itself costs ~0.1.
     native = decode_logits(model, IDS)
     torch.testing.assert_close(native, plain, rtol=0, atol=2e-3)
-    model._plan.layers = [layer[:-1] + (None,) for layer in model._plan.layers]  # the plan's torch path
+    model._plan.native = None  # the plan's torch path
     torch.testing.assert_close(decode_logits(model, IDS), plain, rtol=0, atol=0)  # the same per-row integer sums
     greedy_vs_argmax(model, 6)
     with torch.no_grad():  # codes changed in place: the fused copies are stale and must not be used

@@ -168,7 +168,8 @@ def test_q8_layer_matches_float64_layer_and_declines_bad_input():
     cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
     kc, vc = torch.randn(2, B, KV, max_len, hd, generator=g)
     x0, k0, v0 = x.clone(), kc.clone(), vc.clone()
-    assert layer(x, L, cos, sin, kc, vc)
+    stack = kernels.Q8Stack([layer])
+    assert stack(x, L, cos, sin, [kc], [vc]) == 1
 
     def lin(a, p):
         return a @ (p[0].double() * p[1].double()[:, None]).t() + p[2].double()
@@ -191,11 +192,50 @@ def test_q8_layer_matches_float64_layer_and_declines_bad_input():
     # declines, leaving x as it was: inf/NaN activations, too many rows, another dtype
     bad = x.clone()
     bad[0, 3] = float("inf")
-    assert not layer(bad, L, cos, sin, kc, vc) and bad[0, 3] == float("inf") and torch.equal(bad[1], x[1])
+    assert stack(bad, L, cos, sin, [kc], [vc]) == 0 and bad[0, 3] == float("inf") and torch.equal(bad[1], x[1])
     many = torch.randn(kernels.MAX_ROWS + 1, d)
-    assert not layer(many, L, cos, sin, torch.zeros(kernels.MAX_ROWS + 1, KV, max_len, hd),
-                     torch.zeros(kernels.MAX_ROWS + 1, KV, max_len, hd))
-    assert not layer(x.double(), L, cos, sin, kc, vc)
+    assert stack(many, L, cos, sin, [torch.zeros(kernels.MAX_ROWS + 1, KV, max_len, hd)],
+                 [torch.zeros(kernels.MAX_ROWS + 1, KV, max_len, hd)]) == 0
+    assert stack(x.double(), L, cos, sin, [kc], [vc]) == 0
+    assert stack(x, L, cos, sin, [kc.transpose(0, 1).contiguous().transpose(0, 1)], [vc]) == 0  # another layout
     with pytest.raises(ValueError):
         kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter + 1, eps=1e-5,
                         scale=1.0, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)
+
+
+@needs_kernel
+def test_q8_stack_runs_layers_in_order_and_stops_where_one_declines():
+    """A stack of layers in one call = the layers one call each; a layer that declines (inf in an activation)
+    stops the stack there with x as that layer found it, for the caller's torch path."""
+    g = torch.Generator().manual_seed(1)
+    B, d, H, KV, hd, rd, inter, L, max_len = 1, 64, 4, 4, 16, 8, 128, 3, 8
+
+    def layer(ln_b=None):
+        def q8(n, k):
+            return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+                    torch.rand(n, generator=g) / 300, torch.randn(n, generator=g) / 10)
+
+        return kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter,
+                               eps=1e-5, scale=hd ** -0.5, gelu_tanh=True, ln_w=torch.ones(d),
+                               ln_b=torch.zeros(d) if ln_b is None else ln_b, proj=q8((H + 2 * KV) * hd + inter, d),
+                               dense=q8(d, H * hd), fc2=q8(d, inter))
+
+    layers = [layer() for _ in range(3)]
+    cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
+    x = torch.randn(B, d, generator=g)
+    caches = torch.randn(2, 3, B, KV, max_len, hd, generator=g)
+    one = x.clone()
+    one_caches = caches.clone()
+    for i, lay in enumerate(layers):
+        assert kernels.Q8Stack([lay])(one, L, cos, sin, [one_caches[0, i]], [one_caches[1, i]]) == 1
+    assert kernels.Q8Stack(layers)(x, L, cos, sin, list(caches[0]), list(caches[1])) == 3
+    assert torch.equal(x, one) and torch.equal(caches, one_caches)
+    inf_bias = torch.zeros(d)
+    inf_bias[5] = float("inf")
+    stack = kernels.Q8Stack([layers[0], layer(inf_bias), layers[2]])
+    y, after_first = x.clone(), x.clone()
+    assert kernels.Q8Stack([layers[0]])(after_first, L + 1, cos, sin, [caches[0, 0].clone()], [caches[1, 0].clone()])
+    assert stack(y, L + 1, cos, sin, list(caches[0]), list(caches[1])) == 1  # the second layer declined
+    assert torch.equal(y, after_first)
+    with pytest.raises(ValueError):
+        kernels.Q8Stack([])

@@ -8,8 +8,8 @@ otherwise. Both live in decode.c (see it for the method and the error of each):
 - `attend_step`: one decode step's rotary, KV-cache write and attention for fp32 activations, in one call
   instead of ~20 small torch ops a layer (each has microseconds of fixed cost: at a 100M model they weigh as
   much as the int8 weights themselves).
-- `Q8Layer`: a whole decoder layer of an int8 model with fp32 activations (LayerNorm, the fused q/k/v/fc1
-  matmul, attend_step, GELU, dense + fc2 + residual) in one call.
+- `Q8Layer` / `Q8Stack`: a whole decoder layer of an int8 model with fp32 activations (LayerNorm, the fused
+  q/k/v/fc1 matmul, attend_step, GELU, dense + fc2 + residual), and all of a step's layers in one call.
 
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC` (CC overrides the compiler; without OpenMP support it is
 built single-threaded) into PHIFORGE_KERNEL_CACHE (default ~/.cache/phiforge/kernels), keyed by a hash of the
@@ -108,9 +108,10 @@ def _load() -> ctypes.CDLL | None:
                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                 ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
                     lib.attend_step.restype = ctypes.c_int
-                    lib.decode_layer.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                                 ctypes.c_void_p, ctypes.c_void_p]
-                    lib.decode_layer.restype = ctypes.c_int
+                    lib.decode_layers.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                  ctypes.c_void_p, ctypes.c_void_p]
+                    lib.decode_layers.restype = ctypes.c_int64
                     lib.q8_isa.restype = ctypes.c_int
                     _lib = lib
             except (OSError, subprocess.SubprocessError) as e:
@@ -211,10 +212,10 @@ class _Layer(ctypes.Structure):
 
 
 class Q8Layer:
-    """One decoder layer of an int8 model in one native call (decode.c's decode_layer): x (B, d) fp32 is updated
-    in place, x += dense(attn) + fc2(gelu(fc1(LayerNorm(x)))), and the layer's k, v written into the cache.
-    Weights are the int8 codes, fp32 row scales and fp32 biases (or None) of: q|k|v|fc1 fused (rows in that
-    order), dense, fc2. Built once per decode plan; it holds pointers, so the tensors must stay as they are."""
+    """One decoder layer of an int8 model for decode.c's decode_layer: x (B, d) fp32 is updated in place,
+    x += dense(attn) + fc2(gelu(fc1(LayerNorm(x)))), and the layer's k, v written into the cache. Weights are the
+    int8 codes, fp32 row scales and fp32 biases (or None) of: q|k|v|fc1 fused (rows in that order), dense, fc2.
+    Built once per decode plan and run by a Q8Stack; it holds pointers, so the tensors must stay as they are."""
 
     def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, intermediate: int,
                  eps: float, scale: float, gelu_tanh: bool, ln_w: torch.Tensor, ln_b: torch.Tensor,
@@ -238,25 +239,42 @@ class Q8Layer:
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
-        self.d, self.KV, self.hd, self.H = d, num_kv_heads, head_dim, num_heads
+        self.shape = (d, num_heads, num_kv_heads, head_dim)
         self.st = _Layer(d=d, H=num_heads, KV=num_kv_heads, hd=head_dim, rd=rotary_dim, inter=intermediate,
                          max_len=0, gelu_tanh=int(gelu_tanh), eps=eps, scale=scale, ln_w=ptr(ln_w), ln_b=ptr(ln_b),
                          q1=ptr(proj[0]), s1=ptr(proj[1]), b1=ptr(proj[2]), qd=ptr(dense[0]), sd=ptr(dense[1]),
                          bd=ptr(dense[2]), q2=ptr(fc2[0]), s2=ptr(fc2[1]), b2=ptr(fc2[2]))
-        self.ref = ctypes.byref(self.st)
+
+
+class Q8Stack:
+    """Consecutive Q8Layers (a decode step's whole decoder stack) in one native call, decode.c's decode_layers:
+    each call from Python costs microseconds, ~5 % of a 100M int8 model's step when made once a layer."""
+
+    def __init__(self, layers: list[Q8Layer]) -> None:
+        if not layers or any(layer.shape != layers[0].shape for layer in layers):
+            raise ValueError("Q8Stack: needs one or more layers of the same shape")
+        self.lib, self.layers, self.n = layers[0].lib, layers, len(layers)  # `layers` keeps their tensors alive
+        _, _, self.KV, self.hd = layers[0].shape
+        self.structs = (_Layer * self.n)(*(layer.st for layer in layers))  # copies; caches filled in per call
+        self.kc, self.vc = (ctypes.c_void_p * self.n)(), (ctypes.c_void_p * self.n)()
 
     def __call__(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-        """Run the layer on x (B, d) at cache position `pos`; False (x unchanged) where the caller must use torch:
-        more than MAX_ROWS rows, other dtypes or layouts, inf/NaN in an activation."""
+                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> int:
+        """Run the layers on x (B, d) in place at cache position `pos`, layer i on k_caches[i] and v_caches[i]
+        (B, KV, max_len, hd) fp32. Returns how many layers ran: all of them; i when layer i declined (inf/NaN in
+        an activation; x is as layer i found it); 0 when the stack cannot serve the call (more than MAX_ROWS rows,
+        other dtypes or layouts). The caller runs the rest its own way."""
         B = x.shape[0]
-        if B > MAX_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or k_cache.dtype != torch.float32 \
-                or not (k_cache.is_contiguous() and v_cache.is_contiguous()) \
-                or tuple(k_cache.shape) != (B, self.KV, k_cache.shape[2], self.hd) or not 0 <= pos < k_cache.shape[2]:
-            return False
-        st = self.st
-        st.max_len, st.kc, st.vc = k_cache.shape[2], k_cache.data_ptr(), v_cache.data_ptr()
-        rc = self.lib.decode_layer(self.ref, x.data_ptr(), B, pos, cos.data_ptr(), sin_signed.data_ptr())
-        if rc == -1:
-            raise MemoryError("decode_layer: out of memory")
-        return rc == 0
+        shape = (B, self.KV, k_caches[0].shape[2], self.hd)
+        if B > MAX_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or not 0 <= pos < shape[2] \
+                or len(k_caches) != self.n or len(v_caches) != self.n \
+                or not all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == shape
+                           for ts in (k_caches, v_caches) for t in ts):
+            return 0
+        self.kc[:] = [t.data_ptr() for t in k_caches]
+        self.vc[:] = [t.data_ptr() for t in v_caches]
+        ran = self.lib.decode_layers(self.structs, self.n, self.kc, self.vc, shape[2], x.data_ptr(), B, pos,
+                                     cos.data_ptr(), sin_signed.data_ptr())
+        if ran < 0:
+            raise MemoryError("decode_layers: out of memory")
+        return ran

@@ -16,7 +16,7 @@
  * [-128, 127] and lo = xq & 255 in [0, 255]. Then sum xq w = 256 sum w hi + sum lo w, where sum lo w is one
  * vpdpbusd (lo unsigned, w signed) and sum w hi another with the weight as the unsigned side: w ^ 0x80 = w + 128,
  * so sum (w + 128) hi - 128 sum hi, the last term from the activation alone (per lane, per block, precomputed).
- * Still exact integers, with 4 weight rows sharing each activation load.
+ * Still exact integers.
  *
  * Layout: x fp32 (M, K) row-major; q int8 (N, K) row-major; scale fp32 (N,); bias fp32 (N,) or NULL;
  * y (M, N) row-major, fp32 or bf16 (round to nearest even) by out_bf16.
@@ -43,7 +43,11 @@ static inline uint16_t f32_to_bf16(float f) {
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define VNNI 1
 #define KBV 65536 /* inputs per flush: 2 chains x 512 chunks x 4 products of <= 255 * 128 a lane: < 2^28 */
-#define PD 2048    /* prefetch distance in bytes */
+/* Prefetch distance in bytes: 8 KB. One core streams ~45 GB/s here at ~100 ns memory latency, so ~4.5 KB must
+   be in flight; at 2 KB the kernel ran at ~0.85 of a plain read of the same bytes on one core, at 8 KB at ~0.98
+   (6-10 KB alike, 12 KB and up worse). Two cores on one memory link hide that (the link is the limit), but when
+   the VM's two cores sit on separate links each core's own rate is the limit (measured: bench/serve.py). */
+#define PD 8192
 #define KBV_ALL KBV
 
 /* The activation row split for vpdpbusd (see the top): lo and hi bytes of xq[k] for k < K64 (K rounded down to
@@ -63,26 +67,42 @@ static void split_row(const int16_t *xq, int64_t K64, uint8_t *lo, int8_t *hi, i
     }
 }
 
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 /* sum over k < K64 of xq[k] q[k] from the split row: exact int32 lanes per block, fp32 across blocks and lanes.
    Two chunks of 64 an iteration (four accumulator chains, so the multiply-adds' latency hides), and weights
-   prefetched PD bytes ahead: with it the kernel streams at the rate of a plain vector read of the same bytes
-   (without, ~10 % below it, measured on 2 Zen cores); rows are contiguous, so it runs on into the next row. */
+   prefetched PD bytes ahead (rows are contiguous, so it runs on into the next row). The loop is written in
+   assembly because GCC 12 compiles the vpdpbusd intrinsics with 8 register copies an iteration (22 instructions
+   for 128 weights; here 15): the copies fill the out-of-order window, which then reaches fewer cache lines ahead,
+   and when memory is fast the kernel fell to ~0.75 of a plain read of the same bytes (measured on 2 Zen cores). */
 static inline float dot_vnni(const uint8_t *lo, const int8_t *hi, const int32_t *hc, const int8_t *q, int64_t K64) {
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     __m512 facc = _mm512_setzero_ps();
     for (int64_t k0 = 0, b = 0; k0 < K64; k0 += KBV, b++) {
-        int64_t end = k0 + KBV < K64 ? k0 + KBV : K64, k = k0;
-        __m512i alo0 = zero, alo1 = zero, ahi0 = zero, ahi1 = zero;
-        for (; k + 128 <= end; k += 128) {
-            _mm_prefetch((const char *)(q + k + PD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(q + k + PD + 64), _MM_HINT_T0);
-            __m512i w0 = _mm512_loadu_si512((const void *)(q + k)), w1 = _mm512_loadu_si512((const void *)(q + k + 64));
-            alo0 = _mm512_dpbusd_epi32(alo0, _mm512_loadu_si512((const void *)(lo + k)), w0);      /* sum lo w */
-            alo1 = _mm512_dpbusd_epi32(alo1, _mm512_loadu_si512((const void *)(lo + k + 64)), w1);
-            ahi0 = _mm512_dpbusd_epi32(ahi0, _mm512_xor_si512(w0, flip),                          /* (w + 128) hi */
-                                       _mm512_loadu_si512((const void *)(hi + k)));
-            ahi1 = _mm512_dpbusd_epi32(ahi1, _mm512_xor_si512(w1, flip), _mm512_loadu_si512((const void *)(hi + k + 64)));
-        }
+        int64_t end = k0 + KBV < K64 ? k0 + KBV : K64, k = k0, stop = k0 + (end - k0) / 128 * 128;
+        __m512i alo0 = zero, alo1 = zero, ahi0 = zero, ahi1 = zero, w0, w1, l0, l1;
+        if (k < stop)
+            __asm__("1:\n\t"
+                    "prefetcht0 " STR(PD) "(%[q],%[k])\n\t"
+                    "prefetcht0 " STR(PD) "+64(%[q],%[k])\n\t"
+                    "vmovdqu64 (%[q],%[k]), %[w0]\n\t"
+                    "vmovdqu64 64(%[q],%[k]), %[w1]\n\t"
+                    "vmovdqu64 (%[lo],%[k]), %[l0]\n\t"
+                    "vmovdqu64 64(%[lo],%[k]), %[l1]\n\t"
+                    "vpdpbusd %[w0], %[l0], %[alo0]\n\t"         /* alo += lo (unsigned) w (signed), per 4 bytes */
+                    "vpdpbusd %[w1], %[l1], %[alo1]\n\t"
+                    "vpxord %[flip], %[w0], %[w0]\n\t"           /* w + 128, as unsigned */
+                    "vpxord %[flip], %[w1], %[w1]\n\t"
+                    "vpdpbusd (%[hi],%[k]), %[w0], %[ahi0]\n\t"  /* ahi += (w + 128) hi (signed) */
+                    "vpdpbusd 64(%[hi],%[k]), %[w1], %[ahi1]\n\t"
+                    "addq $128, %[k]\n\t"
+                    "cmpq %[stop], %[k]\n\t"
+                    "jb 1b"
+                    : [k] "+r"(k), [alo0] "+v"(alo0), [alo1] "+v"(alo1), [ahi0] "+v"(ahi0), [ahi1] "+v"(ahi1),
+                      [w0] "=&v"(w0), [w1] "=&v"(w1), [l0] "=&v"(l0), [l1] "=&v"(l1)
+                    : [q] "r"(q), [lo] "r"(lo), [hi] "r"(hi), [stop] "r"(stop), [flip] "v"(flip)
+                    : "memory", "cc");
         if (k < end) { /* one chunk of 64 left */
             __m512i w0 = _mm512_loadu_si512((const void *)(q + k));
             alo0 = _mm512_dpbusd_epi32(alo0, _mm512_loadu_si512((const void *)(lo + k)), w0);
@@ -331,6 +351,48 @@ static void softmax_row(float *s, int64_t T) {
     for (t = 0; t < T; t++) s[t] *= inv;
 }
 
+/* s[t] = q . K[t] for t < T (rows of hd floats) */
+static void scores_row(const float *q, const float *K_, int64_t T, int64_t hd, float *s) {
+#if defined(__AVX512F__)
+    if (hd % 16 == 0) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *k = K_ + t * hd;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+            for (int64_t d = 16; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+            s[t] = _mm512_reduce_add_ps(acc);
+        }
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < T; t++) {
+        float acc = 0;
+        for (int64_t d = 0; d < hd; d++) acc += q[d] * K_[t * hd + d];
+        s[t] = acc;
+    }
+}
+
+/* out = sum over t < T of s[t] V[t] (rows of hd floats), 16 channels at a time in registers */
+static void mix_row(const float *s, const float *V_, int64_t T, int64_t hd, float *out) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= hd; d += 16) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0; /* two chains: the multiply-adds' latency hides */
+        int64_t t = 0;
+        for (; t + 2 <= T; t += 2) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(V_ + t * hd + d), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[t + 1]), _mm512_loadu_ps(V_ + (t + 1) * hd + d), a1);
+        }
+        if (t < T) a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(V_ + t * hd + d), a0);
+        _mm512_storeu_ps(out + d, _mm512_add_ps(a0, a1));
+    }
+#endif
+    for (; d < hd; d++) {
+        float acc = 0;
+        for (int64_t t = 0; t < T; t++) acc += s[t] * V_[t * hd + d];
+        out[d] = acc;
+    }
+}
+
 int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
                 const float *cos, const float *sin_signed, float *kc, float *vc, int64_t max_len, int64_t L,
                 float scale, float *y) {
@@ -339,11 +401,15 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
     if (!scores) return -1;
     for (int64_t b = 0; b < B; b++) {
         float *row = qkv + b * stride;
-        for (int64_t h = 0; h < H + KV; h++) { /* rotary, q heads then k heads */
+        for (int64_t h = 0; h < H + KV; h++) { /* rotary, q heads then k heads: x[j] pairs with x[j -+ half] */
             float *x = row + h * hd, tmp[rd > 0 ? rd : 1];
             memcpy(tmp, x, sizeof(float) * (size_t)rd);
-            for (int64_t j = 0; j < rd; j++) {
-                float a = tmp[j] * cos[j], c = tmp[(j + half) % rd] * sin_signed[j];
+            for (int64_t j = 0; j < half; j++) {
+                float a = tmp[j] * cos[j], c = tmp[j + half] * sin_signed[j];
+                x[j] = a + c;
+            }
+            for (int64_t j = half; j < rd; j++) {
+                float a = tmp[j] * cos[j], c = tmp[j - half] * sin_signed[j];
                 x[j] = a + c;
             }
         }
@@ -352,23 +418,17 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
             memcpy(vc + ((b * KV + j) * max_len + L) * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
         }
     }
-#pragma omp parallel for schedule(static) if (B * H * T * hd > 32768)
+    /* over threads only for long contexts: below ~256K multiply-adds a fork and join cost more than they save */
+#pragma omp parallel for schedule(static) if (B * H * T * hd > 262144)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H, j = h / G;
         const float *q = qkv + b * stride + h * hd;
         const float *K_ = kc + (b * KV + j) * max_len * hd, *V_ = vc + (b * KV + j) * max_len * hd;
-        float *s = scores + bh * T, *out = y + b * H * hd + h * hd, qs[hd];
+        float *s = scores + bh * T, qs[hd];
         for (int64_t d = 0; d < hd; d++) qs[d] = q[d] * scale;
-        for (int64_t t = 0; t < T; t++) {
-            float acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < hd; d++) acc += qs[d] * K_[t * hd + d];
-            s[t] = acc;
-        }
+        scores_row(qs, K_, T, hd, s);
         softmax_row(s, T);
-        for (int64_t d = 0; d < hd; d++) out[d] = 0;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t d = 0; d < hd; d++) out[d] += s[t] * V_[t * hd + d];
+        mix_row(s, V_, T, hd, y + b * H * hd + h * hd);
     }
     free(scores);
     return 0;
@@ -460,4 +520,19 @@ int decode_layer(const layer_t *P, float *x, int64_t B, int64_t L, const float *
 out:
     free(h), free(qkv), free(y);
     return rc;
+}
+
+/* A step's consecutive layers in one call (the per-call cost from Python, ~5-10 us, is ~5 % of a 100M model's
+   step): layer i reads caches kc[i], vc[i] (B, KV, max_len, hd). Returns how many layers ran: n, or i when
+   layer i declined (inf/NaN; x is as layer i found it, for the caller's torch path); -1 out of memory. */
+int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float *const *vc, int64_t max_len,
+                      float *x, int64_t B, int64_t L, const float *cos, const float *sin_signed) {
+    for (int64_t i = 0; i < n; i++) {
+        layer_t P = layers[i];
+        P.kc = kc[i], P.vc = vc[i], P.max_len = max_len;
+        int rc = decode_layer(&P, x, B, L, cos, sin_signed);
+        if (rc == -1) return -1;
+        if (rc) return i;
+    }
+    return n;
 }
