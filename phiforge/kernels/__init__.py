@@ -254,7 +254,7 @@ class Q8Stack:
         if not layers or any(layer.shape != layers[0].shape for layer in layers):
             raise ValueError("Q8Stack: needs one or more layers of the same shape")
         self.lib, self.layers, self.n = layers[0].lib, layers, len(layers)  # `layers` keeps their tensors alive
-        _, _, self.KV, self.hd = layers[0].shape
+        self.d, _, self.KV, self.hd = layers[0].shape
         self.structs = (_Layer * self.n)(*(layer.st for layer in layers))  # copies; caches filled in per call
         self.kc, self.vc = (ctypes.c_void_p * self.n)(), (ctypes.c_void_p * self.n)()
 
@@ -266,7 +266,8 @@ class Q8Stack:
         other dtypes or layouts). The caller runs the rest its own way."""
         B = x.shape[0]
         shape = (B, self.KV, k_caches[0].shape[2], self.hd)
-        if B > MAX_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or not 0 <= pos < shape[2] \
+        if B > MAX_ROWS or x.dtype != torch.float32 or x.shape != (B, self.d) or not x.is_contiguous() \
+                or not 0 <= pos < shape[2] \
                 or len(k_caches) != self.n or len(v_caches) != self.n \
                 or not all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == shape
                            for ts in (k_caches, v_caches) for t in ts):
