@@ -212,7 +212,7 @@ class _Layer(ctypes.Structure):
 
 
 class Q8Layer:
-    """One decoder layer of an int8 model for decode.c's decode_layer: x (B, d) fp32 is updated in place,
+    """One decoder layer of an int8 model for decode.c's decode_layers: x (B, d) fp32 is updated in place,
     x += dense(attn) + fc2(gelu(fc1(LayerNorm(x)))), and the layer's k, v written into the cache. Weights are the
     int8 codes, fp32 row scales and fp32 biases (or None) of: q|k|v|fc1 fused (rows in that order), dense, fc2.
     Built once per decode plan and run by a Q8Stack; it holds pointers, so the tensors must stay as they are."""

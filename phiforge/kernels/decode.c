@@ -26,6 +26,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -50,19 +53,23 @@ static inline uint16_t f32_to_bf16(float f) {
 #define PD 8192
 #define KBV_ALL KBV
 
-/* The activation row split for vpdpbusd (see the top): lo and hi bytes of xq[k] for k < K64 (K rounded down to
-   64), and hc[16 b + j] = the sum of hi over lane j's bytes in block b, so that 128 hc corrects the flipped sign */
-static void split_row(const int16_t *xq, int64_t K64, uint8_t *lo, int8_t *hi, int32_t *hc) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    for (int64_t k = 0; k < K64; k += 32) { /* K64 is a multiple of 64 */
+/* The activation row split for vpdpbusd (see the top), over [k0, k1) (multiples of 32): lo and hi bytes of xq[k] */
+static void split_range(const int16_t *xq, int64_t k0, int64_t k1, uint8_t *lo, int8_t *hi) {
+    for (int64_t k = k0; k < k1; k += 32) {
         __m512i v = _mm512_loadu_si512((const void *)(xq + k));
         _mm256_storeu_si256((__m256i *)(lo + k), _mm512_cvtepi16_epi8(v)); /* low bytes: xq & 255 */
         _mm256_storeu_si256((__m256i *)(hi + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8))); /* xq >> 8 */
     }
-    for (int64_t k0 = 0, b = 0; k0 < K64; k0 += KBV, b++) {
-        __m512i c = _mm512_setzero_si512();
-        for (int64_t k = k0; k < k0 + KBV && k < K64; k += 64)
-            c = _mm512_dpbusd_epi32(c, ones, _mm512_loadu_si512((const void *)(hi + k)));
+}
+
+/* hc[16 b + j] += the sum of hi over lane j's bytes in block b, over the chunks of 64 in [k0, k1) (multiples of
+   64), so that 128 hc corrects the flipped sign. Exact int32 sums: ranges may be added in any order. */
+static void hc_add(const int8_t *hi, int64_t k0, int64_t k1, int32_t *hc) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t k = k0; k < k1;) {
+        int64_t b = k / KBV, end = (b + 1) * KBV < k1 ? (b + 1) * KBV : k1;
+        __m512i c = _mm512_loadu_si512((const void *)(hc + 16 * b));
+        for (; k < end; k += 64) c = _mm512_dpbusd_epi32(c, ones, _mm512_loadu_si512((const void *)(hi + k)));
         _mm512_storeu_si512((void *)(hc + 16 * b), c);
     }
 }
@@ -214,8 +221,8 @@ static void acts_free(acts_t *a) {
     free(a->xq), free(a->sx), free(a->lo), free(a->hi), free(a->hc);
 }
 
-/* Quantize M rows of K (row m at x + m ldx): 0, -1 out of memory, -2 inf or NaN in x (nothing to free then) */
-static int acts_init(acts_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
+/* Buffers for M rows of K: 0, or -1 out of memory (nothing to free then) */
+static int acts_alloc(acts_t *a, int64_t M, int64_t K) {
     int64_t K64 = K / 64 * 64, nb = (K64 + KBV_ALL - 1) / KBV_ALL;
     *a = (acts_t){M, K, K64, nb, malloc(sizeof(int16_t) * (size_t)(M * K) + 1), malloc(sizeof(float) * (size_t)M),
                   malloc((size_t)(M * K64) + 1), malloc((size_t)(M * K64) + 1),
@@ -224,52 +231,80 @@ static int acts_init(acts_t *a, const float *x, int64_t M, int64_t K, int64_t ld
         acts_free(a);
         return -1;
     }
-    for (int64_t m = 0; m < M; m++) {
+    return 0;
+}
+
+/* *mx = max(*mx, |x[k]|) over [k0, k1); -2 on inf or NaN. Exact, so any split of a row gives the row's max. */
+static int absmax_range(const float *x, int64_t k0, int64_t k1, float *mx) {
+    int64_t k = k0;
+    float m = *mx;
+#if defined(__AVX512BW__) /* the same numbers as the scalar loop below, 16 at a time */
+    __m512 vmx = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (; k + 16 <= k1; k += 16) {
+        __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + k));
+        bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ); /* inf or NaN */
+        vmx = _mm512_max_ps(vmx, v);
+    }
+    if (bad) return -2;
+    float vm = _mm512_reduce_max_ps(vmx);
+    m = vm > m ? vm : m;
+#endif
+    for (; k < k1; k++) {
+        float v = fabsf(x[k]);
+        if (!(v <= 3.0e38f)) return -2; /* inf or NaN */
+        m = v > m ? v : m;
+    }
+    *mx = m;
+    return 0;
+}
+
+/* The row scale for a row whose largest |x| is mx */
+static inline float row_scale(float mx) {
+    return mx > 0 ? mx / 32767.0f : 1.0f;
+}
+
+/* xq[k] = x[k] / sx rounded to nearest even (lrintf's default mode) and clamped to +-32767, k in [k0, k1): each
+   element on its own, so any split of a row gives the same codes */
+static void quantize_range(const float *x, int64_t k0, int64_t k1, float sx, int16_t *xq) {
+    float inv = 1.0f / sx;
+    int64_t k = k0;
+#if defined(__AVX512BW__)
+    for (; k + 16 <= k1; k += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_set1_ps(inv)));
+        v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(32767)), _mm512_set1_epi32(-32767));
+        _mm256_storeu_si256((__m256i *)(xq + k), _mm512_cvtepi32_epi16(v));
+    }
+#endif
+    for (; k < k1; k++) {
+        long v = lrintf(x[k] * inv);
+        xq[k] = (int16_t)(v > 32767 ? 32767 : v < -32767 ? -32767 : v);
+    }
+}
+
+/* Quantize a->M rows of a->K (row m at x + m ldx) into a's buffers: 0, or -2 on inf or NaN in x */
+static int acts_fill(acts_t *a, const float *x, int64_t ldx) {
+    for (int64_t m = 0; m < a->M; m++) {
         const float *xm = x + m * ldx;
-        int16_t *xqm = a->xq + m * K;
         float mx = 0;
-        int64_t k = 0;
-#if defined(__AVX512BW__) /* the same numbers as the scalar loops below, 16 at a time */
-        __m512 vmx = _mm512_setzero_ps();
-        __mmask16 bad = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m512 v = _mm512_abs_ps(_mm512_loadu_ps(xm + k));
-            bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ); /* inf or NaN */
-            vmx = _mm512_max_ps(vmx, v);
-        }
-        if (bad) {
-            acts_free(a);
-            return -2;
-        }
-        mx = _mm512_reduce_max_ps(vmx);
-#endif
-        for (; k < K; k++) {
-            float v = fabsf(xm[k]);
-            if (!(v <= 3.0e38f)) { /* inf or NaN */
-                acts_free(a);
-                return -2;
-            }
-            mx = v > mx ? v : mx;
-        }
-        a->sx[m] = mx > 0 ? mx / 32767.0f : 1.0f;
-        float inv = 1.0f / a->sx[m];
-        k = 0;
-#if defined(__AVX512BW__) /* round to nearest even (the default mode, as lrintf), clamp, narrow */
-        for (; k + 16 <= K; k += 16) {
-            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), _mm512_set1_ps(inv)));
-            v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(32767)), _mm512_set1_epi32(-32767));
-            _mm256_storeu_si256((__m256i *)(xqm + k), _mm512_cvtepi32_epi16(v));
-        }
-#endif
-        for (; k < K; k++) {
-            long v = lrintf(xm[k] * inv);
-            xqm[k] = (int16_t)(v > 32767 ? 32767 : v < -32767 ? -32767 : v);
-        }
+        if (absmax_range(xm, 0, a->K, &mx)) return -2;
+        a->sx[m] = row_scale(mx);
+        quantize_range(xm, 0, a->K, a->sx[m], a->xq + m * a->K);
 #ifdef VNNI
-        split_row(a->xq + m * K, K64, a->lo + m * K64, a->hi + m * K64, a->hc + m * nb * 16);
+        split_range(a->xq + m * a->K, 0, a->K64, a->lo + m * a->K64, a->hi + m * a->K64);
+        memset(a->hc + m * a->nb * 16, 0, sizeof(int32_t) * (size_t)(a->nb * 16));
+        hc_add(a->hi + m * a->K64, 0, a->K64, a->hc + m * a->nb * 16);
 #endif
     }
     return 0;
+}
+
+/* Quantize M rows of K (row m at x + m ldx): 0, -1 out of memory, -2 inf or NaN in x (nothing to free then) */
+static int acts_init(acts_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
+    if (acts_alloc(a, M, K)) return -1;
+    int rc = acts_fill(a, x, ldx);
+    if (rc) acts_free(a);
+    return rc;
 }
 
 /* Row m of the activations . weight row qn (K int8), in x's units (before the weight's scale) */
@@ -394,54 +429,84 @@ static void mix_row(const float *s, const float *V_, int64_t T, int64_t hd, floa
     }
 }
 
+/* Partition [0, N) among nt threads: thread t takes [N t / nt, N (t + 1) / nt) */
+static inline void part(int64_t N, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = N * t / nt, *hi = N * (t + 1) / nt;
+}
+
+/* attend_step for the kv heads j in [j0, j1) and their query heads, every row b: the work of one thread.
+   scores: T floats of scratch. */
+static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
+                          const float *cos, const float *sin_signed, float *kc, float *vc, int64_t max_len, int64_t L,
+                          float scale, float *y, int64_t j0, int64_t j1, float *scores) {
+    int64_t T = L + 1, G = H / KV, half = rd / 2;
+    for (int64_t b = 0; b < B; b++) {
+        float *row = qkv + b * stride;
+        for (int64_t j = j0; j < j1; j++) {
+            for (int64_t i = 0; i <= G; i++) { /* rotary: the group's q heads, then k head j; x[c] pairs with x[c -+ half] */
+                float *x = row + (i < G ? j * G + i : H + j) * hd, tmp[rd > 0 ? rd : 1];
+                memcpy(tmp, x, sizeof(float) * (size_t)rd);
+                for (int64_t c = 0; c < half; c++) {
+                    float u = tmp[c] * cos[c], w = tmp[c + half] * sin_signed[c];
+                    x[c] = u + w;
+                }
+                for (int64_t c = half; c < rd; c++) {
+                    float u = tmp[c] * cos[c], w = tmp[c - half] * sin_signed[c];
+                    x[c] = u + w;
+                }
+            }
+            const float *K_ = kc + (b * KV + j) * max_len * hd, *V_ = vc + (b * KV + j) * max_len * hd;
+            memcpy(kc + ((b * KV + j) * max_len + L) * hd, row + (H + j) * hd, sizeof(float) * (size_t)hd);
+            memcpy(vc + ((b * KV + j) * max_len + L) * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
+            for (int64_t h = j * G; h < (j + 1) * G; h++) {
+                float qs[hd];
+                for (int64_t c = 0; c < hd; c++) qs[c] = row[h * hd + c] * scale;
+                scores_row(qs, K_, T, hd, scores);
+                softmax_row(scores, T);
+                mix_row(scores, V_, T, hd, y + b * H * hd + h * hd);
+            }
+        }
+    }
+}
+
 int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
                 const float *cos, const float *sin_signed, float *kc, float *vc, int64_t max_len, int64_t L,
                 float scale, float *y) {
-    int64_t T = L + 1, G = H / KV, half = rd / 2;
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(B * H * T));
-    if (!scores) return -1;
-    for (int64_t b = 0; b < B; b++) {
-        float *row = qkv + b * stride;
-        for (int64_t h = 0; h < H + KV; h++) { /* rotary, q heads then k heads: x[j] pairs with x[j -+ half] */
-            float *x = row + h * hd, tmp[rd > 0 ? rd : 1];
-            memcpy(tmp, x, sizeof(float) * (size_t)rd);
-            for (int64_t j = 0; j < half; j++) {
-                float a = tmp[j] * cos[j], c = tmp[j + half] * sin_signed[j];
-                x[j] = a + c;
-            }
-            for (int64_t j = half; j < rd; j++) {
-                float a = tmp[j] * cos[j], c = tmp[j - half] * sin_signed[j];
-                x[j] = a + c;
-            }
+    int64_t T = L + 1;
+    int failed = 0;
+    /* kv heads over threads only for long contexts: below ~256K multiply-adds a fork and join cost more */
+#pragma omp parallel if (B * H * T * hd > 262144)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+        int64_t j0, j1;
+        part(KV, t, nt, &j0, &j1);
+        float *scores = (float *)malloc(sizeof(float) * (size_t)T);
+        if (scores)
+            attend_groups(qkv, B, stride, H, KV, hd, rd, cos, sin_signed, kc, vc, max_len, L, scale, y, j0, j1,
+                          scores);
+        else {
+#pragma omp atomic write
+            failed = 1;
         }
-        for (int64_t j = 0; j < KV; j++) {
-            memcpy(kc + ((b * KV + j) * max_len + L) * hd, row + (H + j) * hd, sizeof(float) * (size_t)hd);
-            memcpy(vc + ((b * KV + j) * max_len + L) * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
-        }
+        free(scores);
     }
-    /* over threads only for long contexts: below ~256K multiply-adds a fork and join cost more than they save */
-#pragma omp parallel for schedule(static) if (B * H * T * hd > 262144)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H, j = h / G;
-        const float *q = qkv + b * stride + h * hd;
-        const float *K_ = kc + (b * KV + j) * max_len * hd, *V_ = vc + (b * KV + j) * max_len * hd;
-        float *s = scores + bh * T, qs[hd];
-        for (int64_t d = 0; d < hd; d++) qs[d] = q[d] * scale;
-        scores_row(qs, K_, T, hd, s);
-        softmax_row(s, T);
-        mix_row(s, V_, T, hd, y + b * H * hd + h * hd);
-    }
-    free(scores);
-    return 0;
+    return failed ? -1 : 0;
 }
 
-/* ---- one whole decoder layer of an int8 model (fp32 activations) --------------------------------------------
- * x <- x + dense(attention(rotary(q, k), v)) + fc2(gelu(fc1(h))), h = LayerNorm(x), for B rows of one new token:
- * Phi's parallel block, as DecodePlan.step does it with the calls above, in one call (each torch op and ctypes
- * call costs microseconds: at a 100M model a layer's ~12 of them weighed as much as its int8 weights). The int8
- * matmuls and the attention are the functions above; LayerNorm and GELU are computed here in fp32 (within a
- * few ulp of torch's). Returns 0; -1 out of memory; -2 inf/NaN in an activation, with x unchanged (the cache
- * slot at L may be written: the caller's torch path rewrites it). */
+/* ---- a decode step's whole stack of int8 layers (fp32 activations) ---------------------------------------------
+ * Per layer x <- x + dense(attention(rotary(q, k), v)) + fc2(gelu(fc1(h))), h = LayerNorm(x), for B rows of one
+ * new token: Phi's parallel block, as DecodePlan.step does it in torch, with LayerNorm and GELU in fp32 here
+ * (within a few ulp of torch's). All layers run in one parallel region, each thread on its share of every matmul
+ * and of the work between them, so no thread waits while another does serial work, and a thread reads what
+ * another wrote only where it must (the full activation rows each matmul needs): with the VM's two cores on
+ * separate memory links, such reads cost ~0.5 us a cache line, and serial steps between the matmuls had cost
+ * ~10 % of a step. Every thread computes LayerNorm and the quantized rows of h and y itself (cheaper than
+ * sharing them); the fc1 rows are split in chunks of 64, so GELU and the quantization of g split with them
+ * and give the very numbers the whole row would; attention is split by kv head. The result does not depend on
+ * the number of threads. */
 typedef struct {
     int64_t d, H, KV, hd, rd, inter, max_len, gelu_tanh;
     float eps, scale;
@@ -479,71 +544,148 @@ static void gelu_inplace(float *g, int64_t n, int tanh_approx) {
     }
 }
 
-int decode_layer(const layer_t *P, float *x, int64_t B, int64_t L, const float *cos, const float *sin_signed) {
-    int64_t d = P->d, Hh = P->H * P->hd, qkvw = (P->H + 2 * P->KV) * P->hd, N1 = qkvw + P->inter;
-    float *h = (float *)malloc(sizeof(float) * (size_t)(B * d)), *qkv = (float *)malloc(sizeof(float) * (size_t)(B * N1));
-    float *y = (float *)malloc(sizeof(float) * (size_t)(B * Hh));
-    float *att = (float *)malloc(sizeof(float) * (size_t)(B * d)); /* dense's output, before the residual sum */
-    acts_t a, ay, ag;
-    int rc = -1;
-    if (!h || !qkv || !y || !att) goto out;
-    for (int64_t b = 0; b < B; b++) { /* LayerNorm: mean and biased variance in two passes, as torch's CPU kernel */
+/* LayerNorm of B rows of d: mean and biased variance in two passes, as torch's CPU kernel */
+static void layer_norm(const float *x, int64_t B, int64_t d, const float *w, const float *bias, float eps, float *h) {
+    for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * d;
         float *hb = h + b * d;
         double mean = 0, var = 0;
         for (int64_t k = 0; k < d; k++) mean += xb[k];
         mean /= (double)d;
         for (int64_t k = 0; k < d; k++) var += ((double)xb[k] - mean) * ((double)xb[k] - mean);
-        float m = (float)mean, rstd = (float)(1.0 / sqrt(var / (double)d + (double)P->eps));
-        for (int64_t k = 0; k < d; k++) hb[k] = (xb[k] - m) * rstd * P->ln_w[k] + P->ln_b[k];
+        float m = (float)mean, rstd = (float)(1.0 / sqrt(var / (double)d + (double)eps));
+        for (int64_t k = 0; k < d; k++) hb[k] = (xb[k] - m) * rstd * w[k] + bias[k];
     }
-    if ((rc = acts_init(&a, h, B, d, d))) goto out;
-    q8_rows(&a, P->q1, P->s1, P->b1, qkv, N1, 0);
-    acts_free(&a);
-    if ((rc = attend_step(qkv, B, N1, P->H, P->KV, P->hd, P->rd, cos, sin_signed, P->kc, P->vc, P->max_len, L,
-                          P->scale, y)))
-        goto out;
-    for (int64_t b = 0; b < B; b++) gelu_inplace(qkv + b * N1 + qkvw, P->inter, (int)P->gelu_tanh);
-    if ((rc = acts_init(&ay, y, B, Hh, Hh))) goto out;
-    if ((rc = acts_init(&ag, qkv + qkvw, B, P->inter, N1))) {
-        acts_free(&ay);
-        goto out;
-    }
-    /* dense(y) + fc2(g) + x, in the modules' order: one loop a matrix (a thread streaming one matrix at a time
-       ran ~3 % faster than interleaving dense and fc2 rows, up to ~10 % when the two cores have separate memory
-       links: measured), in one parallel region. `nowait` is safe: the same static schedule of the same
-       iteration count hands each thread the same rows n in both loops (OpenMP guarantees it). */
-#pragma omp parallel if (B * d * (Hh + P->inter) > 65536)
-    {
-#pragma omp for schedule(static) nowait
-        for (int64_t n = 0; n < d; n++)
-            for (int64_t m = 0; m < B; m++)
-                att[m * d + n] = acts_dot(&ay, m, P->qd + n * Hh) * P->sd[n] + (P->bd ? P->bd[n] : 0.0f);
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < d; n++)
-            for (int64_t m = 0; m < B; m++) {
-                float ff = acts_dot(&ag, m, P->q2 + n * P->inter) * P->s2[n] + (P->b2 ? P->b2[n] : 0.0f);
-                x[m * d + n] = att[m * d + n] + ff + x[m * d + n];
-            }
-    }
-    acts_free(&ay);
-    acts_free(&ag);
-out:
-    free(h), free(qkv), free(y), free(att);
-    return rc;
 }
 
-/* A step's consecutive layers in one call (the per-call cost from Python, ~5-10 us, is ~5 % of a 100M model's
-   step): layer i reads caches kc[i], vc[i] (B, KV, max_len, hd). Returns how many layers ran: n, or i when
-   layer i declined (inf/NaN; x is as layer i found it, for the caller's torch path); -1 out of memory. */
+/* Layer i reads caches kc[i], vc[i] (B, KV, max_len, hd); all layers have the first one's shapes. Returns how many
+   layers ran: n, or i when layer i declined for inf/NaN in an activation (x is as layer i found it; its cache slot
+   at L may be written: the caller's torch path rewrites it); -1 out of memory. */
 int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float *const *vc, int64_t max_len,
                       float *x, int64_t B, int64_t L, const float *cos, const float *sin_signed) {
-    for (int64_t i = 0; i < n; i++) {
-        layer_t P = layers[i];
-        P.kc = kc[i], P.vc = vc[i], P.max_len = max_len;
-        int rc = decode_layer(&P, x, B, L, cos, sin_signed);
-        if (rc == -1) return -1;
-        if (rc) return i;
+    if (n <= 0) return 0;
+    const layer_t *P0 = layers;
+    int64_t d = P0->d, H = P0->H, KV = P0->KV, hd = P0->hd, inter = P0->inter, Hh = H * hd;
+    int64_t qkvw = (H + 2 * KV) * hd, N1 = qkvw + inter, T = L + 1, nchunks = (inter + 63) / 64;
+    int par = B * d * (N1 + Hh + inter) > 131072; /* else one thread: a fork costs more than it saves */
+    int nt = 1;
+#ifdef _OPENMP
+    if (par) nt = omp_get_max_threads();
+#endif
+    /* shared: the projection's output (q, k, v, then g), attention output y, dense output, g quantized */
+    float *qkv = malloc(sizeof(float) * (size_t)(B * N1)), *y = malloc(sizeof(float) * (size_t)(B * Hh));
+    float *att = malloc(sizeof(float) * (size_t)(B * d));
+    float *gmax = calloc((size_t)(nt * B), sizeof(float)); /* per thread, per row: max |g| over its chunks */
+    int *bad = calloc((size_t)nt, sizeof(int));             /* per thread: inf/NaN in its part of g */
+    acts_t ag = {0};
+    int has_ag = qkv && y && att && gmax && bad && !acts_alloc(&ag, B, inter);
+    int32_t *hcp = has_ag ? calloc((size_t)(nt * B * ag.nb * 16) + 1, sizeof(int32_t)) : NULL; /* per thread and
+                                                                           row: its chunks' share of ag.hc */
+    int ok = has_ag && hcp;
+    int64_t ran = n;
+    int oom = !ok;
+#pragma omp parallel num_threads(nt) if (par && ok)
+    {
+        int t = 0, tn = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), tn = omp_get_num_threads();
+#endif
+        /* this thread's own: h and its quantized rows, y's quantized rows, g's row scales and sign corrections */
+        acts_t ah, ay, agt = ag;
+        float *h = malloc(sizeof(float) * (size_t)(B * d)), *sxg = malloc(sizeof(float) * (size_t)B);
+        int32_t *hcg = malloc(sizeof(int32_t) * (size_t)(B * ag.nb * 16) + 1);
+        float *scores = malloc(sizeof(float) * (size_t)T);
+        int mine = ok && h && sxg && hcg && scores && !acts_alloc(&ah, B, d);
+        if (mine && acts_alloc(&ay, B, Hh)) {
+            acts_free(&ah);
+            mine = 0;
+        }
+        agt.sx = sxg, agt.hc = hcg;
+        if (!mine) { /* every thread allocates before the first barrier, so a failure is known to all in time */
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp barrier
+        int64_t r0, r1, c0, c1, j0, j1, n0, n1; /* this thread's q/k/v rows, fc1 chunks, kv heads, output rows */
+        part(qkvw, t, tn, &r0, &r1);
+        part(nchunks, t, tn, &c0, &c1);
+        part(KV, t, tn, &j0, &j1);
+        part(d, t, tn, &n0, &n1);
+        int64_t g0 = c0 * 64, g1 = c1 * 64 < inter ? c1 * 64 : inter; /* its part of g: [g0, g1) */
+        for (int64_t i = 0; i < n && !oom; i++) {
+            const layer_t *P = layers + i;
+            layer_norm(x, B, d, P->ln_w, P->ln_b, P->eps, h);
+            if (acts_fill(&ah, h, d)) { /* every thread sees the same h, so all stop here together */
+                if (t == 0) ran = i;
+                break;
+            }
+            for (int64_t r = r0; r < r1; r++) /* q, k, v */
+                for (int64_t m = 0; m < B; m++)
+                    qkv[m * N1 + r] = acts_dot(&ah, m, P->q1 + r * d) * P->s1[r] + (P->b1 ? P->b1[r] : 0.0f);
+            for (int64_t r = qkvw + g0; r < qkvw + g1; r++) /* fc1 */
+                for (int64_t m = 0; m < B; m++)
+                    qkv[m * N1 + r] = acts_dot(&ah, m, P->q1 + r * d) * P->s1[r] + (P->b1 ? P->b1[r] : 0.0f);
+            bad[t] = 0;
+            for (int64_t m = 0; m < B; m++) {
+                float *g = qkv + m * N1 + qkvw;
+                gelu_inplace(g + g0, g1 - g0, (int)P->gelu_tanh); /* chunks start at multiples of 64: the blocks of
+                                                                     16 of the whole row, the same numbers */
+                gmax[t * B + m] = 0;
+                bad[t] |= absmax_range(g, g0, g1, gmax + t * B + m) != 0;
+            }
+#pragma omp barrier
+            int any = 0;
+            for (int u = 0; u < tn; u++) any |= bad[u];
+            if (any) { /* inf/NaN in g: every thread read the same flags, so all stop here together */
+                if (t == 0) ran = i;
+                break;
+            }
+            for (int64_t m = 0; m < B; m++) { /* g's row scale from every thread's max; this thread's part of g */
+                float mx = 0;
+                for (int u = 0; u < tn; u++) mx = gmax[u * B + m] > mx ? gmax[u * B + m] : mx;
+                sxg[m] = row_scale(mx);
+                quantize_range(qkv + m * N1 + qkvw, g0, g1, sxg[m], ag.xq + m * inter);
+#ifdef VNNI
+                int64_t k1 = g1 < ag.K64 ? g1 : ag.K64; /* bytes beyond K64 are read from xq (dot_tail) */
+                int32_t *hc = hcp + (t * B + m) * ag.nb * 16;
+                memset(hc, 0, sizeof(int32_t) * (size_t)(ag.nb * 16));
+                if (g0 < k1) {
+                    split_range(ag.xq + m * inter, g0, k1, ag.lo + m * ag.K64, ag.hi + m * ag.K64);
+                    hc_add(ag.hi + m * ag.K64, g0, k1, hc);
+                }
+#endif
+            }
+            attend_groups(qkv, B, N1, H, KV, hd, P->rd, cos, sin_signed, kc[i], vc[i], max_len, L, P->scale, y, j0,
+                          j1, scores);
+#pragma omp barrier
+#ifdef VNNI
+            for (int64_t e = 0; e < B * ag.nb * 16; e++) { /* g's sign corrections: the threads' exact int sums */
+                int64_t m = e / (ag.nb * 16), r = e % (ag.nb * 16);
+                int32_t c = 0;
+                for (int u = 0; u < tn; u++) c += hcp[(u * B + m) * ag.nb * 16 + r];
+                hcg[e] = c;
+            }
+#endif
+            if (acts_fill(&ay, y, Hh)) { /* every thread sees the same y */
+                if (t == 0) ran = i;
+                break;
+            }
+            /* dense(y), then fc2(g) + the residual, in the modules' order: one matrix at a time (a thread streaming
+               one matrix ran ~3 % faster than interleaving dense and fc2 rows; up to ~10 % with separate links) */
+            for (int64_t r = n0; r < n1; r++)
+                for (int64_t m = 0; m < B; m++)
+                    att[m * d + r] = acts_dot(&ay, m, P->qd + r * Hh) * P->sd[r] + (P->bd ? P->bd[r] : 0.0f);
+            for (int64_t r = n0; r < n1; r++)
+                for (int64_t m = 0; m < B; m++) {
+                    float ff = acts_dot(&agt, m, P->q2 + r * inter) * P->s2[r] + (P->b2 ? P->b2[r] : 0.0f);
+                    x[m * d + r] = att[m * d + r] + ff + x[m * d + r];
+                }
+#pragma omp barrier
+        }
+        if (mine) acts_free(&ah), acts_free(&ay);
+        free(h), free(sxg), free(hcg), free(scores);
     }
-    return n;
+    if (has_ag) acts_free(&ag);
+    free(qkv), free(y), free(att), free(gmax), free(bad), free(hcp);
+    return oom ? -1 : ran;
 }
