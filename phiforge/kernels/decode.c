@@ -501,12 +501,12 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
  * new token: Phi's parallel block, as DecodePlan.step does it in torch, with LayerNorm and GELU in fp32 here
  * (within a few ulp of torch's). All layers run in one parallel region, each thread on its share of every matmul
  * and of the work between them, so no thread waits while another does serial work, and a thread reads what
- * another wrote only where it must (the full activation rows each matmul needs): with the VM's two cores on
- * separate memory links, such reads cost ~0.5 us a cache line, and serial steps between the matmuls had cost
- * ~10 % of a step. Every thread computes LayerNorm and the quantized rows of h and y itself (cheaper than
- * sharing them); the fc1 rows are split in chunks of 64, so GELU and the quantization of g split with them
- * and give the very numbers the whole row would; attention is split by kv head. The result does not depend on
- * the number of threads. */
+ * another wrote only where it must (the full activation rows each matmul needs): when the VM's two cores sit on
+ * separate memory links, a core-to-core round trip takes ~0.5 us, and the serial steps between one-layer calls
+ * had cost ~10 % of a 100M model's step (this layout gained ~5 % there, nothing measurable at 1.4B). Every
+ * thread computes LayerNorm and the quantized rows of h and y itself (cheaper than sharing them); the fc1 rows
+ * are split in chunks of 64, so GELU and the quantization of g split with them and give the very numbers the
+ * whole row would; attention is split by kv head. The result does not depend on the number of threads. */
 typedef struct {
     int64_t d, H, KV, hd, rd, inter, max_len, gelu_tanh;
     float eps, scale;
