@@ -389,7 +389,10 @@ def _interpreter_dirs(site_packages: bool) -> list[str]:
     """Directories the program's interpreter must be able to read (stdlib, extension modules, site-packages)."""
     import sysconfig
 
-    paths = {sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    # the executable's own dir too: a virtual environment's bin/ (its python links to the base one) may lie under
+    # a dir the sandbox shadows (a venv in /tmp), and programs start sys.executable
+    paths = {sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+             os.path.dirname(os.path.abspath(sys.executable))}
     if site_packages:
         paths |= {sys.prefix, sys.exec_prefix, sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
     return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
