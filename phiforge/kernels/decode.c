@@ -318,6 +318,12 @@ static inline float acts_dot(const acts_t *a, int64_t m, const int8_t *qn) {
     return acc * a->sx[m];
 }
 
+/* Output r of a linear layer (int8 rows q of K, scales, bias or NULL) for activation row m, in fp32 */
+static inline float q8_out(const acts_t *a, int64_t m, const int8_t *q, const float *scale, const float *bias,
+                           int64_t r) {
+    return acts_dot(a, m, q + r * a->K) * scale[r] + (bias ? bias[r] : 0.0f);
+}
+
 /* y (M, N) = the quantized rows times (q scale)^T + bias, rows of q split over threads */
 static void q8_rows(const acts_t *a, const int8_t *q, const float *scale, const float *bias, void *y, int64_t N,
                     int out_bf16) {
@@ -443,7 +449,8 @@ static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int6
     for (int64_t b = 0; b < B; b++) {
         float *row = qkv + b * stride;
         for (int64_t j = j0; j < j1; j++) {
-            for (int64_t i = 0; i <= G; i++) { /* rotary: the group's q heads, then k head j; x[c] pairs with x[c -+ half] */
+            /* rotary: the group's q heads, then k head j; x[c] pairs with x[c -+ half] */
+            for (int64_t i = 0; i <= G; i++) {
                 float *x = row + (i < G ? j * G + i : H + j) * hd, tmp[rd > 0 ? rd : 1];
                 memcpy(tmp, x, sizeof(float) * (size_t)rd);
                 for (int64_t c = 0; c < half; c++) {
@@ -619,12 +626,10 @@ int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float 
                 if (t == 0) ran = i;
                 break;
             }
-            for (int64_t r = r0; r < r1; r++) /* q, k, v */
-                for (int64_t m = 0; m < B; m++)
-                    qkv[m * N1 + r] = acts_dot(&ah, m, P->q1 + r * d) * P->s1[r] + (P->b1 ? P->b1[r] : 0.0f);
-            for (int64_t r = qkvw + g0; r < qkvw + g1; r++) /* fc1 */
-                for (int64_t m = 0; m < B; m++)
-                    qkv[m * N1 + r] = acts_dot(&ah, m, P->q1 + r * d) * P->s1[r] + (P->b1 ? P->b1[r] : 0.0f);
+            for (int64_t r = r0; r < r1; r++) /* its q, k, v rows */
+                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = q8_out(&ah, m, P->q1, P->s1, P->b1, r);
+            for (int64_t r = qkvw + g0; r < qkvw + g1; r++) /* its fc1 rows */
+                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = q8_out(&ah, m, P->q1, P->s1, P->b1, r);
             bad[t] = 0;
             for (int64_t m = 0; m < B; m++) {
                 float *g = qkv + m * N1 + qkvw;
@@ -674,11 +679,10 @@ int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float 
                one matrix ran ~3 % faster than interleaving dense and fc2 rows; up to ~10 % with separate links) */
             for (int64_t r = n0; r < n1; r++)
                 for (int64_t m = 0; m < B; m++)
-                    att[m * d + r] = acts_dot(&ay, m, P->qd + r * Hh) * P->sd[r] + (P->bd ? P->bd[r] : 0.0f);
+                    att[m * d + r] = q8_out(&ay, m, P->qd, P->sd, P->bd, r);
             for (int64_t r = n0; r < n1; r++)
                 for (int64_t m = 0; m < B; m++) {
-                    float ff = acts_dot(&agt, m, P->q2 + r * inter) * P->s2[r] + (P->b2 ? P->b2[r] : 0.0f);
-                    x[m * d + r] = att[m * d + r] + ff + x[m * d + r];
+                    x[m * d + r] = att[m * d + r] + q8_out(&agt, m, P->q2, P->s2, P->b2, r) + x[m * d + r];
                 }
 #pragma omp barrier
         }
