@@ -172,15 +172,15 @@ def test_q8_layer_matches_float64_layer_and_declines_bad_input(B, d, H, KV, hd, 
     kc, vc = torch.randn(2, B, KV, max_len, hd, generator=g)
     x0, k0, v0 = x.clone(), kc.clone(), vc.clone()
     stack = kernels.Q8Stack([layer])
+    x1, k1, v1 = x.clone(), kc.clone(), vc.clone()
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        x1, k1, v1 = x.clone(), kc.clone(), vc.clone()
         assert stack(x1, L, cos, sin, [k1], [v1]) == 1
-    finally:
         torch.set_num_threads(max(n, 2))
-    assert stack(x, L, cos, sin, [kc], [vc]) == 1
-    torch.set_num_threads(n)
+        assert stack(x, L, cos, sin, [kc], [vc]) == 1
+    finally:
+        torch.set_num_threads(n)
     assert torch.equal(x, x1) and torch.equal(kc, k1) and torch.equal(vc, v1)
 
     def lin(a, p):
