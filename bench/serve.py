@@ -1,6 +1,6 @@
 """Benchmark: Phi on a laptop. Decode speed of phiforge (fp32, bf16, int8, int4 weight-only) against
-transformers' PhiForCausalLM (fp32) on the same weights, the fraction of measured memory bandwidth reached, the
-quality cost of quantization, and a bounded load test of the OpenAI-compatible server.
+transformers' PhiForCausalLM on the same weights in the same precision, the fraction of measured memory
+bandwidth reached, the quality cost of quantization, and a bounded load test of the OpenAI-compatible server.
 
 1. Bandwidth: `x.sum()` over a 1 GiB fp32 tensor (read-only, like weight streaming), best of 3, on all threads
    torch uses; measured right before and right after every variant's timing runs in every round. This VM's read
@@ -8,13 +8,17 @@ quality cost of quantization, and a bounded load test of the OpenAI-compatible s
    bandwidth measured around it, not against one taken at another time.
 2. Decode, per --presets: random weights saved with save_checkpoint and loaded by
    transformers.AutoModelForCausalLM. phi-100m (~100M params, 51200 vocab): fp32, bf16, int8, int4.
-   phi-1.5 (the real 1.4B Phi-1.5 shape, "Phi on a laptop"): bf16 and int8 (memory: transformers' fp32 copy is
-   5.7 GB). Batch 1, 16-token prompt, greedy, through the serving Engine. Variants are measured interleaved
+   phi-1.5 (the real 1.4B Phi-1.5 shape, "Phi on a laptop"): bf16 and int8 (memory: an fp32 copy is 5.7 GB).
+   Each variant's peer is like with like: fp32 vs transformers fp32, bf16 vs transformers bf16, int8 vs
+   transformers with torch's dynamic int8 quantization (`quantize_dynamic` of every nn.Linear: the ordinary
+   8-bit path for a transformers model on a CPU; llama.cpp is not built here), int4 has no peer here.
+   Batch 1, 16-token prompt, greedy, through the serving Engine. Variants are measured interleaved
    (round-robin over --rounds) so machine load affects all alike. phi-1.5 in bf16 is past generate's
    PACK_LIMIT_BYTES (the decode plan would copy 2.6 GB), so it runs the module path: the figure says so.
    Decode tok/s = (N - 1) new tokens / (fastest N-token run - fastest 1-token run), so prefill is excluded.
-   Bandwidth fraction = weight bytes read per token (every linear layer, quantized size, + norms + one embedding
-   row; KV cache excluded) x tok/s / bandwidth, per round with that round's (N - 1) / (tN - t1) and the larger
+   Bandwidth fraction = weight bytes actually read per token (every linear layer, quantized size, + norms + one
+   embedding row; KV cache excluded; phiforge's greedy lm_head counted as read: its int8 screen + the candidate
+   rows it recomputes, counted on an untimed run, bench/decode_bytes.py) x tok/s / bandwidth, per round with that round's (N - 1) / (tN - t1) and the larger
    of the two bandwidths measured around it; the median over rounds is `_bw_fraction`, the lowest round
    `_bw_fraction_min`, and `_bw_fraction_vs_peak` holds the best rate against the highest bandwidth seen in the
    whole run (conservative: the two extremes may come from different phases of the machine, and when no round of
@@ -29,7 +33,7 @@ quality cost of quantization, and a bounded load test of the OpenAI-compatible s
    --clients concurrent openai clients x --requests-per-client completions of --load-max-tokens tokens each.
    Reports requests/s, completion tokens/s, p50/p99 latency and failures (must be 0).
 
-    flock /tmp/phiforge-bench.lock python bench/serve.py
+    flock /tmp/phiforge-bench.lock python bench/serve.py [--quick]
 
 Prints `RESULT <name> <value> <unit>` lines.
 """
@@ -45,6 +49,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from decode_bytes import bytes_per_token, count_screen, dynamic_int8_bytes
+from rows import held_equal, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -80,6 +87,12 @@ def decode_time(run, n: int) -> float:
 
 
 LARGE_VARIANTS = ("bf16", "int8")  # memory: phi-1.5 in fp32 is 5.7 GB a copy, and transformers holds one already
+# each phiforge variant's peer: transformers with its weights in the same precision (None: no such peer here)
+PEER_OF = {"fp32": "transformers_fp32", "bf16": "transformers_bf16", "int8": "transformers_int8", "int4": None}
+PEER_LABEL = {"transformers_fp32": "transformers generate (fp32)", "transformers_bf16": "transformers generate (bf16)",
+              "transformers_int8": "transformers generate + torch dynamic int8"}
+PEER_SETTING = {"transformers_fp32": "fp32 weights, greedy", "transformers_bf16": "bf16 weights, greedy",
+                "transformers_int8": "quantize_dynamic(nn.Linear, qint8), greedy"}
 
 
 def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
@@ -91,6 +104,7 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
     from phiforge import kernels
     from phiforge.checkpoint import load_checkpoint, save_checkpoint
     from phiforge.config import preset
+    from phiforge.lm.sampling import Sampling
     from phiforge.model import Phi, init_on_meta
     from phiforge.serve.engine import Engine, Request
     from phiforge.serve.quant import quality_report, quantize, weight_bytes_per_token
@@ -119,7 +133,22 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
                               0.0 if "layernorm" in name and name.endswith("weight") else 0.02)
             save_checkpoint(model, tmp)
             del model
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        # The peers, like with like: transformers in fp32 and bf16, and in int8 through torch's dynamic
+        # quantization (the ordinary 8-bit path for a transformers model on a CPU; no 4-bit peer runs here).
+        peers = {}
+        for name in wanted:
+            peer = PEER_OF[name]
+            if peer is None or peer in peers:
+                continue
+            dtype = torch.bfloat16 if name == "bf16" else torch.float32
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            if name == "int8":
+                nbytes = dynamic_int8_bytes(hf)
+                hf = torch.ao.quantization.quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            else:
+                nbytes = weight_bytes_per_token(hf)
+            peers[peer] = (hf, nbytes)
+            gc.collect()
         load = {"fp32": lambda: load_checkpoint(tmp, dtype=torch.float32).eval(),
                 "bf16": lambda: load_checkpoint(tmp, dtype=torch.bfloat16).eval(),
                 "int8": lambda: quantize(load_checkpoint(tmp, dtype=torch.float32).eval(), "int8"),
@@ -128,7 +157,7 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
         for name in wanted:
             variants[name] = load[name]()
             gc.collect()
-    print(f"{preset_name}: {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params, threads="
+    print(f"{preset_name}: {variants[wanted[0]].num_params() / 1e6:.0f}M params, threads="
           f"{torch.get_num_threads()}, int8 matmuls: {kernels.describe()}; set up in {time.perf_counter() - t0:.0f}s")
     prompt = torch.randint(0, 50000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     engines = {k: Engine(m, Tok()) for k, m in variants.items()}  # builds each one's CPU decode plan
@@ -136,15 +165,20 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
         engines["int8+compile"] = Engine(variants["int8"], Tok(), compile=True)
 
     def ours(engine):
-        return lambda n: engine.run([Request(prompt, max_tokens=n, ignore_eos=True)])
+        return lambda n: engine.run([Request(prompt, Sampling(max_new_tokens=n), ignore_eos=True)])
 
-    def theirs(n):
-        with torch.inference_mode():
-            hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        pad_token_id=0)
+    def theirs(hf):
+        def run(n):
+            with torch.inference_mode():
+                hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0)
+        return run
 
-    runners = {"transformers_fp32": theirs, **{k: ours(e) for k, e in engines.items()}}
+    runners = {**{k: theirs(hf) for k, (hf, _) in peers.items()}, **{k: ours(e) for k, e in engines.items()}}
     n = args.new_tokens if small else args.new_tokens // 3
+    held = held_equal(f"weights, 16-token prompt, greedy, {n} new tokens, {torch.get_num_threads()} threads, a "
+                      f"4-token warm-up each, {args.rounds} round-robin rounds (fastest runs), each side's "
+                      f"weights in the same dtype as its peer's")
     for run in runners.values():  # warm up (and compile)
         run(4)
     t1s, tns, bws = ({k: [] for k in runners} for _ in range(3))
@@ -161,34 +195,51 @@ def bench_decode(args: argparse.Namespace, preset_name: str) -> None:
     result(f"{tag}_memory_bandwidth_sum_peak", peak, "GB/s")
     result(f"{tag}_memory_bandwidth_sum_low", min(min(v) for v in bws.values()), "GB/s")
 
-    def fractions(name: str, nbytes: int) -> tuple[float, float, list[float]]:
+    def fractions(name: str, nbytes: float) -> tuple[float, float, list[float]]:
         """(median over rounds of the round's rate against the bandwidth around it, best rate against the peak,
         the per-round fractions)"""
         per_round = [nbytes * (n - 1) / max(tn - t1, 1e-9) / (bw * 1e9)
                      for t1, tn, bw in zip(t1s[name], tns[name], bws[name])]
         return statistics.median(per_round), nbytes * best[name] / (peak * 1e9), per_round
 
-    base = best["transformers_fp32"]
-    result(f"{tag}_decode_transformers_fp32", base, "tok/s")
-    for name in runners:
-        if name == "transformers_fp32":
-            continue
+    for peer, (_, nbytes) in peers.items():
+        result(f"{tag}_decode_{peer}", best[peer], "tok/s")
+        result(f"{tag}_decode_{peer}_bw_fraction", fractions(peer, nbytes)[0], "fraction")
+    for name, engine in engines.items():
         model = variants[name.split("+")[0]]
-        nbytes = weight_bytes_per_token(model)
+        # the bytes a step actually read: the lm_head as the greedy path read it (its screen and candidate
+        # rows), counted on an untimed run of the same generation
+        plan = engine.decoder.plan
+        screen = plan.screen if plan is not None else None
+        count = None
+        if screen is not None:
+            with count_screen(screen) as count:
+                runners[name](n)
+        nbytes = bytes_per_token(weight_bytes_per_token(model), model.lm_head, screen, count)
         frac, frac_peak, per_round = fractions(name, nbytes)
         result(f"{tag}_decode_{name}", best[name], "tok/s")
-        result(f"{tag}_decode_{name}_vs_transformers_fp32", best[name] / base, "x")
         result(f"{tag}_decode_{name}_bw_fraction", frac, "fraction")
         result(f"{tag}_decode_{name}_bw_fraction_min", min(per_round), "fraction")
         result(f"{tag}_decode_{name}_bw_fraction_vs_peak", frac_peak, "fraction")
-        print(f"  {name}: {nbytes / 1e6:.1f} MB read per token; per round, bandwidth around it (GB/s) -> fraction: "
-              + ", ".join(f"{b:.0f} -> {f:.2f}" for b, f in zip(bws[name], per_round)))
-    hf_bytes = sum(p.numel() * 4 for n_, p in hf.named_parameters() if "embed_tokens" not in n_)
-    result(f"{tag}_decode_transformers_fp32_bw_fraction", fractions("transformers_fp32", hf_bytes)[0], "fraction")
+        screened = "" if count is None else (f" (lm_head via the {screen.kind} screen: "
+                                             f"{count.rows / max(count.steps, 1):.1f} candidate rows a step, "
+                                             f"{count.fallbacks} fallbacks in {count.steps} steps)")
+        print(f"  {name}: {nbytes / 1e6:.1f} MB read per token{screened}; per round, bandwidth around it (GB/s) "
+              "-> fraction: " + ", ".join(f"{b:.0f} -> {f:.2f}" for b, f in zip(bws[name], per_round)))
+        peer = PEER_OF[name.split("+")[0]]
+        workload = f"batch-1 decode via the serving engine, {preset_name} shape, {name}"
+        if peer is None:
+            row(workload, "none (no 4-bit peer runs here)", "—", best[name], None, "tok/s", "no peer",
+                held=held, note=f"bandwidth fraction {frac:.2f} (bytes actually read)")
+            continue
+        result(f"{tag}_decode_{name}_vs_{peer}", best[name] / best[peer], "x")
+        peer_frac = fractions(peer, peers[peer][1])[0]
+        row(workload, PEER_LABEL[peer], PEER_SETTING[peer], best[name], best[peer], "tok/s", "> 1x", held=held,
+            note=f"bandwidth fraction (bytes actually read): phiforge {frac:.2f}, peer {peer_frac:.2f}")
     if small:
         ids = torch.randint(0, 50000, (256,), generator=torch.Generator().manual_seed(1))
         ref = variants["fp32"]
-        ref.release_decoding()
+        engines["fp32"].decoder.release()  # frees the fp32 plan's weight copies
         for mode in ("int8", "int4"):
             rep = quality_report(ref, variants[mode], ids)
             result(f"quality_random_phi100m_{mode}_greedy_agreement", rep["greedy_agreement"], "fraction")
@@ -293,6 +344,11 @@ def bench_load(args: argparse.Namespace, model, tok) -> None:
     result("server_latency_p50", q[49], "s")
     result("server_latency_p99", q[98], "s")
     result("server_failed_requests", len(failures), "requests")
+    row(f"OpenAI-compatible server under load ({args.clients} clients, trained small Phi)", "none (no peer)", "—",
+        tokens[0] / wall, None, "completion tok/s", "0 failed requests",
+        held=held_equal(f"{args.clients} clients x {args.requests_per_client} completions of "
+                        f"{args.load_max_tokens} tokens"),
+        note=f"p50 {q[49]:.2f}s, p99 {q[98]:.2f}s, {len(failures)} failed")
 
 
 def main() -> int:
@@ -308,7 +364,12 @@ def main() -> int:
                     help="model shapes for the decode part (phi-1.5: the 1.4B Phi-1.5 architecture, random weights; "
                          "bf16 and int8 only, to fit memory)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "quality", "load"], help="parts to skip")
+    ap.add_argument("--quick", action="store_true", help="smoke test: phi-100m only, a few tokens, a small load")
     args = ap.parse_args()
+    if args.quick:  # explicit flags still win
+        ap.set_defaults(presets="phi-100m", new_tokens=6, rounds=1, train_steps=20, clients=4,
+                        requests_per_client=1, load_max_tokens=4)
+        args = ap.parse_args()
 
     import torch
 

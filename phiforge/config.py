@@ -190,23 +190,11 @@ _HF_IGNORED = (
 
 
 def read_yaml(path: str | Path, *, what: str = "settings", mapping: bool = True) -> Any:
-    """Parse a YAML file; a missing file, invalid YAML (with file:line) or a non-mapping is a ConfigError."""
-    import yaml
+    """Parse a YAML file; a missing file, invalid YAML (with file:line) or a non-mapping is a ConfigError.
+    (`phiforge.configio.load_yaml` also gives the line of every key.)"""
+    from phiforge.configio import load_yaml
 
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if mapping:
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of {what}")
-    return data
+    return load_yaml(path, what=what, mapping=mapping).data
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:

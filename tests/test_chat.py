@@ -69,7 +69,7 @@ def test_chat_template_is_used_when_present(ckpt, tmp_path):
 
 def test_session_keeps_history_and_resets(ckpt):
     from phiforge.serve.chat import ChatSession, chat_loop
-    from phiforge.serve.server import load_engine
+    from phiforge.serve.load import load_engine
 
     engine = load_engine(str(ckpt))
     s = ChatSession(engine, max_tokens=4)

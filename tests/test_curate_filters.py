@@ -1,10 +1,7 @@
-"""Heuristic filters (Gopher text rules, Python sanity) and benchmark decontamination."""
+"""Heuristic filters (Gopher text rules, Python sanity). Decontamination: tests/test_decontam.py."""
 
 from __future__ import annotations
 
-import json
-
-from phiforge.data.curate.decontam import NgramIndex, benchmark_texts, normalize
 from phiforge.data.curate.filters import PythonFilter, TextFilter
 
 PROSE = ("The water cycle describes how water moves between the oceans, the air and the land. Heat from the sun "
@@ -44,30 +41,3 @@ def test_python_filter_reasons():
     prose = "".join(f"# this line of the file is only a long comment, number {i}\n" for i in range(8))
     assert f(prose + "x = 1\n") == "mostly_comments"
     assert f("x = 1\n") == "too_few_lines"
-
-
-def test_humaneval_from_package_and_index_hits():
-    items = list(benchmark_texts(["humaneval"]))
-    assert len(items) == 164 and items[0][:2] == ("humaneval", "HumanEval/0")
-    index = NgramIndex.build(items, 13)
-    leaked = "Some training file.\n" + items[0][2] + "\n# end"
-    clean = PROSE
-    hits = index.hits([leaked, clean, "short"])
-    assert ("humaneval", "HumanEval/0") in hits[0]
-    assert hits[1] == [] and hits[2] == []
-
-
-def test_local_benchmark_dir_and_missing_noted(tmp_path):
-    d = tmp_path / "bench" / "mbpp"
-    d.mkdir(parents=True)
-    item = {"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given "
-            "character from the string and return what is left over", "code": "def f(s, ch): return s"}
-    (d / "mbpp.jsonl").write_text(json.dumps(item) + "\n")
-    missing: list[str] = []
-    got = list(benchmark_texts(["mbpp", "gsm8k"], data_dir=tmp_path / "bench", missing=missing))
-    assert [(b, i) for b, i, _ in got[:1]] == [("mbpp", "11")]
-    # gsm8k is absent from this directory; it is found only if a shared benchmark dir exists
-    assert "gsm8k" in missing or any(b == "gsm8k" for b, _, _ in got)
-    index = NgramIndex.build([g for g in got if g[0] == "mbpp"], 13)
-    doc = "Exercise: " + normalize(item["text"]).upper()  # case and punctuation do not matter
-    assert index.hits([doc]) == [[("mbpp", "11")]]

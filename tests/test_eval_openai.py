@@ -57,7 +57,7 @@ def server():
 
 
 def test_openai_loglikelihood_sums_continuation_tokens(server):
-    from phiforge.eval.lm import OpenAILM
+    from phiforge.lm.openai_api import OpenAILM
 
     lm = OpenAILM(server, "fake")
     res = lm.loglikelihood([("ctx", " ab"), ("hello", " aa")])
@@ -71,17 +71,19 @@ def test_openai_loglikelihood_sums_continuation_tokens(server):
 
 
 def test_openai_generation_cuts_at_stop(server):
-    from phiforge.eval.lm import GenRequest, OpenAILM
+    from phiforge.lm import GenRequest, Sampling
+    from phiforge.lm.openai_api import OpenAILM
 
     lm = OpenAILM(server, "fake")
-    outs = lm.generate_until([GenRequest("Q: 1\nA:", ("\n\n",), 32), GenRequest("longer prompt", ("\n\n",), 32)])
+    s = Sampling(max_new_tokens=32, stop=("\n\n",))
+    outs = lm.generate_until([GenRequest("Q: 1\nA:", s), GenRequest("longer prompt", s)])
     assert outs == [" answer to 7 chars.", " answer to 13 chars."]
     assert Handler.seen[-1]["stop"] == ["\n\n"] and Handler.seen[-1]["max_tokens"] == 32
 
 
 def test_openai_without_prompt_logprobs_is_a_clear_error(server):
     from phiforge.errors import PhiforgeError
-    from phiforge.eval.lm import OpenAILM
+    from phiforge.lm.openai_api import OpenAILM
 
     Handler.with_logprobs = False
     with pytest.raises(PhiforgeError, match="does not return prompt logprobs"):
@@ -90,7 +92,7 @@ def test_openai_without_prompt_logprobs_is_a_clear_error(server):
 
 def test_openai_unreachable_is_a_clear_error():
     from phiforge.errors import PhiforgeError
-    from phiforge.eval.lm import OpenAILM
+    from phiforge.lm.openai_api import OpenAILM
 
     with pytest.raises(PhiforgeError, match="cannot connect"):
         OpenAILM("http://127.0.0.1:9/v1", "fake", timeout=2).generate_until("hi")

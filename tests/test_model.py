@@ -103,3 +103,47 @@ def test_context_overflow_is_an_error():
     model = Phi(tiny_config(max_position_embeddings=16))
     with pytest.raises(ValueError, match="exceeds the context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_packed_rows_with_block_masks_equal_each_sequence_alone():
+    """Examples packed into one row (fine-tuning, eval scoring): a block-diagonal causal mask and positions that
+    restart with each example give every example the logits it gets alone."""
+    model = randomised(tiny_config(partial_rotary_factor=0.4, hidden_size=80, num_attention_heads=4))
+    a, b = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 5))
+    ids = torch.cat([torch.cat([a, b], 1), torch.cat([b, a], 1)])  # (2, 12): a|b and b|a
+    doc = torch.tensor([[0] * 7 + [1] * 5, [0] * 5 + [1] * 7])  # (B, T) which example each token is in
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    allowed = causal & (doc[:, :, None] == doc[:, None, :])  # (B, T, T) block-diagonal causal
+    pos = torch.stack([torch.cat([torch.arange(7), torch.arange(5)]), torch.cat([torch.arange(5), torch.arange(7)])])
+    with torch.no_grad():
+        packed = model(ids, attention_mask=allowed[:, None], position_ids=pos)  # (B, 1, T, T) mask
+        packed_3d = model.lm_head(model.hidden_states(ids, attention_mask=allowed, position_ids=pos))
+        alone_a, alone_b = model(a)[0], model(b)[0]
+        causal_only = model(ids, position_ids=pos)  # no block mask: b sees a
+        stretched = model(ids, attention_mask=allowed[:, None], position_ids=pos * 2)
+    torch.testing.assert_close(packed[0, :7], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[0, 7:], alone_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1, :5], alone_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1, 5:], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_3d, packed, rtol=0, atol=0)
+    assert (causal_only[0, 7:] - alone_b).abs().max() > 1e-3  # the mask mattered
+    # rotary is relative (a constant shift within a block changes nothing), so stretch them to see them used
+    assert (stretched[0, 1:7] - alone_a[1:]).abs().max() > 1e-3
+
+
+def test_explicit_mask_with_a_cache_and_bad_masks():
+    model = randomised(tiny_config())
+    ids = torch.randint(0, 256, (1, 9))
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        full = model(ids)
+        first = model(ids[:, :6], attention_mask=torch.ones(6, 6, dtype=torch.bool).tril()[None], cache=cache)
+        # the mask covers the cached keys too: (B, 1, T, cached + T)
+        rest = model(ids[:, 6:], attention_mask=torch.ones(3, 9, dtype=torch.bool).tril(6)[None, None],
+                     cache=cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
+    allowed = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="boolean"):  # an additive float mask is not an "allowed" mask
+        model(ids[:, :4], attention_mask=allowed.float())
+    with pytest.raises(ValueError, match="L = 4"):
+        model(ids[:, :4], attention_mask=allowed[..., :3])

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from phiforge.errors import PhiforgeError
-from phiforge.eval.lm import LM
 from phiforge.eval.strategies import StrategyRunner, TaskData, parse_strategy
 from phiforge.eval.strategies.embed import EmbeddingCache, HashingEmbedder, nearest
 from phiforge.eval.strategies.items import (
@@ -18,11 +17,11 @@ from phiforge.eval.strategies.items import (
     format_question,
     majority_vote,
     permutations,
-    to_item,
     to_original,
     weighted_vote,
     wilson_interval,
 )
+from phiforge.lm import LM
 
 
 def item(uid: str, q: str, opts=("red", "green", "blue", "black"), gold: int = 0) -> MCItem:
@@ -259,15 +258,19 @@ def test_parse_strategy_presets_and_modifiers():
         parse_strategy("fewshot+banana")
 
 
-def test_to_item_adapters_and_non_mc_error():
-    mm = to_item("mmlu", {"subject": "anatomy", "question": "Q?", "A": "a", "B": "b", "C": "c", "D": "d",
-                          "gold": 2}, 7)
+def test_mc_item_views_and_non_mc_error():
+    from phiforge.eval.tasks import get_task, mc_task
+
+    mm = get_task("mmlu").mc_item({"subject": "anatomy", "question": "Q?", "A": "a", "B": "b", "C": "c", "D": "d",
+                                   "gold": 2}, 7)
     assert mm.options == ("a", "b", "c", "d") and mm.gold == 2 and mm.uid == "mmlu:7"
-    w = to_item("winogrande", {"contexts": ["Tom gave Ann", "Tom gave Bob"], "continuation": "a book.",
-                               "gold": 1}, 0)
+    w = get_task("winogrande").mc_item({"contexts": ["Tom gave Ann", "Tom gave Bob"], "continuation": "a book.",
+                                        "gold": 1}, 0)
     assert w.options == ("Ann", "Bob") and "Tom gave _ a book." in w.question
     with pytest.raises(PhiforgeError, match="multiple-choice"):
-        to_item("gsm8k", {}, 0)
+        mc_task("gsm8k")
+    with pytest.raises(PhiforgeError, match="multiple-choice"):
+        get_task("gsm8k").mc_item({}, 0)
 
 
 def test_wilson_interval():
@@ -287,11 +290,12 @@ def write_arc(root, n=14):
 
 def test_cli_strategy_table_json_and_cache(tiny_model, tmp_path, capsys, monkeypatch):
     from phiforge.cli import main
-    from phiforge.eval import lm as lm_mod
-    from tests.test_eval_lm import ByteTok
+    from phiforge.lm import spec as lm_mod
+    from phiforge.lm.phiforge_backend import PhiforgeLM
+    from tests.test_lm_backends import ByteTok
 
     # the tiny native model stands in for --model (ByteTok cannot be saved as a tokenizer directory)
-    monkeypatch.setattr(lm_mod, "load_lm", lambda spec, **kw: lm_mod.PhiforgeLM(tiny_model, ByteTok(),
+    monkeypatch.setattr(lm_mod, "load_lm", lambda spec, **kw: PhiforgeLM(tiny_model, ByteTok(),
                                                                                    identity="tiny-" + spec))
     write_arc(tmp_path / "b")
     monkeypatch.setenv("PHIFORGE_CACHE", str(tmp_path / "cache"))

@@ -113,6 +113,7 @@ def test_quantize_swaps_linears_and_decodes():
 def test_quantized_engine_agrees_with_full_precision_greedy():
     import torch
 
+    from phiforge.lm.sampling import Sampling
     from phiforge.serve.engine import Engine, Request
     from phiforge.serve.quant import quantize
 
@@ -126,13 +127,14 @@ def test_quantized_engine_agrees_with_full_precision_greedy():
     q = Engine(quantize(_model(), "int8"), Tok())
     torch.manual_seed(2)
     prompts = [torch.randint(1, 256, (n,)).tolist() for n in (5, 9, 13)]
-    a = ref.run([Request(p, max_tokens=8, ignore_eos=True) for p in prompts])
-    b = q.run([Request(p, max_tokens=8, ignore_eos=True) for p in prompts])
+    a = ref.run([Request(p, Sampling(max_new_tokens=8), ignore_eos=True) for p in prompts])
+    b = q.run([Request(p, Sampling(max_new_tokens=8), ignore_eos=True) for p in prompts])
     same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra.token_ids, rb.token_ids))
     assert same >= 0.75 * 24
 
 
 def test_chunked_prefill_equals_single_pass():
+    from phiforge.lm.sampling import Sampling
     from phiforge.serve.engine import Engine, Request
 
     class Tok:
@@ -143,9 +145,9 @@ def test_chunked_prefill_equals_single_pass():
 
     model = _model()
     prompts = [list(range(1, 40)), list(range(7, 20))]
-    whole = Engine(model, Tok(), prefill_chunk=512).run([Request(p, max_tokens=6, ignore_eos=True, logprobs=0)
+    whole = Engine(model, Tok(), prefill_chunk=512).run([Request(p, Sampling(max_new_tokens=6), ignore_eos=True, logprobs=0)
                                                           for p in prompts])
-    chunked = Engine(model, Tok(), prefill_chunk=8).run([Request(p, max_tokens=6, ignore_eos=True, logprobs=0)
+    chunked = Engine(model, Tok(), prefill_chunk=8).run([Request(p, Sampling(max_new_tokens=6), ignore_eos=True, logprobs=0)
                                                           for p in prompts])
     for w, c in zip(whole, chunked):
         assert w.token_ids == c.token_ids

@@ -73,12 +73,19 @@ def test_changed_train_config_reruns_only_downstream(micro_run):
 
 def test_failure_names_the_stage_and_keeps_finished_stages(micro_run, tmp_path):
     cfg, out, _, _ = micro_run
+    # a model that does not exist is found only when training starts (a bad key fails at load: test_configio)
     bad = load_run_config(overrides={**MICRO, "out": str(tmp_path / "bad"),
-                                     "train": {**MICRO["train"], "no_such_key": 1}})
-    with pytest.raises(PhiforgeError, match="stage 'train' failed.*no_such_key"):
+                                     "train": {**MICRO["train"], "model": "no_such_model"}})
+    with pytest.raises(PhiforgeError, match="stage 'train' failed.*no_such_model"):
         run(bad, log=lambda m: None)
     assert (tmp_path / "bad" / "tokens" / ".stage.json").exists()
     assert not (tmp_path / "bad" / "train" / ".stage.json").exists()
+
+
+def test_config_error_in_train_fails_before_any_stage(tmp_path):
+    with pytest.raises(ConfigError, match="train: unknown key.*no_such_key"):
+        load_run_config(overrides={**MICRO, "out": str(tmp_path / "bad"),
+                                   "train": {**MICRO["train"], "no_such_key": 1}})
 
 
 def test_unknown_run_config_key_is_an_error(tmp_path):

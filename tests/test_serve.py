@@ -20,7 +20,8 @@ def served(tmp_path_factory):
 
     from phiforge.checkpoint import save_checkpoint
     from phiforge.model import Phi
-    from phiforge.serve.server import BackgroundServer, Server, load_engine
+    from phiforge.serve.load import load_engine
+    from phiforge.serve.server import BackgroundServer, Server
     from phiforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(TEXTS, 320)
@@ -53,11 +54,12 @@ def test_models(client):
 
 
 def test_completion_matches_engine_greedy(client, served):
+    from phiforge.lm.sampling import Sampling
     from phiforge.serve.engine import Request
 
     _, _, engine = served
     r = client.completions.create(model="tiny-chat", prompt="the cat", max_tokens=8, temperature=0)
-    ref = engine.run([Request(engine.tokenizer.encode("the cat"), max_tokens=8)])[0]
+    ref = engine.run([Request(engine.tokenizer.encode("the cat"), Sampling(max_new_tokens=8))])[0]
     assert r.choices[0].text == ref.text
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == len(engine.tokenizer.encode("the cat"))
@@ -96,6 +98,7 @@ def test_completion_logprobs_and_echo(client, served):
 
 
 def test_chat_completion_uses_instruct_format(client, served):
+    from phiforge.lm.sampling import Sampling
     from phiforge.serve.chat import format_chat
     from phiforge.serve.engine import Request
 
@@ -104,7 +107,7 @@ def test_chat_completion_uses_instruct_format(client, served):
     r = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=10, temperature=0)
     prompt, stops = format_chat(engine.tokenizer, msgs)
     assert prompt == "Instruct: say hello\nOutput:"
-    ref = engine.run([Request(engine.tokenizer.encode(prompt), max_tokens=10, stop=stops)])[0]
+    ref = engine.run([Request(engine.tokenizer.encode(prompt), Sampling(max_new_tokens=10, stop=stops))])[0]
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text.lstrip()
     assert r.object == "chat.completion"

@@ -107,7 +107,7 @@ def test_python_exercise_tests_catch_a_wrong_solution():
 
 
 def test_exercises_run_in_the_sandbox():
-    from phiforge.eval.sandbox import run_programs
+    from phiforge.sandbox import run_programs
 
     rng = random.Random(1)
     exs = [procedural.python_exercise(rng) for _ in range(6)]

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible teacher against a fake server on 127.0.0.1 that injects faults deterministically:
-timeouts, 500/503, truncated bodies, cut connections, malformed responses, slow and stalled streams."""
+"""The OpenAI-compatible teacher (phiforge.lm.openai_api behind make_teacher) against a fake server on 127.0.0.1
+that injects faults deterministically: timeouts, 500/503, truncated bodies, cut connections, malformed
+responses, slow and stalled streams."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from phiforge.data.synth.pipeline import SynthConfig, read_samples, run_synth
-from phiforge.data.synth.teachers import BudgetExceeded, OpenAITeacher, TeacherError
+from phiforge.data.synth.teachers import make_teacher
+from phiforge.lm.base import BudgetExceeded
+from phiforge.lm.openai_api import EndpointError
 
 CLIENT_TIMEOUT = 0.6
 VOCAB = [f"w{i}" for i in range(500)]
@@ -165,7 +168,7 @@ def fake():
 def _teacher(url, **kw):
     opts = dict(concurrency=4, timeout=CLIENT_TIMEOUT, max_retries=4, backoff=0.01, max_backoff=0.05)
     opts.update(kw)
-    return OpenAITeacher("fake-model", url, **opts)
+    return make_teacher(f"openai:fake-model@{url}", **opts)
 
 
 @pytest.mark.parametrize("chat,stream", [(True, False), (False, False), (True, True)])
@@ -181,7 +184,7 @@ def test_every_fault_is_survived_in_order(fake, chat, stream):
 
 def test_retries_exhausted_is_an_error(fake):
     t = _teacher(fake.url, max_retries=0)
-    with pytest.raises(TeacherError, match="gave up"):
+    with pytest.raises(EndpointError, match="gave up"):
         t.generate([f"prompt {i}" for i in range(8)], {"max_new_tokens": 16})
 
 

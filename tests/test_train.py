@@ -46,7 +46,7 @@ def tokens(tmp_path_factory):
 def test_unknown_keys_are_rejected_naming_key_and_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model: tiny\nmax_steps: 10\nlearning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"r\.yaml: unknown train config key\(s\) 'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"r\.yaml:3: unknown train config key\(s\) 'learning_rate'"):
         load_train_config(p)
     with pytest.raises(ConfigError, match="unknown train config key 'lrr'"):
         load_train_config("tiny", ["lrr=1"])

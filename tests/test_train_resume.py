@@ -1,4 +1,5 @@
-"""Exact resume: a run killed with SIGKILL and resumed logs the same per-step losses as an uninterrupted run."""
+"""Exact resume: a run killed with SIGKILL and resumed logs the same per-step losses as an uninterrupted run
+(plain token streams; and packed fine-tuning examples with loss masks, fully and with LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -63,16 +64,51 @@ def _losses(out):
     return [train[s] for s in sorted(train)], sorted(train), evals
 
 
-def _run(cfg, out, mode):
+def _run(cfg, out, mode, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PHIFORGE_PROGRESS": "0"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(cfg), mode, f"out={out}"], env=env,
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(cfg), mode, f"out={out}", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_sigkill_then_resume_is_bit_exact(recipe):
     tmp, cfg = recipe
-    ref = _run(cfg, tmp / "ref", "fresh")  # uninterrupted; runs alongside the one we kill
-    victim = _run(cfg, tmp / "killed", "fresh")
+    _kill_resume_and_compare(tmp, cfg, "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ft_recipe(tmp_path_factory, recipe):
+    """Prompt/completion examples tokenized with a loss mask, and a base checkpoint to fine-tune (for LoRA)."""
+    from phiforge.data.pack import pack_corpus
+    from phiforge.train import load_train_config, train
+
+    tmp, cfg = recipe
+    ft = tmp_path_factory.mktemp("resume-ft")
+    base = train(load_train_config(cfg, [f"out={ft / 'base'}", "max_steps=2", "save_every=0", "eval_every=0"]))
+    rng = random.Random(1)
+    src = ft / "ex.jsonl"
+    src.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))),
+                                       "completion": " " + " ".join(rng.choice(WORDS) for _ in range(
+                                           rng.randint(1, 6)))}) + "\n" for _ in range(300)))
+    pack_corpus([src], ft / "tok", tokenizer=base.checkpoint, records="completion", seq_len=32, val_fraction=0.1,
+                workers=1)
+    return ft, cfg, base.checkpoint
+
+
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)],  # peft's import: ~60 s
+                         ids=["masked", "masked-lora"])
+def test_sigkill_then_resume_is_bit_exact_with_masks(ft_recipe, lora):
+    ft, cfg, base = ft_recipe
+    out = ft / ("lora" if lora else "full")
+    out.mkdir()
+    extra = [f"data={ft / 'tok'}", f"model={base}", "model_overrides={}"] + (["lora_rank=4", "lr=3e-2"] if lora else [])
+    (out / "r.yaml").write_text(cfg.read_text())
+    _kill_resume_and_compare(out, out / "r.yaml", "adapter_model.safetensors" if lora else "model.safetensors",
+                             extra)
+
+
+def _kill_resume_and_compare(tmp, cfg, weights, extra=()):
+    ref = _run(cfg, tmp / "ref", "fresh", extra)  # uninterrupted; runs alongside the one we kill
+    victim = _run(cfg, tmp / "killed", "fresh", extra)
     deadline = time.time() + 120
     ckpt = tmp / "killed" / "checkpoints" / "step-000006"
     while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
@@ -83,7 +119,7 @@ def test_sigkill_then_resume_is_bit_exact(recipe):
     assert victim.returncode == -signal.SIGKILL
     killed_steps = _losses(tmp / "killed")[1]
     assert 6 <= max(killed_steps) <= 12  # (< 12 unless the machine stalled the parent for 0.6 s)
-    resumed = _run(cfg, tmp / "killed", "resume")
+    resumed = _run(cfg, tmp / "killed", "resume", extra)
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err.decode()[-3000:]
     _, err = ref.communicate(timeout=120)
@@ -96,6 +132,6 @@ def test_sigkill_then_resume_is_bit_exact(recipe):
     assert res_evals == ref_evals
     assert any(json.loads(x)["type"] == "resume" for x in (tmp / "killed" / "log.jsonl").read_text().splitlines())
     # The final weights are identical too.
-    a = (tmp / "ref" / "checkpoints" / "step-000012" / "model.safetensors").read_bytes()
-    b = (tmp / "killed" / "checkpoints" / "step-000012" / "model.safetensors").read_bytes()
+    a = (tmp / "ref" / "checkpoints" / "step-000012" / weights).read_bytes()
+    b = (tmp / "killed" / "checkpoints" / "step-000012" / weights).read_bytes()
     assert a == b

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from phiforge.commands.flags import add_max_new_tokens
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-field", default="id", help="record field used as the sample id (else file:line)")
     parser.add_argument("--limit", type=int, default=None, help="annotate at most this many samples")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per teacher call")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    add_max_new_tokens(parser, 256, "answer length limit")
 
 
 def _samples(args):

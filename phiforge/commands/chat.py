@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from phiforge.commands.flags import add_dtype, add_max_new_tokens
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer")
+    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer "
+                                                       "(or phiforge:DIR, or a hub id)")
     parser.add_argument("--system", default=None, help="a system message put before the conversation")
-    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per reply at most")
+    add_max_new_tokens(parser, 256, "new tokens per reply at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
@@ -25,9 +28,16 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                         help="weight-only quantization of the linear layers (faster decoding)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="weights dtype (auto: as stored)")
+    add_dtype(parser, "weights dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def load_engine_from(args: argparse.Namespace, *, compile: bool = False):
+    """The Engine the loading flags (`add_load_arguments`) describe."""
+    from phiforge.serve.load import load_engine
+
+    return load_engine(args.model, quant=None if args.quant == "none" else args.quant, group_size=args.group_size,
+                       dtype=args.dtype, device=args.device, compile=compile)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -35,14 +45,12 @@ def main(args: argparse.Namespace) -> int:
 
     from phiforge.errors import ConfigError
     from phiforge.serve.chat import ChatSession, chat_loop
-    from phiforge.serve.server import load_engine
 
-    if args.max_tokens < 1:
-        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-    engine = load_engine(args.model, quant=None if args.quant == "none" else args.quant, group_size=args.group_size,
-                         dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
-    session = ChatSession(engine, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
+    engine = load_engine_from(args)
+    session = ChatSession(engine, system=args.system, max_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed)
     return chat_loop(session, sys.stdin, sys.stdout, prompt=">>> " if sys.stdin.isatty() else "")

@@ -10,6 +10,8 @@ import argparse
 import re
 from pathlib import Path
 
+from phiforge.commands.flags import add_dtype
+
 
 def parse_size(text: str) -> int:
     """'2GB' / '500MB' / '1.5GiB' / '123' -> bytes."""
@@ -23,8 +25,7 @@ def parse_size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint directory (original or HF layout) or hub id")
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --force)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"], default="auto",
-                        help="dtype of the written weights (default auto: keep the stored dtype)")
+    add_dtype(parser, "dtype of the written weights (default: keep the stored dtype)")
     parser.add_argument("--max-shard-size", type=parse_size, default="2GB", metavar="SIZE",
                         help="split weights into safetensors shards of at most SIZE (default 2GB)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it already exists")

@@ -13,11 +13,14 @@ import argparse
 import sys
 import time
 
+from phiforge.commands.flags import add_dtype, add_max_new_tokens
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts form a batch)")
-    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
+    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer "
+                                                       "(or phiforge:DIR, or a hub id)")
+    add_max_new_tokens(parser, 128, "new tokens per prompt at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
@@ -27,19 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable); the text is cut before it")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="weights dtype (auto: as stored)")
+    add_dtype(parser, "weights dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--no-stream", action="store_true", help="print the text only when it is complete")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
-    from phiforge.errors import CheckpointError, ConfigError, PhiforgeError
+    from phiforge.checkpoint import load_checkpoint
+    from phiforge.errors import ConfigError
     from phiforge.generate import GenerationConfig, generate
-    from phiforge.tokenizer import load_tokenizer
+    from phiforge.lm.spec import checkpoint_dir
+    from phiforge.serve.load import checkpoint_tokenizer
 
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -51,17 +52,9 @@ def main(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    path = Path(resolve_checkpoint(args.model))
-    if not (path / "tokenizer.json").exists():
-        raise CheckpointError(f"{path}: no tokenizer (tokenizer.json) next to the weights; save one with the "
-                              f"checkpoint (save_checkpoint(..., tokenizer=...))")
-    try:
-        tokenizer = load_tokenizer(path)
-    except PhiforgeError:
-        raise
-    except Exception as e:  # a corrupt tokenizer file is the user's to fix, not a bug
-        raise CheckpointError(f"{path / 'tokenizer.json'}: cannot load the tokenizer: {e}") from None
-    model = load_checkpoint(path, dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
+    path = checkpoint_dir(args.model)
+    tokenizer = checkpoint_tokenizer(path)
+    model = load_checkpoint(path, dtype=args.dtype, device=args.device)
 
     stream = sys.stdout if len(args.prompts) == 1 and not args.no_stream else None
     if stream is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from phiforge.commands.flags import add_dtype
 from phiforge.grow import DEPTH_METHODS, WIDTH_METHODS
 
 
@@ -40,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-eps", action="store_true",
                         help="keep the large config's layer_norm_eps instead of scaling the small one by the "
                              "residual copy ratio (then non-integer width growth is only approximate)")
-    parser.add_argument("--dtype", default="auto",
-                        help="dtype to save in: fp32, bf16, fp16 or auto = the small checkpoint's (default: auto)")
+    add_dtype(parser, "dtype to save in (default: the small checkpoint's)")
     parser.add_argument("--verify", action="store_true",
                         help="after growing, run both models on random tokens and print the largest logit "
                              "difference")
@@ -53,12 +53,13 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from phiforge.atomic import atomic_write_json
-    from phiforge.checkpoint import load_checkpoint, parse_dtype, resolve_checkpoint, save_checkpoint
+    from phiforge.checkpoint import load_checkpoint, parse_dtype, save_checkpoint
     from phiforge.config import load_model_config
     from phiforge.errors import ConfigError
     from phiforge.grow import grow_model
+    from phiforge.lm.spec import checkpoint_dir
 
-    src = resolve_checkpoint(args.src)
+    src = checkpoint_dir(args.src)
     large_cfg = load_model_config(args.to)
     dtype = parse_dtype(args.dtype)
     small = load_checkpoint(src, dtype=torch.float32)  # grow in fp32; save in the stored or requested dtype

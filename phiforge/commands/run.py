@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate", action="append", choices=["raw"], default=None,
                    help="raw: also train the same model for the same tokens on the uncurated corpus")
     p.add_argument("--seed", type=int, help="seed for synthesis, data order and training")
+    p.add_argument("--require-isolation", action="store_true", help="refuse to run generated code where the "
+                   "sandbox cannot isolate it (no root, no user namespaces)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,6 +46,10 @@ def main(args: argparse.Namespace) -> int:
     if args.seed is not None:
         over["seed"] = args.seed
     cfg = load_run_config(args.config, fast=args.fast, overrides=over)
+    if args.require_isolation:
+        from phiforge.sandbox import require_isolation
+
+        require_isolation()
     t0 = time.time()
     summaries = run(cfg)
     def line(ev: dict) -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from phiforge.commands.chat import add_load_arguments
+from phiforge.commands.chat import add_load_arguments, load_engine_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer")
+    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer "
+                                                       "(or phiforge:DIR, or a hub id)")
     parser.add_argument("--name", default=None, help="model id clients ask for (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -32,14 +33,13 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from phiforge.errors import ConfigError
-    from phiforge.serve.server import Server, load_engine
+    from phiforge.serve.server import Server
 
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
-    engine = load_engine(args.model, quant=None if args.quant == "none" else args.quant, group_size=args.group_size,
-                         dtype=None if args.dtype == "auto" else args.dtype, device=args.device, compile=args.compile)
+    engine = load_engine_from(args, compile=args.compile)
     name = args.name or Path(args.model).resolve().name
     server = Server(engine, name, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1", flush=True)

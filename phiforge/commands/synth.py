@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "phiforge:CKPT_DIR (overrides the config's teacher)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the prompt sequence (overrides config)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per teacher call (overrides config)")
+    parser.add_argument("--require-isolation", action="store_true", help="refuse to run generated code where "
+                        "the sandbox cannot isolate it (no root, no user namespaces)")
     parser.add_argument("--budget", type=float, default=None,
                         help="cost cap for an OpenAI-compatible teacher; stops cleanly before exceeding it")
 
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from phiforge.data.synth.pipeline import SynthConfig, run_synth
     from phiforge.errors import ConfigError
+    from phiforge.lm.spec import backend_for
 
     cfg = SynthConfig.load(args.config)
     if args.seed is not None:
@@ -44,13 +47,17 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.config}: --teacher given but the config's mix has no textbooks "
                               "(use e.g. configs/synth_textbooks.yaml)")
         cfg.teacher = args.teacher
-        if not args.teacher.startswith("openai:"):  # options of one teacher kind do not fit another
+        if backend_for(args.teacher) != "openai":  # options of one teacher kind do not fit another
             cfg.teacher_options = {k: v for k, v in cfg.teacher_options.items() if k in ("batch_size", "device")}
         else:
             cfg.teacher_options = {k: v for k, v in cfg.teacher_options.items() if k not in ("batch_size", "device")}
     if args.budget is not None:
         cfg.teacher_options["budget"] = args.budget
     cfg.validate(args.config)
+    if args.require_isolation:
+        from phiforge.sandbox import require_isolation
+
+        require_isolation()
     stats = run_synth(cfg, args.out, n=args.n)
     print(json.dumps({k: stats[k] for k in ("kept", "rejected", "duplicates", "code", "tokens", "cost", "stopped")}))
     return 0

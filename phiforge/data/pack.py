@@ -6,6 +6,8 @@ Output directory (written under a temporary name and renamed when complete):
     tokenizer/               the tokenizer the shards were made with (trained here or copied)
     train-00000.bin ...      raw little-endian uint16 (vocab <= 65536) or uint32 token ids
     val-00000.bin ...
+    train-00000.mask ...     fine-tuning examples only (--format completion/chat, data/examples.py): uint8 per
+    train-offsets.bin        token, 1 = trained (completion + EOS); int64 example start offsets, then the total
 
 Every document is followed by EOS, so packed training windows see document boundaries. Each document goes to
 train or val by a keyed hash of its text: the split is deterministic, independent of file order and worker
@@ -32,6 +34,17 @@ from typing import Any
 
 import numpy as np
 
+from phiforge.data.examples import (
+    OVERLONG_RULES,
+    RECORD_FORMATS,
+    ChatTemplate,
+    Segments,
+    fit_example,
+    load_template,
+    record_segments,
+    segments_text,
+    tokenize_segments,
+)
 from phiforge.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -67,6 +80,12 @@ class FileStats:
     val_documents: int = 0
     bad_count: int = 0
     bad: list[BadLine] = field(default_factory=list)
+    # prompt/completion and chat records only
+    train_loss_tokens: int = 0
+    val_loss_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    longest: int = 0
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------
@@ -126,6 +145,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed object, None) per JSON line, or (n, None, reason) for a line that is not JSON."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"undecodable bytes (not UTF-8) at byte {e.start}"
+                continue
+            try:
+                yield n, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield n, None, f"invalid JSON: {e.msg} (column {e.colno})"
+
+
 def iter_records(path: Path, text_field: str = "text") -> Iterator[tuple[int, str | None, str | None]]:
     """Yield (line_or_row_number, text, None) for good records and (n, None, reason) for bad ones.
 
@@ -134,27 +171,16 @@ def iter_records(path: Path, text_field: str = "text") -> Iterator[tuple[int, st
     that is not UTF-8 is reported and dropped."""
     kind = _kind(path)
     if kind == "jsonl":
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield n, None, f"undecodable bytes (not UTF-8) at byte {e.start}"
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, None, f"invalid JSON: {e.msg} (column {e.colno})"
-                    continue
-                text = _field(obj, text_field)
-                if not isinstance(text, str):
-                    what = "missing" if text is None else f"not a string ({type(text).__name__})"
-                    yield n, None, f"field {text_field!r} {what}"
-                    continue
-                yield n, text, None
+        for n, obj, reason in _iter_jsonl(path):
+            if reason is not None:
+                yield n, None, reason
+                continue
+            text = _field(obj, text_field)
+            if not isinstance(text, str):
+                what = "missing" if text is None else f"not a string ({type(text).__name__})"
+                yield n, None, f"field {text_field!r} {what}"
+                continue
+            yield n, text, None
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -193,10 +219,33 @@ def _field(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def iter_texts(files: Iterable[Path], text_field: str = "text", strict: bool = False) -> Iterator[str]:
+def iter_examples(path: Path, fmt: str, template: ChatTemplate | None = None
+                  ) -> Iterator[tuple[int, Segments | None, str | None]]:
+    """Yield (line, segments, None) for good prompt/completion or chat records, (line, None, reason) for bad ones
+    (JSONL only: examples are records with named fields)."""
+    if _kind(path) != "jsonl":
+        raise DataError(f"{path}: {fmt} records are read from JSONL files (.jsonl[.gz]), not {path.suffix}")
+    for n, obj, reason in _iter_jsonl(path):
+        if reason is None:
+            got = record_segments(obj, fmt, template)
+            if isinstance(got, str):
+                yield n, None, got
+            else:
+                yield n, got, None
+        else:
+            yield n, None, reason
+
+
+def iter_texts(files: Iterable[Path], text_field: str = "text", strict: bool = False, *, records: str = "text",
+               template: ChatTemplate | None = None) -> Iterator[str]:
     """Every good document's text, in file order (used to train a tokenizer without loading the corpus)."""
     for path in files:
-        for n, text, reason in iter_records(path, text_field):
+        if records == "text":
+            found: Iterable[tuple[int, str | None, str | None]] = iter_records(path, text_field)
+        else:
+            found = ((n, segments_text(seg) if seg else None, reason)
+                     for n, seg, reason in iter_examples(path, records, template))
+        for n, text, reason in found:
             if reason is not None:
                 if strict:
                     raise DataError(f"{path}:{n}: {reason}")
@@ -239,6 +288,9 @@ def _pack_file(job: dict[str, Any]) -> FileStats:
     """Tokenize one file into `<parts>/<index>.train.bin` and `.val.bin`; returns its counts and bad lines."""
     from phiforge.tokenizer import load_tokenizer
 
+    if job["records"] != "text":
+        return _pack_examples_file(job)
+
     path = Path(job["path"])
     tok = load_tokenizer(job["tokenizer"])
     eos, dtype = tok.eos_token_id, np.dtype(job["dtype"])
@@ -270,11 +322,7 @@ def _pack_file(job: dict[str, Any]) -> FileStats:
 
         for n, text, reason in iter_records(path, job["text_field"]):
             if reason is not None:
-                if job["strict"]:
-                    raise DataError(f"{path}:{n}: {reason} (--strict)")
-                stats.bad_count += 1
-                if len(stats.bad) < MAX_BAD_EXAMPLES:
-                    stats.bad.append(BadLine(str(path), n, reason))
+                _bad(stats, job, path, n, reason)
                 continue
             if not text:
                 continue
@@ -282,6 +330,72 @@ def _pack_file(job: dict[str, Any]) -> FileStats:
             if len(batch) >= _BATCH_DOCS:
                 flush()
         flush()
+    return stats
+
+
+def _bad(stats: FileStats, job: dict[str, Any], path: Path, n: int, reason: str) -> None:
+    """Count a bad record (and keep its file:line), or stop with it under --strict."""
+    if job["strict"]:
+        raise DataError(f"{path}:{n}: {reason} (--strict)")
+    stats.bad_count += 1
+    if len(stats.bad) < MAX_BAD_EXAMPLES:
+        stats.bad.append(BadLine(str(path), n, reason))
+
+
+def _pack_examples_file(job: dict[str, Any]) -> FileStats:
+    """Prompt/completion or chat records of one file -> per split: token ids (`.bin`), the loss mask (`.mask`,
+    uint8, one per token) and example lengths (`.len`, int64), so the loader can pack whole examples."""
+    from phiforge.tokenizer import load_tokenizer
+
+    path = Path(job["path"])
+    tok = load_tokenizer(job["tokenizer"])
+    dtype = np.dtype(job["dtype"])
+    stats = FileStats(path=str(path), sha256=file_sha256(path))
+    parts = Path(job["parts"])
+    files = {f"{split}.{kind}": open(parts / f"{job['index']:05d}.{split}.{kind}", "wb")  # noqa: SIM115
+             for split in ("train", "val") for kind in ("bin", "mask", "len")}
+    try:
+        batch: list[tuple[int, Segments]] = []
+
+        def flush() -> None:
+            flat = tok.encode_batch([text for _, seg in batch for text, _ in seg]) if batch else []
+            at, ntok = 0, 0
+            for n, seg in batch:
+                got = tokenize_segments(flat[at:at + len(seg)], seg, tok.eos_token_id)
+                at += len(seg)
+                if isinstance(got, str):
+                    _bad(stats, job, path, n, got)
+                    continue
+                ids, mask, fate = fit_example(*got, job["max_tokens"], job["overlong"])
+                if fate == "dropped":
+                    stats.dropped += 1
+                    continue
+                stats.truncated += fate == "truncated"
+                split = "val" if is_val(segments_text(seg), job["val_fraction"], job["seed"]) else "train"
+                np.asarray(ids, dtype=dtype).tofile(files[f"{split}.bin"])
+                np.asarray(mask, dtype=np.uint8).tofile(files[f"{split}.mask"])
+                np.asarray([len(ids)], dtype=np.int64).tofile(files[f"{split}.len"])
+                setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids))
+                setattr(stats, f"{split}_documents", getattr(stats, f"{split}_documents") + 1)
+                setattr(stats, f"{split}_loss_tokens", getattr(stats, f"{split}_loss_tokens") + sum(mask))
+                stats.documents += 1
+                stats.longest = max(stats.longest, len(ids))
+                ntok += len(ids)
+            _bump(len(batch), ntok)
+            batch.clear()
+
+        for n, seg, reason in iter_examples(path, job["records"], job["template"]):
+            if reason is not None:
+                _bad(stats, job, path, n, reason)
+                continue
+            batch.append((n, seg))
+            if len(batch) >= _BATCH_DOCS:
+                flush()
+        flush()
+    finally:
+        for f in files.values():
+            f.close()
+    stats.bad.sort(key=lambda b: b.line)  # tokenization finds some in batches, after later lines' parse errors
     return stats
 
 
@@ -308,12 +422,19 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                 tokenizer: str | os.PathLike | None = None, train_vocab: int | None = None,
                 min_frequency: int = 2, text_field: str = "text", val_fraction: float = 0.01, seed: int = 0,
                 workers: int | None = None, strict: bool = False,
-                shard_tokens: int = DEFAULT_SHARD_TOKENS) -> PackResult:
+                shard_tokens: int = DEFAULT_SHARD_TOKENS, records: str = "text", template: str | None = None,
+                seq_len: int | None = None, overlong: str = "truncate") -> PackResult:
     """Tokenize `inputs` (paths, dirs, globs) into token shards under `out_dir`; returns the manifest.
 
     Exactly one of `tokenizer` (a tokenizer dir or tokenizer.json) and `train_vocab` (train a BPE tokenizer of
     that size on the inputs first, streaming) must be given. Bad records are skipped, counted and reported with
-    file:line (the first one is a DataError when `strict`)."""
+    file:line (the first one is a DataError when `strict`).
+
+    `records`: "text" (documents), or fine-tuning examples, "completion" ({"prompt", "completion"}) or "chat"
+    ({"messages"}, rendered by `template`, a shipped name or YAML file; default phi-2), see data/examples.py.
+    Examples also get a loss mask beside each token shard and their boundaries (`<split>-offsets.bin`); an
+    example longer than seq_len + 1 tokens (one training row; default seq_len 2048) is fitted by `overlong`:
+    "truncate" (prompt tokens from the left) or "drop", counted in the manifest."""
     from phiforge.atomic import atomic_dir, atomic_write_json
     from phiforge.progress import progress
     from phiforge.tokenizer import load_tokenizer, train_tokenizer
@@ -323,14 +444,27 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                         "(--train-tokenizer)")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if records not in RECORD_FORMATS:
+        raise DataError(f"record format {records!r} is not one of {', '.join(RECORD_FORMATS)}")
+    if overlong not in OVERLONG_RULES:
+        raise DataError(f"overlong rule {overlong!r} is not one of {', '.join(OVERLONG_RULES)}")
+    examples = records != "text"
+    if not examples and (template is not None or seq_len is not None):
+        raise DataError("a chat template and seq_len apply to completion/chat records only (--format)")
+    if template is not None and records != "chat":
+        raise DataError("a chat template applies to chat records only (--format chat)")
+    chat = load_template(template or "phi-2") if records == "chat" else None
+    seq_len = seq_len or 2048
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
     files = expand_inputs(inputs)
     out = Path(out_dir)
     t0 = time.time()
     with atomic_dir(out) as tmp:
         tok_dir = tmp / "tokenizer"
         if train_vocab is not None:
-            tok = train_tokenizer(iter_texts(files, text_field, strict), vocab_size=int(train_vocab),
-                                  min_frequency=min_frequency)
+            tok = train_tokenizer(iter_texts(files, text_field, strict, records=records, template=chat),
+                                  vocab_size=int(train_vocab), min_frequency=min_frequency)
         else:
             tok = load_tokenizer(tokenizer)
         tok_dir.mkdir()
@@ -340,14 +474,16 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
         parts = tmp / ".parts"
         parts.mkdir()
         jobs = [dict(index=i, path=str(p), tokenizer=str(tok_dir), dtype=dtype, text_field=text_field,
-                     val_fraction=val_fraction, seed=seed, strict=strict, parts=str(parts))
+                     val_fraction=val_fraction, seed=seed, strict=strict, parts=str(parts), records=records,
+                     template=chat, max_tokens=seq_len + 1, overlong=overlong)
                 for i, p in enumerate(files)]
         stats = _run_jobs(jobs, workers, progress)
         total_docs = sum(s.documents for s in stats)
         if total_docs == 0:
+            what = f"is the text field {text_field!r} right?" if not examples else \
+                f"are these {records} records?{' Too long for seq_len?' if any(s.dropped for s in stats) else ''}"
             raise DataError(f"no usable documents in {len(files)} input file(s) "
-                            f"({sum(s.bad_count for s in stats)} bad record(s); is the text field "
-                            f"{text_field!r} right?)")
+                            f"({sum(s.bad_count for s in stats)} bad record(s); {what})")
         splits = {}
         for split in ("train", "val"):
             shards = _merge_parts(parts, split, len(files), tmp, np.dtype(dtype), shard_tokens)
@@ -356,6 +492,12 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                 "documents": sum(getattr(s, f"{split}_documents") for s in stats),
                 "shards": shards,
             }
+            if examples:
+                masks = _merge_parts(parts, split, len(files), tmp, np.dtype(np.uint8), shard_tokens, kind="mask")
+                for shard, mask in zip(shards, masks, strict=True):
+                    shard["mask"] = mask["file"]
+                splits[split]["loss_tokens"] = sum(getattr(s, f"{split}_loss_tokens") for s in stats)
+                splits[split]["offsets"] = _merge_offsets(parts, split, len(files), tmp)
         shutil.rmtree(parts)
         bad = [str(b) for s in stats for b in s.bad][:MAX_BAD_EXAMPLES]
         manifest = {
@@ -374,6 +516,20 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             "bad_lines": {"count": sum(s.bad_count for s in stats), "examples": bad},
             "seconds": round(time.time() - t0, 3),
         }
+        if examples:
+            manifest["records"] = records
+            if chat is not None:
+                manifest["template"] = chat.to_dict()
+            manifest["examples"] = {
+                "max_tokens": seq_len + 1,  # inputs + next-token targets of one row of seq_len
+                "overlong": overlong,
+                "rule": "truncate: prompt tokens cut from the left, keeping one before the completion; an example "
+                        "whose completion alone is too long is dropped" if overlong == "truncate"
+                        else "drop: every example longer than max_tokens is dropped",
+                "truncated": sum(s.truncated for s in stats),
+                "dropped": sum(s.dropped for s in stats),
+                "longest": max(s.longest for s in stats),
+            }
         atomic_write_json(tmp / MANIFEST, manifest)
     return PackResult(out, manifest)
 
@@ -421,21 +577,22 @@ def _rate(docs: int, tokens: int, t0: float) -> str:
 
 
 def _merge_parts(parts: Path, split: str, n_files: int, out: Path, dtype: np.dtype,
-                 shard_tokens: int) -> list[dict[str, Any]]:
-    """Concatenate per-file parts (in file order) into shards of at most `shard_tokens` tokens."""
+                 shard_tokens: int, kind: str = "bin") -> list[dict[str, Any]]:
+    """Concatenate per-file parts (in file order) into shards of at most `shard_tokens` tokens. `kind` "mask"
+    merges the loss masks, which roll over into shards at the same tokens as the ids."""
     shards: list[dict[str, Any]] = []
     f = None
     chunk = 1 << 20
     try:
         for i in range(n_files):
-            src = np.memmap(parts / f"{i:05d}.{split}.bin", dtype=dtype, mode="r") \
-                if (parts / f"{i:05d}.{split}.bin").stat().st_size else np.zeros(0, dtype)
+            part = parts / f"{i:05d}.{split}.{kind}"
+            src = np.memmap(part, dtype=dtype, mode="r") if part.stat().st_size else np.zeros(0, dtype)
             pos = 0
             while pos < len(src):
                 if f is None or shards[-1]["tokens"] >= shard_tokens:
                     if f is not None:
                         f.close()
-                    name = f"{split}-{len(shards):05d}.bin"
+                    name = f"{split}-{len(shards):05d}.{kind}"
                     f = open(out / name, "wb")  # noqa: SIM115 - rolls over to the next shard
                     shards.append({"file": name, "tokens": 0})
                 take = min(chunk, len(src) - pos, shard_tokens - shards[-1]["tokens"])
@@ -446,6 +603,15 @@ def _merge_parts(parts: Path, split: str, n_files: int, out: Path, dtype: np.dty
         if f is not None:
             f.close()
     return shards
+
+
+def _merge_offsets(parts: Path, split: str, n_files: int, out: Path) -> str:
+    """Example boundaries of a split: int64 start offsets into its concatenated tokens, then the total."""
+    lengths = [np.fromfile(parts / f"{i:05d}.{split}.len", dtype=np.int64) for i in range(n_files)]
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    name = f"{split}-offsets.bin"
+    offsets.tofile(out / name)
+    return name
 
 
 # ---- reading packed data --------------------------------------------------------------------------------------
@@ -478,3 +644,33 @@ def open_split(data_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
             raise DataError(f"{path}: {len(arr)} tokens, the manifest says {s['tokens']} (truncated?)")
         out.append(arr)
     return out
+
+
+def open_masks(data_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
+    """The memory-mapped uint8 loss masks of a split's shards (1 = the token is a training target), in order."""
+    m = read_manifest(data_dir)
+    if "records" not in m:
+        raise DataError(f"{data_dir}: plain-text tokens have no loss mask (tokenize with --format completion/chat)")
+    out = []
+    for s in m["splits"][split]["shards"]:
+        path = Path(data_dir) / s["mask"]
+        if not path.exists():
+            raise DataError(f"{path}: loss mask listed in the manifest is missing")
+        arr = np.memmap(path, dtype=np.uint8, mode="r")
+        if len(arr) != s["tokens"]:
+            raise DataError(f"{path}: {len(arr)} mask entries for {s['tokens']} tokens (truncated?)")
+        out.append(arr)
+    return out
+
+
+def read_offsets(data_dir: str | os.PathLike, split: str) -> np.ndarray:
+    """Example boundaries of a split: start offsets into its concatenated tokens, then the total (int64)."""
+    m = read_manifest(data_dir)
+    path = Path(data_dir) / m["splits"][split]["offsets"]
+    if not path.exists():
+        raise DataError(f"{path}: example offsets listed in the manifest are missing")
+    offsets = np.fromfile(path, dtype=np.int64)
+    if len(offsets) != m["splits"][split]["documents"] + 1 or offsets[-1] != m["splits"][split]["tokens"]:
+        raise DataError(f"{path}: {len(offsets) - 1} examples / {offsets[-1] if len(offsets) else 0} tokens, the "
+                        f"manifest says {m['splits'][split]['documents']} / {m['splits'][split]['tokens']}")
+    return offsets

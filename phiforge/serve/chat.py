@@ -114,12 +114,13 @@ class ChatSession:
 
     def reply(self, user: str, on_text: Any = None) -> str:
         """Answer `user` (streaming text pieces to on_text(str) as they are final) and remember the exchange."""
+        from phiforge.lm.sampling import Sampling
         from phiforge.serve.engine import Request
 
         ids, stops = self.prompt_ids(user)
         room = max(1, min(self.max_tokens, self.engine.context - len(ids)))
-        req = Request(ids, max_tokens=room, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                      stop=stops)
+        req = Request(ids, Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                                    max_new_tokens=room, stop=stops))
         lead = [not getattr(self.engine.tokenizer, "chat_template", None)]  # "Output:" is followed by a space
 
         def emit(row: int, text: str, info: Any) -> None:

@@ -21,22 +21,19 @@ from typing import Any
 
 import torch
 
-from phiforge.generate import GenerationConfig, IncrementalDecoder, next_tokens, prepare_decoding
+from phiforge.generate import IncrementalDecoder, next_tokens, prepare_decoding
+from phiforge.lm.sampling import Sampling, find_stop
 from phiforge.model import Phi
 
 
 @dataclass
 class Request:
-    """One prompt to complete. `logprobs` = how many top alternatives to report per token (None: no logprobs;
-    0: only the chosen token's). `echo_logprobs` also scores the prompt's tokens."""
+    """One prompt to complete as `sampling` says (max_new_tokens 16 unless given, OpenAI's default). `logprobs` =
+    how many top alternatives to report per token (None: no logprobs; 0: only the chosen token's).
+    `echo_logprobs` also scores the prompt's tokens."""
 
     prompt_ids: list[int]
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = Sampling(max_new_tokens=16)
     logprobs: int | None = None
     echo_logprobs: bool = False
     ignore_eos: bool = False
@@ -83,10 +80,11 @@ class Engine:
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype  # activations and the KV cache
         self.context = model.config.max_position_embeddings
-        self.step = torch.compile(model, dynamic=True) if compile else model
         self.compiled = compile
-        if not compile:
-            prepare_decoding(model)  # the flat one-token path (fused int8 matmuls for quantized models) on CPU
+        # every KV-cache call goes through the decoder: on CPU its plan runs the flat one-token path (fused int8
+        # matmuls for quantized models); a compiled step traces the model's modules instead
+        self.decoder = prepare_decoding(model, pack=False if compile else None)
+        self.step = torch.compile(model, dynamic=True) if compile else self.decoder.step
 
     # ---- scoring --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -97,7 +95,7 @@ class Engine:
         x = torch.tensor([ids], device=self.device)
         for s in range(0, len(ids) - 1, self.prefill_chunk):
             chunk = x[:, s:min(s + self.prefill_chunk, len(ids) - 1)]
-            lp = self.model(chunk, cache=cache)[0].float().log_softmax(-1)  # (T, V)
+            lp = self.decoder.step(chunk, cache)[0].float().log_softmax(-1)  # (T, V)
             for t in range(chunk.shape[1]):
                 out.append(_top(lp[t], ids[s + t + 1], k))
         return out
@@ -113,8 +111,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
-        GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                         top_k=req.top_k).validate()
+        req.sampling.validate()
 
     @torch.inference_mode()
     def run(self, requests: list[Request], on_text: TextCallback | None = None) -> list[Result]:
@@ -125,12 +122,12 @@ class Engine:
         for i, r in enumerate(requests):
             if r.echo_logprobs:
                 results[i].prompt_logprobs = self.prompt_logprobs(r.prompt_ids, r.logprobs or 0)
-        live = [i for i, r in enumerate(requests) if r.max_tokens > 0]
+        live = [i for i, r in enumerate(requests) if r.sampling.max_new_tokens > 0]
         if not live:
             return results
         longest = max(len(requests[i].prompt_ids) for i in live)
         # Left padding puts every row's first new token at position `longest` of the cache.
-        max_len = min(self.context, longest + max(requests[i].max_tokens for i in live))
+        max_len = min(self.context, longest + max(requests[i].sampling.max_new_tokens for i in live))
         n = len(live)
         ids = torch.full((n, longest), self.pad, dtype=torch.long)  # (n, T) left-padded
         mask = torch.zeros(n, longest, dtype=torch.long)
@@ -143,19 +140,19 @@ class Engine:
         cache = self.model.new_cache(n, max_len)
         for s in range(0, longest, self.prefill_chunk):  # chunked prefill
             e = min(s + self.prefill_chunk, longest)
-            logits = self.model(ids[:, s:e], attention_mask=mask[:, s:e] if padded else None, cache=cache,
-                                last_only=True)[:, -1]  # (n, V)
+            logits = self.decoder.step(ids[:, s:e], cache, mask[:, s:e] if padded else None,
+                                       last_only=True)[:, -1]  # (n, V)
 
         gens = {}
         for i in live:
-            r = requests[i]
-            if r.temperature > 0:
+            s = requests[i].sampling
+            if s.temperature > 0:
                 g = torch.Generator(device=self.device)
-                g.manual_seed(r.seed if r.seed is not None else int(torch.seed() % 2**63))
-                gens[i] = (GenerationConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p), g)
+                g.manual_seed(s.seed if s.seed is not None else int(torch.seed() % 2**63))
+                gens[i] = (s, g)  # next_tokens without `seen`: the repetition penalty is not applied here
         decoders = {i: IncrementalDecoder(self.tokenizer) for i in live}
         emitted = dict.fromkeys(live, 0)  # characters of the text already released
-        holds = {i: max((len(s) for s in requests[i].stop), default=1) - 1 for i in live}
+        holds = {i: max((len(s) for s in requests[i].sampling.stop), default=1) - 1 for i in live}
         pending: dict[int, list[TokenLogprob | None]] = {i: [] for i in live}  # logprobs of unreleased text
 
         def release(i: int, final: bool) -> None:
@@ -172,7 +169,7 @@ class Engine:
                         on_text(i, chunk if k == 0 else "", info)
 
         rows = list(live)  # request index of each row in the batch
-        # Greedy rows that want no logprobs need only each step's argmax (Phi.greedy_step: cheaper lm_head)
+        # Greedy rows that want no logprobs need only each step's argmax (Decoder.greedy_step: cheaper lm_head)
         argmax_only = not gens and not self.compiled and all(requests[i].logprobs is None for i in live)
         next_tok = None
         while True:
@@ -204,18 +201,18 @@ class Engine:
                 else:
                     dec = decoders[i]
                     new = dec.push(t)
-                    if new and r.stop:
+                    if new and r.sampling.stop:
                         start = max(0, len(dec.text) - len(new) - holds[i])
-                        cut = min((k for s in r.stop if (k := dec.text.find(s, start)) >= 0), default=-1)
+                        cut = find_stop(dec.text, r.sampling.stop, start)
                         if cut >= 0:
                             dec.text = dec.text[:cut]
                             res.finish_reason, done = "stop", True
-                if not done and (len(res.token_ids) >= r.max_tokens or cache.length >= max_len):
+                if not done and (len(res.token_ids) >= r.sampling.max_new_tokens or cache.length >= max_len):
                     res.finish_reason, done = "length", True
                 if done:
                     decoders[i].flush()  # an incomplete UTF-8 tail becomes U+FFFD
                     text = decoders[i].text
-                    cut = min((k for s in r.stop if (k := text.find(s)) >= 0), default=-1)
+                    cut = find_stop(text, r.sampling.stop)
                     if cut >= 0:
                         decoders[i].text = text[:cut]
                         res.finish_reason = "stop"
@@ -232,7 +229,7 @@ class Engine:
                 tok = tok[sel]
                 rows = [rows[j] for j in keep]
             if argmax_only:
-                next_tok = self.model.greedy_step(tok[:, None], cache)  # (n',)
+                next_tok = self.decoder.greedy_step(tok[:, None], cache)  # (n',)
             else:
                 logits = self.step(tok[:, None], cache=cache)[:, -1]  # (n', V)
         return results

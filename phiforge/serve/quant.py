@@ -185,8 +185,9 @@ def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: b
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
-    if hasattr(model, "release_decoding"):
-        model.release_decoding()  # prepacked fp copies would otherwise outlive the weights they copy
+    from phiforge.decode import release  # here: phiforge.decode imports this module
+
+    release(model)  # a decode plan's prepacked fp copies would otherwise outlive the weights they copy
     targets = [(block.self_attn, name) for block in model.model.layers for name in ("q_proj", "k_proj", "v_proj",
                                                                                       "dense")]
     targets += [(block.mlp, name) for block in model.model.layers for name in ("fc1", "fc2")]

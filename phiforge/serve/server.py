@@ -24,11 +24,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations by name
 
+from phiforge.lm.sampling import Sampling
 from phiforge.serve.chat import format_chat
 from phiforge.serve.engine import Engine, Request, TokenLogprob
 
@@ -205,13 +206,13 @@ class Server:
                                 f"{len(prompt_ids)} and {max_tokens_field} asks for {max_tokens} more",
                            param=max_tokens_field, code="context_length_exceeded")
         top_k = _field(body, "top_k", (int,), None, low=0)  # an extension, as in vLLM
-        req = Request(prompt_ids=prompt_ids, max_tokens=max_tokens,
-                      temperature=float(_field(body, "temperature", (int, float), 1.0, low=0, high=2)),
-                      top_p=float(_field(body, "top_p", (int, float), 1.0, low=0, high=1)), top_k=top_k,
-                      seed=_field(body, "seed", (int,), None), stop=_stops(body))
-        if req.top_p == 0:
-            req.top_p = None if req.temperature == 0 else 1e-9  # top_p 0: only the most likely token
-            req.temperature = 0.0 if req.top_p is None else req.temperature
+        temperature = float(_field(body, "temperature", (int, float), 1.0, low=0, high=2))
+        top_p: float | None = float(_field(body, "top_p", (int, float), 1.0, low=0, high=1))
+        if top_p == 0:  # top_p 0: only the most likely token
+            top_p = None if temperature == 0 else 1e-9
+        req = Request(prompt_ids, Sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                                           seed=_field(body, "seed", (int,), None), max_new_tokens=max_tokens,
+                                           stop=_stops(body)))
         try:
             self.engine.validate(req)
         except ValueError as e:
@@ -399,7 +400,7 @@ class Server:
         ids = self.tokenizer.encode(prompt)
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         req = self._sampling(body, ids, field, default_max=min(256, self.engine.context - len(ids)))
-        req.stop = req.stop + stops
+        req.sampling = replace(req.sampling, stop=req.sampling.stop + tuple(stops))
         want_lp = bool(_field(body, "logprobs", (bool,), False))
         top = _field(body, "top_logprobs", (int,), 0, low=0, high=20)
         req.logprobs = top if want_lp else None
@@ -537,25 +538,3 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
-
-
-def load_engine(model_dir: str, *, quant: str | None = None, group_size: int = 128, dtype: str | None = None,
-                device: str = "cpu", compile: bool = False) -> Engine:
-    """An Engine for a checkpoint directory (weights + tokenizer), optionally quantized."""
-    from pathlib import Path
-
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
-    from phiforge.errors import CheckpointError
-    from phiforge.tokenizer import load_tokenizer
-
-    path = Path(resolve_checkpoint(model_dir))
-    if not (path / "tokenizer.json").exists():
-        raise CheckpointError(f"{path}: no tokenizer (tokenizer.json) next to the weights; save one with the "
-                              f"checkpoint (save_checkpoint(..., tokenizer=...))")
-    tokenizer = load_tokenizer(path)
-    model = load_checkpoint(path, dtype=dtype, device=device).eval()
-    if quant:
-        from phiforge.serve.quant import quantize
-
-        quantize(model, quant, group_size=group_size)
-    return Engine(model, tokenizer, compile=compile)

@@ -10,9 +10,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from phiforge.config import read_yaml
+from phiforge.configio import Source, check_keys, load_yaml, read_dataclass
 from phiforge.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the shipped recipes (tiny, phi-1.5, phi-2)
@@ -61,6 +61,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     loss_chunk: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = auto (chunk only huge logits)
     device: str = "auto"  # auto | cpu | cuda
+    # LoRA (peft; train/lora.py): adapters on a checkpoint's linears, everything else frozen
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,dense,fc1,fc2"  # comma-separated
+    merge: bool = False  # LoRA: also write out/merged/, the base with the adapters folded in (HF layout)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +101,11 @@ class TrainConfig:
                 raise ConfigError(f"train config: {name} must be >= 0, got {getattr(self, name)!r}")
         if self.log_every < 1:
             raise ConfigError(f"train config: log_every must be >= 1, got {self.log_every}")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError("train config: lora_rank must be >= 0, lora_alpha > 0, lora_dropout in [0, 1)")
+        if self.merge and not self.lora_rank:
+            raise ConfigError("train config: merge folds LoRA adapters into the base model; set lora_rank "
+                              "(--lora-rank R) too")
 
     def total_steps(self, world_size: int = 1) -> int:
         """max_steps, or max_tokens divided by the tokens of one optimizer step (rounded up)."""
@@ -112,66 +123,11 @@ class TrainConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Check/convert a YAML value against the field's type hint (ints for floats allowed, '1e-3' strings too)."""
-    text = str(hint)
-    optional = "None" in text
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {name} may not be null")
-    try:
-        if text.startswith("bool") or hint is bool:
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if text.startswith("int") or hint is int:
-            if isinstance(value, bool):
-                raise TypeError
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            if isinstance(value, str):
-                return int(float(value)) if float(value).is_integer() else int(value)
-            if not isinstance(value, int):
-                raise TypeError
-            return value
-        if text.startswith("float") or hint is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if text.startswith("tuple"):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError
-            return tuple(float(v) for v in value)
-        if text.startswith("dict"):
-            if not isinstance(value, dict):
-                raise TypeError
-            return dict(value)
-        if text.startswith("str") or hint is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise TypeError
-            return str(value)
-    except (TypeError, ValueError):
-        shown = hint.__name__ if isinstance(hint, type) else text.replace("typing.", "")
-        raise ConfigError(f"{source}: {name} should be {shown}, got {value!r}") from None
-    return value
-
-
-def from_dict(d: dict[str, Any], source: str = "train config") -> TrainConfig:
-    """Build a TrainConfig; unknown keys are errors naming the key and the source file."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of train config keys, got {type(d).__name__}")
-    hints = get_type_hints(TrainConfig)
-    known = [f.name for f in fields(TrainConfig)]
-    unknown = [k for k in d if k not in known]
-    if unknown:
-        raise ConfigError(f"{source}: unknown train config key(s) {', '.join(map(repr, unknown))} "
-                          f"(known: {', '.join(known)})")
-    values = {k: _coerce(k, v, hints[k], source) for k, v in d.items()}
-    try:
-        return TrainConfig(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {str(e).removeprefix('train config: ')}") from None
+def from_dict(d: dict[str, Any], source: str | Source = "train config") -> TrainConfig:
+    """Build a TrainConfig (values coerced to the field types); unknown keys and bad values are errors naming
+    the key and the source (FILE:LINE when `source` is a file read by `phiforge.configio.load_yaml`)."""
+    src = source if isinstance(source, Source) else Source(source)
+    return read_dataclass(TrainConfig, d, src, what="train config")
 
 
 def resolve_config_path(spec: str | os.PathLike) -> Path:
@@ -206,21 +162,15 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                       base: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML recipe (or a shipped name), apply KEY=VALUE overrides; unknown keys name the key and file."""
+    """Read a YAML recipe (or a shipped name), apply KEY=VALUE overrides; unknown keys name the key and file:line."""
 
-    data: dict[str, Any] = dict(base or {})
-    source = "train config"
+    src = Source("train config", dict(base or {}))
     if path is not None:
-        p = resolve_config_path(path)
-        source = str(p)
-        loaded = read_yaml(p, what="train config keys")
-        known = [f.name for f in fields(TrainConfig)]
-        unknown = [k for k in loaded if k not in known]
-        if unknown:
-            raise ConfigError(f"{p}: unknown train config key(s) {', '.join(map(repr, unknown))} "
-                              f"(known: {', '.join(known)})")
-        data.update(loaded)
+        loaded = load_yaml(resolve_config_path(path), what="train config keys")
+        check_keys(loaded.data, [f.name for f in fields(TrainConfig)], loaded, what="train config")
+        src = Source(loaded.name, {**src.data, **loaded.data}, loaded.lines)
     known = {f.name for f in fields(TrainConfig)}
+    over: dict[str, Any] = {}
     for item in overrides or []:
         key, value = parse_override(item)
         top, _, rest = key.partition(".")
@@ -229,7 +179,10 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
         if rest:
             if top != "model_overrides":
                 raise ConfigError(f"override {item!r}: {top!r} has no sub-keys")
-            data[top] = {**(data.get(top) or {}), rest: value}
+            over[top] = {**(over.get(top) or src.data.get(top) or {}), rest: value}
         else:
-            data[top] = value
-    return from_dict(data, source=source + (" + overrides" if overrides else ""))
+            over[top] = value
+    if over:  # overridden keys lose their file lines: an error in one names the overrides
+        src = Source(src.name, {**src.data, **over}, {p: n for p, n in src.lines.items() if p[0] not in over},
+                     "overrides")
+    return from_dict(src.data, src)

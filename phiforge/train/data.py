@@ -1,4 +1,5 @@
-"""Batches from packed token shards: sequential chunks in a seeded order, resumable, sliced across ranks.
+"""Batches from packed token shards: sequential chunks (or packed examples) in a seeded order, resumable,
+sliced across ranks.
 
 The train split (all shards, concatenated) is cut into `n` non-overlapping chunks of seq_len + 1 tokens
 (consecutive chunks share one token: chunk i covers tokens [i*T, i*T + T]). Each epoch visits the chunks in a
@@ -6,17 +7,23 @@ permutation drawn from (seed, epoch). The whole position is one integer, `cursor
 consumed. Every micro-step takes the next micro_batch x world_size chunks and rank r keeps its slice
 [r*mb, (r+1)*mb), so N ranks x micro_batch see exactly the chunks one process with N*micro_batch sees
 (the DDP/FSDP equality test relies on this).
+
+Fine-tuning examples (`phiforge tokenize --format completion|chat`) are never cut: `ExampleLoader` packs whole
+examples into rows of seq_len positions once (next-fit, in a seeded order), and the rows take the place of the
+chunks above. A row carries, besides inputs and targets, the loss mask of its targets, positions restarting at 0
+with each example, and segment ids (which example each position belongs to, for the block-diagonal attention
+mask); the padding after the last example that fits is one more segment, with no loss.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from phiforge.data.pack import open_split, read_manifest
+from phiforge.data.pack import open_masks, open_split, read_manifest, read_offsets
 from phiforge.errors import DataError
 
 
@@ -95,6 +102,113 @@ class ChunkLoader:
         self.cursor = int(state["cursor"])
         self.seed = int(state["seed"])
         self._perm = None
+
+
+class Batch(NamedTuple):
+    """A micro-batch of packed examples, every field (B, T). `model(*batch)` passes them all to CausalLMLoss."""
+
+    inputs: torch.Tensor  # token ids
+    targets: torch.Tensor  # next-token ids (meaningless where loss_mask is False)
+    loss_mask: torch.Tensor  # bool: the target is a completion token (or an example's closing EOS)
+    position_ids: torch.Tensor | None  # 0, 1, ... within each example
+    segment_ids: torch.Tensor | None  # the example (0, 1, ...) of each position; padding is the last segment
+    # (both None: one example per row, padded at the end, plain causal attention: bench/finetune.py's baseline)
+
+
+PACKING_STREAM = 1 << 40  # the packing order's RNG stream: [seed, PACKING_STREAM], apart from the epochs' [seed, e]
+
+
+def pack_rows(positions: np.ndarray, capacity: int, order: np.ndarray) -> list[list[int]]:
+    """Next-fit packing: examples (taking `positions[i]` positions each) in `order`, a new row whenever the next
+    one does not fit in `capacity`. Every example must fit a row on its own."""
+    rows: list[list[int]] = []
+    row: list[int] = []
+    used = 0
+    for i in order.tolist():
+        if row and used + positions[i] > capacity:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += int(positions[i])
+    if row:
+        rows.append(row)
+    return rows
+
+
+class ExampleLoader(ChunkLoader):
+    """Yields `Batch`es of whole examples packed into rows of seq_len positions; rows play the role of chunks
+    (same epochs, cursor, rank slicing and state)."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch: int, *, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.manifest = read_manifest(data_dir)
+        self.stream = TokenStream(open_split(data_dir, split))
+        self.masks = TokenStream(open_masks(data_dir, split))
+        self.offsets = read_offsets(data_dir, split)
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.split = seed, shuffle, split
+        self.eos = int(self.manifest["eos_token_id"])
+        # An example of n tokens takes n - 1 positions: inputs are all its tokens but the last, targets all but
+        # the first.
+        positions = np.diff(self.offsets) - 1
+        longest = int(positions.max()) + 1 if len(positions) else 0
+        if longest > seq_len + 1:
+            raise DataError(f"{data_dir}: the {split} split has examples of up to {longest} tokens, but a row of "
+                            f"seq_len {seq_len} holds {seq_len + 1}; raise seq_len or re-tokenize with "
+                            f"`phiforge tokenize --seq-len {seq_len}` (which truncates or drops longer ones)")
+        order = np.random.default_rng([seed, PACKING_STREAM]).permutation(len(positions)) if shuffle \
+            else np.arange(len(positions))
+        self.rows = pack_rows(positions, seq_len, order)
+        self.n_chunks = len(self.rows)
+        self.cursor = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def packing_stats(self) -> dict[str, Any]:
+        """Examples, rows, and the fraction of row positions that hold example tokens (the rest is padding)."""
+        used = int(self.offsets[-1]) - (len(self.offsets) - 1)
+        return {"examples": len(self.offsets) - 1, "rows": self.n_chunks,
+                "fill": used / (self.n_chunks * self.seq_len) if self.n_chunks else 0.0}
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example i's token ids and loss mask (int64, uint8-valued), EOS included."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.stream.read(a, b), self.masks.read(a, b)
+
+    def row(self, r: int) -> tuple[np.ndarray, ...]:
+        """Row r as (inputs, targets, loss_mask, position_ids, segment_ids), each (seq_len,)."""
+        T = self.seq_len
+        inputs = np.full(T, self.eos, dtype=np.int64)
+        targets = np.full(T, self.eos, dtype=np.int64)
+        loss_mask = np.zeros(T, dtype=bool)
+        pos = np.zeros(T, dtype=np.int64)
+        seg = np.full(T, len(self.rows[r]), dtype=np.int64)  # the padding: a segment of its own
+        at = 0
+        for j, e in enumerate(self.rows[r]):
+            ids, mask = self.example(e)
+            n = len(ids) - 1
+            inputs[at:at + n], targets[at:at + n] = ids[:-1], ids[1:]
+            loss_mask[at:at + n] = mask[1:] == 1
+            pos[at:at + n] = np.arange(n)
+            seg[at:at + n] = j
+            at += n
+        pos[at:] = np.arange(T - at)  # padding attends to itself only (a query with no key would give NaN)
+        return inputs, targets, loss_mask, pos, seg
+
+    def next_batch(self) -> Batch:  # type: ignore[override]
+        """This rank's slice of the next global micro-batch of rows; advances the cursor by the global one."""
+        if self.n_chunks == 0:
+            raise DataError(f"the {self.split} split has no examples")
+        first = self.cursor + self.rank * self.micro_batch
+        rows = [self.row(self._chunk_index(k)) for k in range(first, first + self.micro_batch)]
+        self.cursor += self.global_micro_batch
+        return Batch(*(torch.from_numpy(np.stack(field)) for field in zip(*rows)))
+
+
+def open_loader(data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch: int, **kw: Any) -> ChunkLoader:
+    """An ExampleLoader for fine-tuning examples (the manifest has a loss mask), else a ChunkLoader."""
+    cls = ExampleLoader if "records" in read_manifest(data_dir) else ChunkLoader
+    return cls(data_dir, split, seq_len, micro_batch, **kw)
 
 
 def eval_batches(loader: ChunkLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

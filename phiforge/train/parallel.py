@@ -79,7 +79,13 @@ class CausalLMLoss(nn.Module):
     """Phi + next-token loss as one module, so DDP / FSDP hooks see the whole step in `forward`.
 
     The loss is computed from the final hidden states by `lm_loss`, `chunk` tokens at a time (0 = auto), so
-    (B*T, vocab) fp32 logits never exist at once."""
+    (B*T, vocab) fp32 logits never exist at once.
+
+    Packed fine-tuning examples (train/data.py's Batch) also pass `loss_mask`, `position_ids` and `segment_ids`:
+    attention stays within each example (a block-diagonal causal mask, `packed_attention_mask`), rotary positions
+    restart with each example, and only the hidden states of masked targets reach the fused loss head (the rest
+    cost no lm_head matmul). The result is then sum(CE over masked targets) / `denom`, so that the caller can
+    make one optimizer step's loss the mean over all its completion tokens, across micro-batches and ranks."""
 
     def __init__(self, phi: Phi, chunk: int = 0) -> None:
         super().__init__()
@@ -87,14 +93,30 @@ class CausalLMLoss(nn.Module):
         self.chunk = chunk
         self.onednn = False  # the loss head's fp32 CPU matmuls on oneDNN (set by prepare_model)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = self.phi.hidden_states(inputs)  # (B, T, d)
-        return lm_loss(h, self.phi.lm_head, targets, self.chunk, onednn=self.onednn)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None, *,
+                denom: float | None = None) -> torch.Tensor:
+        mask = packed_attention_mask(segment_ids) if segment_ids is not None else None
+        h = self.phi.hidden_states(inputs, attention_mask=mask, position_ids=position_ids)  # (B, T, d)
+        if loss_mask is not None:
+            keep = loss_mask.reshape(-1).nonzero().squeeze(1)  # (n,) the targets that count
+            h, targets = h.reshape(-1, h.shape[-1]).index_select(0, keep), targets.reshape(-1)[keep]  # (n, d), (n,)
+        return lm_loss(h, self.phi.lm_head, targets, self.chunk, onednn=self.onednn, denom=denom)
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) example ids -> boolean (B, 1, T, T): query t sees key s iff s <= t and both are in one example.
+    Measured against FlexAttention (torch 2.13): on CPU it has no backward, so SDPA with this mask it is (on CPU
+    it runs as fast as SDPA's plain causal path; bench/finetune.py)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
 
 
 def lm_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 0, *,
-            onednn: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy of lm_head(h) against targets, fused and chunked over tokens.
+            onednn: bool = False, denom: float | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of lm_head(h) against targets, fused and chunked over tokens (or the sum
+    divided by `denom` when given).
 
     `chunk` tokens at a time: logits (chunk, vocab) in fp32, their log-sum-exp and loss, and, when training, the
     gradients w.r.t. h, W and b right away (the loss is a scalar, so d loss / d logits = softmax - onehot is
@@ -106,20 +128,21 @@ def lm_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int 
     vocab = head.weight.shape[0]
     if chunk <= 0:
         chunk = min(4096, max(128, (1 << 22) // vocab))
+    denom = float(t.shape[0]) if denom is None else float(denom)
     if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk, onednn)
+        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk, onednn, denom)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, t.shape[0], chunk):
         total += F.cross_entropy(head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
-    return total / t.shape[0]
+    return total / denom
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """loss = mean CE(h @ W.T + b, t), computing d loss/d (h, W, b) chunk by chunk inside forward."""
+    """loss = sum CE(h @ W.T + b, t) / denom, computing d loss/d (h, W, b) chunk by chunk inside forward."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
-                chunk: int, onednn: bool = False) -> torch.Tensor:
+                chunk: int, onednn: bool = False, denom: float = 1.0) -> torch.Tensor:
         from phiforge.train import onednn as dnn
 
         dev = h.device.type
@@ -127,11 +150,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
         n = t.shape[0]
         fast = onednn and dnn.wanted(h, w)
+        # A frozen head (LoRA) needs no (V, d) weight gradient: skipping it saves a third of the head's matmuls.
+        want_w, want_b = ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
         with torch.autocast(dev, enabled=False):
             wd = w.to(dt)
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if b is not None else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if want_b else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, n, chunk):
                 hc, tc = h[i:i + chunk].to(dt), t[i:i + chunk]  # (c, d), (c,)
@@ -145,24 +170,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
                 pd = p.to(dt)
                 grad_h[i:i + chunk] = (dnn.matmul_nn(pd, wd) if fast else pd @ wd).to(h.dtype)  # (c, d)
-                if fast:
+                if grad_w is not None and fast:
                     grad_w += dnn.grad_weight(pd, hc)  # (V, d)
-                elif dt == torch.float32:
+                elif grad_w is not None and dt == torch.float32:
                     grad_w.addmm_(pd.t(), hc)  # (V, d)
-                else:
+                elif grad_w is not None:
                     grad_w += (pd.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += p.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.n, ctx.has_bias, ctx.dtypes = n, b is not None, (w.dtype, b.dtype if b is not None else None)
-        return total / n
+        ctx.denom, ctx.dtypes = denom, (w.dtype, b.dtype if b is not None else None)
+        return total / denom
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        s = g / ctx.n  # the loss is a mean over n tokens
-        gb = (grad_b * s).to(ctx.dtypes[1]) if ctx.has_bias else None
-        return grad_h * s.to(grad_h.dtype), (grad_w * s).to(ctx.dtypes[0]), gb, None, None, None
+        s = g / ctx.denom  # the loss is a sum over tokens divided by denom
+        gw = (grad_w * s).to(ctx.dtypes[0]) if grad_w is not None else None
+        gb = (grad_b * s).to(ctx.dtypes[1]) if grad_b is not None else None
+        return grad_h * s.to(grad_h.dtype), gw, gb, None, None, None, None
 
 
 def _checkpointed(forward):

@@ -1,7 +1,8 @@
 """Training checkpoints: HF-layout model + tokenizer + trainer_state.pt + train_config.yaml, atomically.
 
     out/checkpoints/step-000123/
-        config.json, model.safetensors     the model (loads with phiforge or transformers)
+        config.json, model.safetensors     the model (loads with phiforge or transformers); under LoRA instead
+                                           adapter_config.json + adapter_model.safetensors (train/lora.py)
         tokenizer.json, ...                copied from the token shards' tokenizer
         trainer_state.pt                   optimizer, schedule, data position, RNG states of every rank
         train_config.yaml                  the TrainConfig of the run
@@ -15,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +71,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(path: Path, phi_for_save: Any, trainer_state: dict[str, Any], config: dict[str, Any],
-                             tokenizer_dir: Path | None) -> Path:
-    """Write one checkpoint directory atomically (call on rank 0 only)."""
+def save_training_checkpoint(path: Path, write_model: Callable[[Path], Any], trainer_state: dict[str, Any],
+                             config: dict[str, Any], tokenizer_dir: Path | None) -> Path:
+    """Write one checkpoint directory atomically (call on rank 0 only); `write_model(dir)` writes the weights."""
     import yaml
 
     from phiforge.atomic import atomic_dir
-    from phiforge.checkpoint import copy_tokenizer, save_model_files
+    from phiforge.checkpoint import copy_tokenizer
 
     with atomic_dir(path) as tmp:
-        save_model_files(phi_for_save, tmp)
+        write_model(tmp)
         if tokenizer_dir is not None and tokenizer_dir.is_dir():
             copy_tokenizer(tokenizer_dir, tmp)
         torch.save(trainer_state, tmp / STATE_FILE)

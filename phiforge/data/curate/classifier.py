@@ -149,18 +149,22 @@ class Embedder:
             return
         import torch
 
-        if self.spec.startswith("phiforge:"):
+        from phiforge.lm.spec import checkpoint_dir, has_prefix, parse_spec
+
+        # phiforge:DIR and hf:NAME name a language model (mean-pooled); anything else is sentence-transformers
+        kind = parse_spec(self.spec).kind if has_prefix(self.spec) else "st"
+        if kind == "phiforge":
             from tokenizers import Tokenizer
 
-            from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
+            from phiforge.checkpoint import load_checkpoint
 
-            where = resolve_checkpoint(self.spec.split(":", 1)[1])
+            where = checkpoint_dir(self.spec)
             self._model = ("phiforge", load_checkpoint(where, device=self.device).eval(),
                            Tokenizer.from_file(str(Path(where) / "tokenizer.json")))
-        elif self.spec.startswith("hf:"):
+        elif kind in ("hf", "gguf"):
             from transformers import AutoModel, AutoTokenizer
 
-            name = self.spec.split(":", 1)[1]
+            name = parse_spec(self.spec).target
             tok = AutoTokenizer.from_pretrained(name)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token

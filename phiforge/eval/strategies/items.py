@@ -1,7 +1,7 @@
 """Multiple-choice items in one letter format, choice permutations, votes and confidence intervals.
 
-Every multiple-choice task's documents become `MCItem`s (question text, option texts, gold index) and are asked
-the MMLU way, whatever the task's own prompt format:
+Every multiple-choice task turns its documents into `MCItem`s (question text, option texts, gold index:
+`Task.mc_item`) and they are asked the MMLU way, whatever the task's own prompt format:
 
     <question>
     A. <option>
@@ -19,54 +19,12 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from phiforge.errors import PhiforgeError
 from phiforge.eval.metrics import argmax
+from phiforge.eval.tasks.base import MCItem
 
 LETTERS = "ABCDEFGHIJ"
-
-
-@dataclass(frozen=True)
-class MCItem:
-    uid: str  # "<task>:<index in the task's file>" (MMLU dev: "mmlu-dev:<subject>:<i>")
-    question: str
-    options: tuple[str, ...]
-    gold: int
-    subject: str = ""
-
-
-def _common_word_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    cut = a.rfind(" ", 0, n + 1)  # back off to a word boundary so an option keeps its first letters
-    return a[: cut + 1] if cut >= 0 else ""
-
-
-def to_item(task: str, doc: dict, index: int) -> MCItem:
-    """One task document as an MCItem (all multiple-choice tasks of phiforge.eval.tasks)."""
-    uid = f"{task}:{index}"
-    if task == "mmlu":
-        return MCItem(uid, doc["question"], tuple(doc[x] for x in "ABCD"), int(doc["gold"]), doc["subject"])
-    if task in ("arc_easy", "arc_challenge", "openbookqa"):
-        return MCItem(uid, doc["question"], tuple(doc["choices"]), int(doc["gold"]))
-    if task == "piqa":
-        return MCItem(uid, doc["goal"], tuple(doc["choices"]), int(doc["gold"]))
-    if task == "hellaswag":
-        return MCItem(uid, f"Which is the most likely continuation?\n{doc['query']} ...", tuple(doc["choices"]),
-                      int(doc["gold"]))
-    if task == "boolq":
-        return MCItem(uid, f"{doc['passage']}\n{doc['question']}?", tuple(doc["choices"]), int(doc["gold"]))
-    if task == "siqa":
-        return MCItem(uid, f"{doc['context']} {doc['question']}", tuple(doc["choices"]), int(doc["gold"]))
-    if task == "winogrande":
-        a, b = doc["contexts"]
-        head = _common_word_prefix(a, b)
-        sentence = f"{head}_ {doc['continuation']}".strip()
-        return MCItem(uid, f"Fill in the blank: {sentence}", (a[len(head):], b[len(head):]), int(doc["gold"]))
-    raise PhiforgeError(f"--strategy works on multiple-choice tasks (mmlu, arc_easy, arc_challenge, piqa, "
-                        f"hellaswag, winogrande, boolq, openbookqa, siqa); {task!r} is not one")
 
 
 def letters(n: int) -> list[str]:

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.errors import PhiforgeError
-from phiforge.eval.lm import LM, GenRequest
 from phiforge.eval.strategies.embed import Embedder, EmbeddingCache, embedder_id, nearest
 from phiforge.eval.strategies.items import (
     MCItem,
@@ -47,11 +46,11 @@ from phiforge.eval.strategies.items import (
     majority_vote,
     permutations,
     softmax,
-    to_item,
     to_original,
     weighted_vote,
     wilson_interval,
 )
+from phiforge.lm import LM, GenRequest, Sampling
 
 COT_TRIGGER = " Let's think step by step."
 ANSWER_CUE = " Therefore, the answer is ("
@@ -141,14 +140,13 @@ def load_task_data(task: str, *, data_dir: str | os.PathLike | None = None, limi
     files): the first `pool_size` items of the evaluation file are held out as the pool and never evaluated;
     evaluated = the following items (`limit` = the first N of them).
     """
-    from phiforge.eval.tasks import get_task
-    from phiforge.eval.tasks.multiple_choice import MMLU_SUBJECTS, MMLUTask
+    from phiforge.eval.tasks import mc_task
+    from phiforge.eval.tasks.multiple_choice import MMLU_SUBJECTS
 
-    t = get_task(task)
-    if t.kind != "multiple_choice":
-        to_item(task, {}, 0)  # raises the "multiple-choice tasks only" error
+    t = mc_task(task)
     docs, source = t.load(data_dir, allow_hub=allow_hub)
-    if isinstance(t, MMLUTask):
+    own_pool = t.mc_pool(data_dir)
+    if own_pool is not None:  # MMLU: exemplars from its dev split, so every test item can be evaluated
         if subjects:
             bad = [s for s in subjects if s not in MMLU_SUBJECTS]
             if bad:
@@ -160,17 +158,14 @@ def load_task_data(task: str, *, data_dir: str | os.PathLike | None = None, limi
                 continue
             per[d["subject"]] = per.get(d["subject"], 0) + 1
             if limit is None or per[d["subject"]] <= limit:
-                items.append(to_item(task, d, i))
-        dev = t.dev(data_dir)
-        pool = [replace(to_item(task, d, j), uid=f"mmlu-dev:{s}:{j}") for s, ds in dev.items()
-                for j, d in enumerate(ds)]
+                items.append(t.mc_item(d, i))
         subj = f"{len(subjects)} subjects ({', '.join(subjects)})" if subjects else "57 subjects"
         per_s = f"first {limit} test items per subject" if limit is not None else "all test items"
-        return TaskData(task, items, pool, f"{source}: {subj}, {per_s}: {len(items)} items",
-                        f"MMLU dev split, all {len(dev)} subjects: {len(pool)} items")
+        return TaskData(task, items, own_pool, f"{source}: {subj}, {per_s}: {len(items)} items",
+                        f"MMLU dev split, all {len({x.subject for x in own_pool})} subjects: {len(own_pool)} items")
     if pool_size >= len(docs):
         raise PhiforgeError(f"task {task!r}: --pool-size {pool_size} leaves nothing to evaluate ({len(docs)} items)")
-    all_items = [to_item(task, d, i) for i, d in enumerate(docs)]
+    all_items = [t.mc_item(d, i) for i, d in enumerate(docs)]
     pool, rest = all_items[:pool_size], all_items[pool_size:]
     items = rest if limit is None else rest[:limit]
     return TaskData(task, items, pool,
@@ -295,7 +290,8 @@ class StrategyRunner:
                                 ) -> tuple[list[list[float]], list[str]]:
         """Generate reasoning for each prompt, then letter probabilities after ' Therefore, the answer is ('
         -> (probabilities per prompt, cleaned reasoning per prompt)."""
-        gens = self.lm.generate_until([GenRequest(p, COT_STOP, self.cot_max_tokens) for p in prompts])
+        cot = Sampling(max_new_tokens=self.cot_max_tokens, stop=COT_STOP)
+        gens = self.lm.generate_until([GenRequest(p, cot) for p in prompts])
         reasons = [clean_reasoning(g) for g in gens]
         reqs, spans = [], []
         for p, r, n in zip(prompts, reasons, n_options):
@@ -397,8 +393,8 @@ def evaluate_strategies(lm: LM, tasks: list[str], strategies: list[Strategy], *,
                         model_spec: str = "") -> dict[str, Any]:
     """Every strategy on every task: {"config", "results": {strategy: {task: {...acc, ci95, n...}}}, "cache"}."""
     import phiforge
-    from phiforge.eval.cache import CachedLM, ResultCache
     from phiforge.eval.evaluator import default_cache_path, finish_results
+    from phiforge.lm.cache import CachedLM, ResultCache
 
     if embedder is None and any(s.shots == "knn" for s in strategies):
         from phiforge.eval.strategies.embed import MiniLMEmbedder

@@ -6,9 +6,12 @@ GSM8K prompt: the 8 chain-of-thought exemplars of Wei et al. (2022) (as in lm-ev
 "Q:", "</s>", "<|im_end|>" or a blank line; at most 256 new tokens. strict = number after "The answer is",
 flexible = last number in the output; both compared with lm-eval's normalisation (no commas/$, no final '.').
 
-BBH prompt: the task's cot-prompts/<task>.txt (description + 3 exemplars with "Let's think step by step."),
-then "\n\nQ: {input}\nA: Let's think step by step.\n". Greedy, stop at a blank line or "\nQ:", at most 256 new
-tokens (lm-eval allows 1024). Answer = text after "the answer is" without a final period; exact match.
+BBH prompt: the task's official cot-prompts/<task>.txt (description + 3 exemplars with "Let's think step by
+step."; shipped in bbh_cot_prompts/), then "\n\nQ: {input}\nA: Let's think step by step.\n". Greedy, stop at a
+blank line or "\nQ:", at most 256 new tokens (lm-eval allows 1024). Answer = text after "the answer is" without a
+final period; exact match.
+
+Data: openai/gsm8k (main, test) and SaylorTwift/bbh (<task>, test), lm-eval's, or local copies (phiforge.eval.data).
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phiforge.errors import DataError
-from phiforge.eval.data import find_local, hf_dataset, load_docs, read_jsonl, search_dirs
-from phiforge.eval.lm import GenRequest
+from phiforge.eval.data import HubSplit, load_docs, read_jsonl
 from phiforge.eval.metrics import (
     bbh_extract,
     gsm8k_flexible,
@@ -29,7 +31,15 @@ from phiforge.eval.metrics import (
     macro_mean_stderr,
     mean_stderr,
 )
-from phiforge.eval.tasks.base import Task, TaskResult
+from phiforge.eval.tasks.base import (
+    Task,
+    TaskData,
+    TaskResult,
+    check_subjects,
+    limit_per_subtask,
+    subtask_data,
+)
+from phiforge.lm import GenRequest, Sampling
 
 GSM8K_COT_SHOTS = [
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
@@ -70,13 +80,16 @@ class GSM8KTask(Task):
     stop: tuple[str, ...] = ("Q:", "</s>", "<|im_end|>", "\n\n")
     max_tokens: int = GEN_MAX_TOKENS
 
-    def load(self, data_dir=None, allow_hub=True):
-        def local(p: Path) -> list[dict]:
-            return [{"question": d["question"], "answer": d["answer"]} for d in read_jsonl(p)]
+    def hub_splits(self, subjects=None):
+        return [HubSplit("openai/gsm8k", "main", "test")]
 
-        return load_docs(self.name, self.local_path, local, hub=self.hub,
-                         read_hub=lambda: hf_dataset("openai/gsm8k", "main", "test"), data_dir=data_dir,
-                         allow_hub=allow_hub)
+    def fetch(self, data_dir=None, allow_hub=True, subjects=None):
+        def doc(d: dict) -> dict:
+            return {"question": d["question"], "answer": d["answer"]}
+
+        docs, src = load_docs(self.name, self.hub_splits()[0], doc, data_dir, allow_hub=allow_hub,
+                              release=self.local_path, read_release=lambda p: [doc(d) for d in read_jsonl(p)])
+        return TaskData(docs, [src])
 
     def prompt(self, doc: dict, k: int) -> str:
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in GSM8K_COT_SHOTS[:k])
@@ -86,7 +99,8 @@ class GSM8KTask(Task):
         k = self.num_fewshot if num_fewshot is None else num_fewshot
         if k > len(GSM8K_COT_SHOTS):
             raise DataError(f"gsm8k: at most {len(GSM8K_COT_SHOTS)} CoT exemplars, asked for {k}")
-        reqs = [GenRequest(self.prompt(d, k), self.stop, max_tokens or self.max_tokens) for d in docs]
+        settings = Sampling(max_new_tokens=max_tokens or self.max_tokens, stop=self.stop)
+        reqs = [GenRequest(self.prompt(d, k), settings) for d in docs]
         outs = lm.generate_until(reqs) if reqs else []
         strict, flex, samples = [], [], []
         for d, out in zip(docs, outs):
@@ -102,6 +116,9 @@ class GSM8KTask(Task):
 
 
 BBH_TASKS = ["boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages", "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects", "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation", "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks", "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects", "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies", "word_sorting"]
+
+
+COT_PROMPTS = Path(__file__).with_name("bbh_cot_prompts")
 
 
 def bbh_cot_prompt(path: Path) -> str:
@@ -120,44 +137,37 @@ class BBHTask(Task):
     stop: tuple[str, ...] = ("\n\n", "\nQ:", "</s>")
     max_tokens: int = GEN_MAX_TOKENS
 
-    def subtasks(self) -> list[str]:
+    def subjects(self):
         return [self.subtask] if self.subtask else list(BBH_TASKS)
 
-    def load(self, data_dir=None, allow_hub=True):
-        def local(root: Path) -> list[dict]:
-            docs = []
-            for t in self.subtasks():
-                p = root / "bbh" / f"{t}.json"
-                if not p.exists():
-                    raise DataError(f"{p}: missing BBH task file")
+    def subtasks(self) -> list[str]:
+        return self.subjects()
+
+    def select(self, docs, limit):
+        return limit_per_subtask(docs, limit, "task")  # --limit N: N examples of every BBH task, as lm-eval
+
+    def hub_splits(self, subjects=None):
+        return [HubSplit("SaylorTwift/bbh", t, "test") for t in check_subjects(self, subjects)]
+
+    def fetch(self, data_dir=None, allow_hub=True, subjects=None):
+        def part(t: str):
+            def release(p: Path) -> list[dict]:
                 try:
                     examples = json.loads(p.read_text(encoding="utf-8"))["examples"]
                 except (ValueError, KeyError) as e:
                     raise DataError(f"{p}: not a BBH task file ({e})") from None
-                docs += [{"task": t, "input": e["input"], "target": e["target"]} for e in examples]
-            return docs
+                return [{"task": t, "input": e["input"], "target": e["target"]} for e in examples]
 
-        def hub() -> list[dict]:
-            return [{"task": t, "input": r["input"], "target": r["target"]}
-                    for t in self.subtasks() for r in hf_dataset("lukaemon/bbh", t, "test")]
+            docs, src = load_docs(self.name, HubSplit("SaylorTwift/bbh", t, "test"),
+                                  lambda r: {"task": t, "input": r["input"], "target": r["target"]}, data_dir,
+                                  allow_hub=allow_hub, release=f"bbh/bbh/{t}.json", read_release=release)
+            return docs, [src], None
 
-        return load_docs(self.name, self.local_path, local, hub=self.hub, read_hub=hub, data_dir=data_dir,
-                         allow_hub=allow_hub)
+        return subtask_data(self, check_subjects(self, subjects), part, subjects)
 
-    def prompts(self, data_dir) -> dict[str, str]:
-        root = find_local("bbh/cot-prompts", data_dir)
-        if root is None:
-            tried = ", ".join(str(d / "bbh/cot-prompts") for d in search_dirs(data_dir))
-            raise DataError(f"BBH needs the official CoT prompts (cot-prompts/<task>.txt from "
-                            f"suzgunmirac/BIG-Bench-Hard); looked in: {tried}. Put them under "
-                            f"<dir>/bbh/cot-prompts and pass --data-dir <dir>")
-        out = {}
-        for t in self.subtasks():
-            p = root / f"{t}.txt"
-            if not p.exists():
-                raise DataError(f"{p}: missing BBH CoT prompt")
-            out[t] = bbh_cot_prompt(p)
-        return out
+    def prompts(self, data_dir=None) -> dict[str, str]:
+        """The official CoT prompt of each task (shipped with phiforge: bbh_cot_prompts/<task>.txt)."""
+        return {t: bbh_cot_prompt(COT_PROMPTS / f"{t}.txt") for t in self.subtasks()}
 
     def run(self, lm, docs, *, num_fewshot=None, log_samples=False, data_dir=None, max_tokens=None, **opts):
         k = self.num_fewshot if num_fewshot is None else num_fewshot
@@ -165,10 +175,10 @@ class BBHTask(Task):
         if k not in (0, 3):
             raise DataError("bbh: the official CoT prompts have 3 exemplars: use --num-fewshot 3 (or 0)")
         reqs = []
+        settings = Sampling(max_new_tokens=max_tokens or self.max_tokens, stop=self.stop)
         for d in docs:
             head = heads[d["task"]] + "\n\n" if k else ""
-            reqs.append(GenRequest(f"{head}Q: {d['input']}\nA: Let's think step by step.\n", self.stop,
-                                   max_tokens or self.max_tokens))
+            reqs.append(GenRequest(f"{head}Q: {d['input']}\nA: Let's think step by step.\n", settings))
         outs = lm.generate_until(reqs) if reqs else []
         per: dict[str, list[float]] = {}
         samples = []
@@ -190,19 +200,6 @@ class BBHTask(Task):
         return res
 
 
-def limit_per_subtask(docs: list[dict], limit: int | None, key: str) -> list[dict]:
-    """At most `limit` documents of each subtask (BBH), so --limit N samples every task."""
-    if limit is None:
-        return docs
-    seen: dict[str, int] = {}
-    out = []
-    for d in docs:
-        if seen.get(d[key], 0) < limit:
-            seen[d[key]] = seen.get(d[key], 0) + 1
-            out.append(d)
-    return out
-
-
 def generation_tasks() -> list[Task]:
     tasks: list[Task] = [
         GSM8KTask("gsm8k", "3.0", "generate_until", "[8 CoT exemplars]Q: {question}\nA:",
@@ -212,11 +209,12 @@ def generation_tasks() -> list[Task]:
         BBHTask("bbh", "4.0", "generate_until",
                 "[cot-prompts/<task>.txt]\n\nQ: {input}\nA: Let's think step by step.\n",
                 ("exact_match", "exact_match_macro"), num_fewshot=3, fewshot_pool="official CoT prompts",
-                local_path="bbh", hub="lukaemon/bbh", notes="27 tasks; --limit applies per task"),
+                local_path="bbh", hub="lukaemon/bbh", notes="27 tasks; --limit applies per task",
+                decontam_files="bbh/bbh/*.json"),
     ]
     for t in BBH_TASKS:
         tasks.append(BBHTask(f"bbh_{t}", "4.0", "generate_until",
                              "[cot-prompts/" + t + ".txt]\n\nQ: {input}\nA: Let's think step by step.\n",
                              ("exact_match",), num_fewshot=3, fewshot_pool="official CoT prompt",
-                             local_path="bbh", hub="lukaemon/bbh", subtask=t))
+                             local_path="bbh", hub="lukaemon/bbh", subtask=t, decontam_files=f"bbh/bbh/{t}.json"))
     return tasks

@@ -13,14 +13,22 @@ from __future__ import annotations
 import csv
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from phiforge.errors import DataError
-from phiforge.eval.data import hf_dataset, load_docs, read_jsonl, read_lines, require
+from phiforge.eval.data import HubSplit, load_docs, read_jsonl, read_lines, require
 from phiforge.eval.metrics import macro_mean_stderr, mc_scores, mean_stderr
-from phiforge.eval.tasks.base import Task, TaskResult
+from phiforge.eval.tasks.base import (
+    MCItem,
+    Task,
+    TaskData,
+    TaskResult,
+    check_subjects,
+    limit_per_subtask,
+    subtask_data,
+)
 
 FEWSHOT_SEED = 1234
 
@@ -31,13 +39,27 @@ class MCTask(Task):
     target_delimiter: str = " "
     fewshot_sep: str = "\n\n"
     partial: bool = False  # WinoGrande: choices are contexts, one shared continuation
-    local_reader: Any = None  # Path -> docs
-    hub_reader: Any = None  # () -> docs
-    fewshot_reader: Any = None  # (data_dir) -> docs or None
+    split: HubSplit | None = None  # the hub split lm-eval's task evaluates
+    from_hub: Any = None  # hub row -> document
+    local_reader: Any = None  # release file (local_path) -> documents
+    mc_question: str = "{question}"  # str.format over the document: the question of its promptbase view
 
-    def load(self, data_dir=None, allow_hub=True):
-        return load_docs(self.name, self.local_path, self.local_reader, hub=self.hub, read_hub=self.hub_reader,
-                         data_dir=data_dir, allow_hub=allow_hub)
+    def hub_splits(self, subjects=None):
+        return [self.split] if self.split else []
+
+    def fetch(self, data_dir=None, allow_hub=True, subjects=None):
+        docs, src = load_docs(self.name, self.split, self.from_hub, data_dir, allow_hub=allow_hub,
+                              release=self.local_path, read_release=self.local_reader)
+        return TaskData(docs, [src])
+
+    def mc_item(self, doc: dict, index: int) -> MCItem:
+        uid = f"{self.name}:{index}"
+        if self.partial:  # WinoGrande: the options are what fills the blank, the question is the sentence
+            a, b = doc["contexts"]
+            head = _common_word_prefix(a, b)
+            sentence = f"{head}_ {doc['continuation']}".strip()
+            return MCItem(uid, f"Fill in the blank: {sentence}", (a[len(head):], b[len(head):]), int(doc["gold"]))
+        return MCItem(uid, self.mc_question.format(**doc), tuple(doc["choices"]), int(doc["gold"]))
 
     # ---- prompts ---------------------------------------------------------------------------------------------
     def context(self, doc: dict) -> str:
@@ -65,9 +87,8 @@ class MCTask(Task):
         ctx = prefix + self.context(doc)
         return [(ctx, self.target_delimiter + c) for c in doc["choices"]]
 
-    def run(self, lm, docs, *, num_fewshot=None, log_samples=False, data_dir=None, **opts):
+    def run(self, lm, docs, *, num_fewshot=None, log_samples=False, data_dir=None, pool=None, **opts):
         k = self.num_fewshot if num_fewshot is None else num_fewshot
-        pool = self.fewshot_reader(data_dir) if (k and self.fewshot_reader) else None
         reqs: list[tuple[str, str]] = []
         spans = []
         for i, doc in enumerate(docs):
@@ -95,7 +116,15 @@ class MCTask(Task):
         return TaskResult({m: mean_stderr(v) for m, v in per.items()}, len(docs), notes, samples)
 
 
-# ---- readers: local canonical formats and hub rows -> documents ---------------------------------------------
+def _common_word_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    cut = a.rfind(" ", 0, n + 1)  # back off to a word boundary so an option keeps its first letters
+    return a[: cut + 1] if cut >= 0 else ""
+
+
+# ---- documents: hub rows (lm-eval's fields) and the release files -> one shape per task -----------------------
 def _strip_prefix(s: str, prefix: str) -> str:
     return s[len(prefix):] if s.startswith(prefix) else s
 
@@ -109,12 +138,9 @@ def _arc_local(path: Path) -> list[dict]:
     return out
 
 
-def _arc_hub(name: str):
-    def read() -> list[dict]:
-        return [{"question": r["question"], "choices": r["choices"]["text"],
-                 "gold": r["choices"]["label"].index(r["answerKey"])}
-                for r in hf_dataset("allenai/ai2_arc", name, "test")]
-    return read
+def _arc_hub(r: dict) -> dict:
+    return {"question": r["question"], "choices": r["choices"]["text"],
+            "gold": r["choices"]["label"].index(r["answerKey"])}
 
 
 def _piqa_local(path: Path) -> list[dict]:
@@ -128,9 +154,8 @@ def _piqa_local(path: Path) -> list[dict]:
     return [{"goal": r["goal"], "choices": [r["sol1"], r["sol2"]], "gold": int(lab)} for r, lab in zip(rows, labels)]
 
 
-def _piqa_hub() -> list[dict]:
-    return [{"goal": r["goal"], "choices": [r["sol1"], r["sol2"]], "gold": int(r["label"])}
-            for r in hf_dataset("baber/piqa", None, "validation")]
+def _piqa_hub(r: dict) -> dict:
+    return {"goal": r["goal"], "choices": [r["sol1"], r["sol2"]], "gold": int(r["label"])}
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -149,10 +174,9 @@ def _hellaswag_local(path: Path) -> list[dict]:
     return out
 
 
-def _hellaswag_hub() -> list[dict]:
-    return [{"query": hellaswag_preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
-             "choices": [hellaswag_preprocess(e) for e in r["endings"]], "gold": int(r["label"])}
-            for r in hf_dataset("Rowan/hellaswag", None, "validation")]
+def _hellaswag_hub(r: dict) -> dict:
+    return {"query": hellaswag_preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
+            "choices": [hellaswag_preprocess(e) for e in r["endings"]], "gold": int(r["label"])}
 
 
 def _winogrande_local(path: Path) -> list[dict]:
@@ -164,39 +188,37 @@ def _winogrande_local(path: Path) -> list[dict]:
     return out
 
 
-def _winogrande_hub() -> list[dict]:
-    out = []
-    for r in hf_dataset("allenai/winogrande", "winogrande_xl", "validation"):
-        i = r["sentence"].index("_")
-        out.append({"contexts": [r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]],
-                    "continuation": r["sentence"][i + 1:].strip(), "gold": int(r["answer"]) - 1})
-    return out
+def _winogrande_hub(r: dict) -> dict:
+    i = r["sentence"].index("_")
+    return {"contexts": [r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]],
+            "continuation": r["sentence"][i + 1:].strip(), "gold": int(r["answer"]) - 1}
 
 
 def _boolq_local(path: Path) -> list[dict]:
+    """llm-foundry's BoolQ: 'Passage: ..\nQuestion: ..?'. Its questions end in '?', the hub's (and so lm-eval's
+    documents) do not, and the template adds one: the '?' is dropped here so the prompt is lm-eval's."""
     out = []
     for n, d in enumerate(read_jsonl(path), 1):
         require(d, ("query", "gold"), f"{path}:{n}")
         passage, sep, question = _strip_prefix(d["query"], "Passage: ").rpartition("\nQuestion: ")
         if not sep:
             raise DataError(f"{path}:{n}: query has no '\\nQuestion: ' part")
-        out.append({"passage": passage, "question": question, "choices": ["no", "yes"], "gold": int(d["gold"])})
+        out.append({"passage": passage, "question": question.removesuffix("?"), "choices": ["no", "yes"],
+                    "gold": int(d["gold"])})
     return out
 
 
-def _boolq_hub() -> list[dict]:
-    return [{"passage": r["passage"], "question": r["question"], "choices": ["no", "yes"], "gold": int(r["label"])}
-            for r in hf_dataset("aps/super_glue", "boolq", "validation")]
+def _boolq_hub(r: dict) -> dict:
+    return {"passage": r["passage"], "question": r["question"], "choices": ["no", "yes"], "gold": int(r["label"])}
 
 
 def _obqa_local(path: Path) -> list[dict]:
     return [{"question": d["query"], "choices": d["choices"], "gold": int(d["gold"])} for d in read_jsonl(path)]
 
 
-def _obqa_hub() -> list[dict]:
-    return [{"question": r["question_stem"], "choices": r["choices"]["text"],
-             "gold": r["choices"]["label"].index(r["answerKey"].lstrip())}
-            for r in hf_dataset("allenai/openbookqa", "main", "test")]
+def _obqa_hub(r: dict) -> dict:
+    return {"question": r["question_stem"], "choices": r["choices"]["text"],
+            "gold": r["choices"]["label"].index(r["answerKey"].lstrip())}
 
 
 _SIQA_RE = re.compile(r"^Context: (.*)\nQuestion: (.*)\nChoices:\n((?:[A-Z]\. .*\n)+)Answer:\s*$", re.S)
@@ -215,9 +237,9 @@ def _siqa_local(path: Path) -> list[dict]:
     return out
 
 
-def _siqa_hub() -> list[dict]:
-    return [{"context": r["context"], "question": r["question"], "choices": [r["answerA"], r["answerB"], r["answerC"]],
-             "gold": int(r["label"]) - 1} for r in hf_dataset("allenai/social_i_qa", None, "validation")]
+def _siqa_hub(r: dict) -> dict:
+    return {"context": r["context"], "question": r["question"], "choices": [r["answerA"], r["answerB"], r["answerC"]],
+            "gold": int(r["label"]) - 1}
 
 
 class SIQATask(MCTask):
@@ -251,43 +273,53 @@ def _mmlu_csv(path: Path, subject: str) -> list[dict]:
     return out
 
 
-def _mmlu_local_split(root: Path, split: str) -> list[dict]:
-    docs = []
-    for s in MMLU_SUBJECTS:
-        p = root / split / f"{s}_{split}.csv"
-        if not p.exists():
-            raise DataError(f"{p}: missing MMLU file (57 subjects expected under {root / split})")
-        docs += _mmlu_csv(p, s)
-    return docs
-
-
-def _mmlu_hub_split(split: str) -> list[dict]:
-    docs = []
-    for r in hf_dataset("cais/mmlu", "all", split):
-        docs.append({"subject": r["subject"], "question": r["question"].strip(),
-                     **dict(zip(LETTERS, r["choices"])), "choices": list(LETTERS), "gold": int(r["answer"])})
-    return docs
+def _mmlu_hub(subject: str):
+    def convert(r: dict) -> dict:
+        return {"subject": subject, "question": r["question"].strip(), **dict(zip(LETTERS, r["choices"], strict=True)),
+                "choices": list(LETTERS), "gold": int(r["answer"])}
+    return convert
 
 
 class MMLUTask(MCTask):
     """57 subjects, 5-shot from each subject's dev set (the first k dev items, in file order, as in the paper);
     metrics: micro average over all questions and macro average over subjects."""
 
-    def load(self, data_dir=None, allow_hub=True):
-        return load_docs(self.name, self.local_path, lambda p: _mmlu_local_split(p, "test"), hub=self.hub,
-                         read_hub=lambda: _mmlu_hub_split("test"), data_dir=data_dir, allow_hub=allow_hub)
+    def subjects(self):
+        return list(MMLU_SUBJECTS)
 
-    def dev(self, data_dir=None) -> dict[str, list[dict]]:
-        docs, _ = load_docs(self.name + " (dev)", self.local_path, lambda p: _mmlu_local_split(p, "dev"),
-                            hub=self.hub, read_hub=lambda: _mmlu_hub_split("dev"), data_dir=data_dir)
-        by: dict[str, list[dict]] = {}
-        for d in docs:
-            by.setdefault(d["subject"], []).append(d)
-        return by
+    def hub_splits(self, subjects=None):
+        return [HubSplit("cais/mmlu", s, split) for s in check_subjects(self, subjects) for split in ("test", "dev")]
 
-    def run(self, lm, docs, *, num_fewshot=None, log_samples=False, data_dir=None, **opts):
+    def fetch(self, data_dir=None, allow_hub=True, subjects=None):
+        def part(s: str):
+            test, src = load_docs(self.name, HubSplit("cais/mmlu", s, "test"), _mmlu_hub(s), data_dir,
+                                  allow_hub=allow_hub, release=f"mmlu/test/{s}_test.csv",
+                                  read_release=lambda p: _mmlu_csv(p, s))
+            dev, dsrc = load_docs(self.name, HubSplit("cais/mmlu", s, "dev"), _mmlu_hub(s), data_dir,
+                                  allow_hub=allow_hub, release=f"mmlu/dev/{s}_dev.csv",
+                                  read_release=lambda p: _mmlu_csv(p, s))
+            return test, [src, dsrc], dev
+
+        return subtask_data(self, check_subjects(self, subjects), part, subjects)
+
+    def select(self, docs, limit):
+        return limit_per_subtask(docs, limit, "subject")  # --limit N: N questions of every subject
+
+    def mc_item(self, doc, index):
+        return MCItem(f"{self.name}:{index}", doc["question"], tuple(doc[x] for x in LETTERS), int(doc["gold"]),
+                      doc["subject"])
+
+    def mc_pool(self, data_dir=None):
+        return [replace(self.mc_item(d, j), uid=f"mmlu-dev:{s}:{j}") for s, ds in self.dev(data_dir).items()
+                for j, d in enumerate(ds)]
+
+    def dev(self, data_dir=None, allow_hub=True) -> dict[str, list[dict]]:
+        """Each subject's dev split (its few-shot pool)."""
+        return self.fetch(data_dir, allow_hub).pool
+
+    def run(self, lm, docs, *, num_fewshot=None, log_samples=False, data_dir=None, pool=None, **opts):
         k = self.num_fewshot if num_fewshot is None else num_fewshot
-        dev = self.dev(data_dir) if k else {}
+        dev = (pool if pool is not None else self.dev(data_dir)) if k else {}
         reqs, spans = [], []
         for doc in docs:
             subj = doc["subject"]
@@ -310,46 +342,51 @@ class MMLUTask(MCTask):
         return result
 
 
-def _no_pool(_data_dir=None) -> None:
-    return None
-
-
 def multiple_choice_tasks() -> list[Task]:
     return [
         MCTask("arc_easy", "1.0", "multiple_choice", "Question: {question}\nAnswer: {choice}", ("acc", "acc_norm"),
-               fewshot_pool="ARC train (hub only; not in the local files)", local_path="arc/arc_easy_test.jsonl",
-               hub="allenai/ai2_arc:ARC-Easy", template="Question: {question}\nAnswer:",
-               local_reader=_arc_local, hub_reader=_arc_hub("ARC-Easy"), fewshot_reader=_no_pool),
+               fewshot_pool="none (0-shot)", local_path="arc/arc_easy_test.jsonl", hub="allenai/ai2_arc:ARC-Easy",
+               template="Question: {question}\nAnswer:", split=HubSplit("allenai/ai2_arc", "ARC-Easy", "test"),
+               from_hub=_arc_hub, local_reader=_arc_local),
         MCTask("arc_challenge", "1.0", "multiple_choice", "Question: {question}\nAnswer: {choice}",
-               ("acc", "acc_norm"), fewshot_pool="ARC train (hub only)", local_path="arc/arc_challenge_test.jsonl",
+               ("acc", "acc_norm"), fewshot_pool="none (0-shot)", local_path="arc/arc_challenge_test.jsonl",
                hub="allenai/ai2_arc:ARC-Challenge", template="Question: {question}\nAnswer:",
-               local_reader=_arc_local, hub_reader=_arc_hub("ARC-Challenge"), fewshot_reader=_no_pool),
+               split=HubSplit("allenai/ai2_arc", "ARC-Challenge", "test"), from_hub=_arc_hub,
+               local_reader=_arc_local),
         MCTask("piqa", "1.0", "multiple_choice", "Question: {goal}\nAnswer: {sol}", ("acc", "acc_norm"),
-               fewshot_pool="none (train.jsonl not shipped)", local_path="piqa/valid.jsonl", hub="baber/piqa",
-               template="Question: {goal}\nAnswer:", local_reader=_piqa_local, hub_reader=_piqa_hub,
-               fewshot_reader=_no_pool),
+               fewshot_pool="none (0-shot)", local_path="piqa/valid.jsonl", hub="baber/piqa",
+               template="Question: {goal}\nAnswer:", split=HubSplit("baber/piqa", None, "validation"),
+               from_hub=_piqa_hub, local_reader=_piqa_local, mc_question="{goal}"),
         MCTask("hellaswag", "1.0", "multiple_choice", "{activity_label}: {ctx} {ending} (lm-eval preprocessing)",
-               ("acc", "acc_norm"), fewshot_pool="none", local_path="hellaswag/hellaswag_val_preprocessed.jsonl.gz",
-               hub="Rowan/hellaswag", template="{query}", local_reader=_hellaswag_local,
-               hub_reader=_hellaswag_hub, fewshot_reader=_no_pool),
+               ("acc", "acc_norm"), fewshot_pool="none (0-shot)",
+               local_path="hellaswag/hellaswag_val_preprocessed.jsonl.gz", hub="Rowan/hellaswag", template="{query}",
+               split=HubSplit("Rowan/hellaswag", None, "validation"), from_hub=_hellaswag_hub,
+               local_reader=_hellaswag_local, mc_question="Which is the most likely continuation?\n{query} ...",
+               decontam_id="idx"),
         MCTask("winogrande", "1.0", "multiple_choice",
                "partial scoring: {sentence up to _ with option} -> ' {rest of sentence}'", ("acc",),
-               fewshot_pool="none", local_path="winogrande/winogrande_dev.jsonl", hub="allenai/winogrande:xl",
-               partial=True, local_reader=_winogrande_local, hub_reader=_winogrande_hub, fewshot_reader=_no_pool),
+               fewshot_pool="none (0-shot)", local_path="winogrande/winogrande_dev.jsonl",
+               hub="allenai/winogrande:winogrande_xl", partial=True,
+               split=HubSplit("allenai/winogrande", "winogrande_xl", "validation"), from_hub=_winogrande_hub,
+               local_reader=_winogrande_local),
         MCTask("boolq", "2.0", "multiple_choice", "{passage}\nQuestion: {question}?\nAnswer: no|yes", ("acc",),
-               fewshot_pool="none", local_path="boolq/boolq_dev.jsonl", hub="aps/super_glue:boolq",
-               template="{passage}\nQuestion: {question}?\nAnswer:", local_reader=_boolq_local,
-               hub_reader=_boolq_hub, fewshot_reader=_no_pool),
+               fewshot_pool="none (0-shot)", local_path="boolq/boolq_dev.jsonl", hub="aps/super_glue:boolq",
+               template="{passage}\nQuestion: {question}?\nAnswer:", split=HubSplit("aps/super_glue", "boolq",
+                                                                                  "validation"),
+               from_hub=_boolq_hub, local_reader=_boolq_local, mc_question="{passage}\n{question}?"),
         MCTask("openbookqa", "1.0", "multiple_choice", "{question_stem} {choice}", ("acc", "acc_norm"),
-               fewshot_pool="none", local_path="openbookqa/openbookqa_test.jsonl", hub="allenai/openbookqa:main",
-               template="{question}", local_reader=_obqa_local, hub_reader=_obqa_hub, fewshot_reader=_no_pool),
+               fewshot_pool="none (0-shot)", local_path="openbookqa/openbookqa_test.jsonl",
+               hub="allenai/openbookqa:main", template="{question}", split=HubSplit("allenai/openbookqa", "main",
+                                                                                     "test"),
+               from_hub=_obqa_hub, local_reader=_obqa_local),
         SIQATask("siqa", "1.0", "multiple_choice", "Q: {context} {question}\nA: {answer}", ("acc", "acc_norm"),
-                 fewshot_pool="none", local_path="siqa/siqa_dev_2choice.jsonl", hub="allenai/social_i_qa",
-                 template="Q: {context} {question}\nA:", local_reader=_siqa_local, hub_reader=_siqa_hub,
-                 fewshot_reader=_no_pool),
+                 fewshot_pool="none (0-shot)", local_path="siqa/siqa_dev_2choice.jsonl", hub="lighteval/siqa",
+                 template="Q: {context} {question}\nA:", split=HubSplit("lighteval/siqa", None, "validation"),
+                 from_hub=_siqa_hub, local_reader=_siqa_local, mc_question="{context} {question}"),
         MMLUTask("mmlu", "1.0", "multiple_choice",
                  "The following are multiple choice questions (with answers) about {subject}.\n\n"
                  "[5 dev shots]{question}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer: {letter}", ("acc", "acc_macro"),
                  num_fewshot=5, fewshot_pool="dev split, first k per subject", local_path="mmlu",
-                 hub="cais/mmlu:all", template="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:"),
+                 hub="cais/mmlu:<subject>", template="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:",
+                 decontam_files="mmlu/test/*.csv"),
     ]

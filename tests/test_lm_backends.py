@@ -1,4 +1,5 @@
-"""The eval model interface: exact log-likelihoods, batching/context sharing, rolling, the SQLite cache."""
+"""The torch backends (native phiforge, transformers): exact log-likelihoods, packing and context sharing,
+rolling windows, generation, the result cache in front of them."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ REQS = [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " five"),
 
 
 def test_native_matches_full_forward_and_is_batch_invariant(tiny_model):
-    from phiforge.eval.lm import PhiforgeLM
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     lm1 = PhiforgeLM(tiny_model, ByteTok(), batch_size=1)
     lm8 = PhiforgeLM(tiny_model, ByteTok(), batch_size=8)
@@ -51,7 +52,7 @@ def test_native_matches_full_forward_and_is_batch_invariant(tiny_model):
 
 
 def test_encode_pair_moves_trailing_space_and_empty_context_uses_prefix():
-    from phiforge.eval.lm import PhiforgeLM
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     class M:
         class config:
@@ -69,7 +70,7 @@ def test_encode_pair_moves_trailing_space_and_empty_context_uses_prefix():
 
 
 def test_greedy_flag(tiny_model):
-    from phiforge.eval.lm import PhiforgeLM
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     lm = PhiforgeLM(tiny_model, ByteTok())
     ctx = list(b"hello")
@@ -81,7 +82,7 @@ def test_greedy_flag(tiny_model):
 
 
 def test_rolling_equals_sum_of_token_logprobs(tiny_model):
-    from phiforge.eval.lm import PhiforgeLM
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     lm = PhiforgeLM(tiny_model, ByteTok())
     text = "rolling windows " * 20  # 320 bytes > the 128-token context: several windows
@@ -100,8 +101,8 @@ def test_rolling_equals_sum_of_token_logprobs(tiny_model):
 
 
 def test_cache_hit_on_rerun(tiny_model, tmp_path):
-    from phiforge.eval.cache import CachedLM, ResultCache
-    from phiforge.eval.lm import PhiforgeLM
+    from phiforge.lm.cache import CachedLM, ResultCache
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     calls = []
 
@@ -128,7 +129,7 @@ def test_cache_hit_on_rerun(tiny_model, tmp_path):
 
 def test_hf_backend_left_padding_and_shared_context():
     transformers = pytest.importorskip("transformers")
-    from phiforge.eval.lm import HFLM
+    from phiforge.lm.hf import HFLM
 
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -153,11 +154,13 @@ def test_hf_backend_left_padding_and_shared_context():
 
 
 def test_native_generate_until_stops(tiny_model):
-    from phiforge.eval.lm import GenRequest, PhiforgeLM
+    from phiforge.lm import GenRequest, Sampling
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     lm = PhiforgeLM(tiny_model, ByteTok(), batch_size=4)
-    outs = lm.generate_until([GenRequest("abc", (), 8), GenRequest("a much longer prompt", (), 8)])
-    single = lm.generate_until("abc", max_tokens=8)
+    outs = lm.generate_until([GenRequest("abc", Sampling(max_new_tokens=8)),
+                              GenRequest("a much longer prompt", Sampling(max_new_tokens=8))])
+    single = lm.generate_until("abc", Sampling(max_new_tokens=8))
     assert outs[0] == single  # greedy: batching and padding do not change the text
     assert all(len(o.encode("utf-8", errors="ignore")) <= 8 * 4 for o in outs)
 
@@ -197,7 +200,8 @@ def _mc_requests(seed=1):
 @pytest.mark.parametrize("backend", ["hf", "hf-eager", "native"])
 @pytest.mark.parametrize("budget", [None, 40])  # 40 tokens: one row per batch, long groups split into rows
 def test_packed_rows_equal_plain_path(backend, budget, tiny_model):
-    from phiforge.eval.lm import HFLM, PhiforgeLM
+    from phiforge.lm.hf import HFLM
+    from phiforge.lm.phiforge_backend import PhiforgeLM
 
     reqs = _mc_requests()
     if backend.startswith("hf"):
@@ -220,7 +224,7 @@ def test_packed_rows_equal_plain_path(backend, budget, tiny_model):
 
 
 def test_packed_layout_and_mask():
-    from phiforge.eval.lm import block_mask, fill_rows, pack_segments, rows_to_tensors
+    from phiforge.lm.packed import block_mask, fill_rows, pack_segments, rows_to_tensors
 
     reqs = [([10, 11, 12], [20, 21]), ([10, 11, 12], [30]), ([10, 11, 12], [40, 41, 42]), ([50, 51], [60, 61])]
     segs = pack_segments({(10, 11, 12): [0, 1, 2], (50, 51): [3]}, reqs, max_length=64)

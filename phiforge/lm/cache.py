@@ -1,8 +1,11 @@
-"""On-disk result cache (SQLite): an interrupted or repeated evaluation resumes for free.
+"""The one on-disk result cache (SQLite) in front of any LM: an interrupted or repeated evaluation or synthesis
+resumes for free, and a completion already paid for is never asked for twice.
 
 Key = sha256(model identity + method + request), where the identity names the weights (path + size/mtime of
-the weight files, or endpoint + model name), so changed weights never reuse stale scores. Results are written
-as they arrive (committed every second or so), which is what makes a killed run resumable.
+the weight files, or endpoint + model name), so changed weights never reuse stale results. Results are written
+as they arrive (committed every second or so, and whenever a call ends, even by an error), which is what makes
+a killed run resumable. Eval caches of earlier versions (the same `results` table and keys) still hit; the
+synthesis teachers' old `completions` table is not read (those completions are asked for again).
 """
 
 from __future__ import annotations
@@ -11,42 +14,52 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from phiforge.eval.lm import LM, GenRequest, OnResult
+from phiforge.lm.base import LM, BudgetExceeded, GenRequest, OnResult
 from phiforge.progress import progress
 
 CACHE_VERSION = 1
 
 
 class ResultCache:
-    """A key -> JSON value table in one SQLite file."""
+    """A key -> JSON value table in one SQLite file; safe to use from several threads. Writes are committed at
+    most `commit_every` seconds apart (0: each one at once, for results that cost money)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, commit_every: float = 1.0) -> None:
         self.path = Path(path)
+        self.commit_every = commit_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=60)
+        self.db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
         self.db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self.db.commit()
+        self._lock = threading.Lock()  # one connection shared by the threads of a concurrent backend
         self._last_commit = time.monotonic()
 
     def get_many(self, keys: list[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        for s in range(0, len(keys), 500):
-            chunk = keys[s:s + 500]
-            q = f"SELECT key, value FROM results WHERE key IN ({','.join('?' * len(chunk))})"
-            for k, v in self.db.execute(q, chunk):
-                found[k] = json.loads(v)
+        with self._lock:
+            for s in range(0, len(keys), 500):
+                chunk = keys[s:s + 500]
+                q = f"SELECT key, value FROM results WHERE key IN ({','.join('?' * len(chunk))})"
+                for k, v in self.db.execute(q, chunk):
+                    found[k] = json.loads(v)
         return found
 
     def put(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)", (key, json.dumps(value)))
-        if time.monotonic() - self._last_commit > 1.0:
-            self.commit()
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            if time.monotonic() - self._last_commit >= self.commit_every:
+                self._commit()
 
     def commit(self) -> None:
+        with self._lock:
+            self._commit()
+
+    def _commit(self) -> None:
         self.db.commit()
         self._last_commit = time.monotonic()
 
@@ -61,15 +74,21 @@ def request_key(identity: str, method: str, request: Any) -> str:
 
 
 class CachedLM(LM):
-    """Wraps an LM: answers cached requests from SQLite, sends only the misses, shows a progress bar
-    (requests/s and ETA) and counts hits/misses in `stats`."""
+    """Wraps an LM: answers cached requests from SQLite, sends only the misses, counts hits/misses in `stats` and
+    (with `show_progress`) shows a progress bar (requests/s and ETA). `usage` is the wrapped LM's."""
 
-    def __init__(self, lm: LM, cache: ResultCache | None, *, desc: str = "requests") -> None:
+    def __init__(self, lm: LM, cache: ResultCache | None, *, desc: str = "requests",
+                 show_progress: bool = True) -> None:
         self.lm = lm
         self.cache = cache
         self.identity = lm.identity
         self.desc = desc
+        self.show_progress = show_progress
         self.stats = {"hits": 0, "misses": 0}
+
+    @property
+    def usage(self):
+        return self.lm.usage
 
     def _run(self, method: str, requests: list, keyed: list, call, on_result: OnResult | None) -> list:
         keys = [request_key(self.identity, method, k) for k in keyed]
@@ -87,7 +106,7 @@ class CachedLM(LM):
         self.stats["misses"] += len(todo)
         if not todo:
             return out
-        bar = progress(total=len(todo), desc=f"{self.desc} ({method})", unit="req")
+        bar = progress(total=len(todo), desc=f"{self.desc} ({method})", unit="req") if self.show_progress else None
 
         def done(j: int, value: Any) -> None:
             i = todo[j]
@@ -96,12 +115,16 @@ class CachedLM(LM):
                 self.cache.put(keys[i], value)
             if on_result:
                 on_result(i, value)
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
 
         try:
             call([requests[i] for i in todo], done)
+        except BudgetExceeded as e:  # what finished (cached or new) goes back in the caller's request order
+            raise BudgetExceeded(str(e), out) from None
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             if self.cache is not None:
                 self.cache.commit()
         return out

