@@ -174,10 +174,11 @@ def main() -> None:
             theirs = lm_eval.simple_evaluate(model=theirs_lm, tasks=[name], num_fewshot=0, task_manager=manager,
                                              log_samples=True)
             t2 = time.perf_counter()
-            mo = {m: 100 * ours["results"][task]["metrics"][m] for m in ("acc", "acc_norm")}
+            # both results files are laid out the lm-eval way: {task: {"acc,none": v, ...}}
+            mo = {m: 100 * ours["results"][task][f"{m},none"] for m in ("acc", "acc_norm")}
             mt = {m: 100 * theirs["results"][name][f"{m},none"] for m in ("acc", "acc_norm")}
             c = compare(ours["samples"][task], theirs["samples"][name])
-            items = ours["results"][task]["n"]
+            items = len(ours["samples"][task])
             print(f"{task}: {items} items (lm-eval {len(theirs['samples'][name])}); phiforge {t1 - t0:.1f}s, "
                   f"lm-eval {t2 - t1:.1f}s; identical requests {c['same_requests']}/{items}")
             print(f"  phiforge acc {mo['acc']:.2f} acc_norm {mo['acc_norm']:.2f} | lm-eval acc {mt['acc']:.2f} "

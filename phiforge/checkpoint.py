@@ -13,7 +13,6 @@ a half-loaded model. Errors name the file and the tensor or field.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,9 @@ import torch
 from phiforge.atomic import atomic_dir, atomic_write_json
 from phiforge.config import ModelConfig
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.lm.spec import looks_like_hub_id
 from phiforge.model import Phi, init_on_meta
+from phiforge.readers import read_json
 
 SAFE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -120,11 +121,14 @@ def copy_tokenizer(tokenizer: str | os.PathLike | Any, out_dir: str | os.PathLik
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
-def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """A local directory, or a Hugging Face hub id ("org/name") downloaded into the HF cache.
+def resolve_checkpoint(spec: str | os.PathLike, *, offline: bool | None = None) -> Path:
+    """A local directory, or a Hugging Face hub id ("org/name") downloaded into the HF cache (`offline`, default
+    HF_HUB_OFFLINE: only found there).
 
-    Only a name that is not a local path reaches the hub (and needs network); tests and the default run pass
-    local directories."""
+    Only a name spelled as a hub id that is not a local path reaches the hub (`phiforge.lm.spec` says which);
+    tests and the default run pass local directories."""
+    from phiforge.lm.spec import hub_snapshot
+
     p = Path(spec)
     if p.exists():
         if not p.is_dir():
@@ -132,27 +136,18 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         return p
     if looks_like_hub_id(spec):
         try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                                      "*.model", "*.bin"]))
-        except Exception as e:  # offline, unknown repo, ...
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{spec}: not a local directory, and the hub download failed: {why}") from None
+            return hub_snapshot(str(spec), offline=offline,
+                                patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"])
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
     raise CheckpointError(f"{spec}: no such checkpoint directory")
-
-
-def looks_like_hub_id(spec: str | os.PathLike) -> bool:
-    """"org/name" that is not a local path: the only kind of spec that may reach the network."""
-    s = str(spec)
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/")) and not Path(s).exists()
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (reads config.json only)."""
     path = Path(path)
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
+    if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory?)")
     raw = _read_json(cfg_file)
     if raw.get("model_type") in ("phi-msft", "mixformer-sequential") or "n_embd" in raw:
@@ -168,11 +163,10 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map every stored tensor name to the file that holds it (safetensors, sharded or not, or a .bin)."""
     index = path / INDEX_NAME
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-            wm = {str(k): str(f) for k, f in wm.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        wm = read_json(index, what="a safetensors index", error=CheckpointError).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(f, str) and f and Path(f).name == f for f in wm.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (weight_map should map tensor names to "
+                                  f"file names in this directory)")
         missing = sorted({f for f in wm.values() if not (path / f).exists()})
         if missing:
             raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
@@ -195,11 +189,7 @@ def weight_files(path: Path) -> dict[str, Path]:
 def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a file's header only (safetensors) or a memory-mapped torch.load (.bin)."""
     if file.suffix == ".bin":
-        try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read PyTorch weights ({e})") from None
-        return {k: tuple(v.shape) for k, v in sd.items()}
+        return {k: tuple(v.shape) for k, v in _load_bin(file).items()}
     from safetensors import safe_open
 
     try:
@@ -207,6 +197,18 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
     except Exception as e:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch weights file (memory-mapped, tensors only), or a CheckpointError naming it."""
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle of anything: one line
+        raise CheckpointError(f"{file}: cannot read PyTorch weights ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return sd
 
 
 def check_state_dict_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
@@ -238,8 +240,7 @@ def _iter_tensors(files: Iterable[Path], names: set[str], device: str) -> Iterab
 
     for file in files:
         if file.suffix == ".bin":
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for k, v in sd.items():
+            for k, v in _load_bin(file).items():
                 if k in names:
                     yield k, v
             continue
@@ -294,6 +295,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     if set(sd) != wanted:  # a file changed under us between the header check and the read
         raise CheckpointError(f"{path}: tensors {sorted(wanted - set(sd))[:5]} could not be read")
+    check_finite(sd, files)
     dtypes = {t.dtype for t in sd.values()}
     if len(dtypes) > 1:  # mixed storage (e.g. fp32 norms): bring everything to the weights' dtype
         target = dtype or sd["lm_head.weight"].dtype
@@ -304,51 +306,73 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
     return model
 
 
+def check_finite(sd: dict[str, torch.Tensor], files: dict[str, Path]) -> None:
+    """A CheckpointError naming the first tensor (and its file) holding NaN or inf: such weights give garbage or
+    NaN logits, never a usable model (a run that diverged, a bad conversion, a damaged file)."""
+    bad = [k for k, t in sd.items() if t.is_floating_point() and t.device.type != "meta"
+           and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise CheckpointError(f"{files.get(bad[0], '')}: tensor {bad[0]} holds NaN or inf values{more}: the "
+                              f"weights are damaged (a diverged run?); use an earlier checkpoint")
+
+
 def checkpoint_size_bytes(path: str | os.PathLike) -> int:
     """Bytes of weight files in a checkpoint directory."""
     return sum(f.stat().st_size for f in set(weight_files(Path(path)).values()))
 
 
 # ---- the original microsoft/phi (remote-code "phi-msft" / MixFormer) layout ----------------------------------
+# Keys of Microsoft's original configs that do not change the model: bookkeeping, kernel choices, and (later
+# phyagi versions) training-time settings: checkpointing, context/tensor-parallel sizes, the token that
+# separated packed samples in training.
 _ORIG_IGNORED = {
     "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "flash_attn",
     "flash_rotary", "fused_dense", "img_processor", "checkpointing", "use_cache", "bos_token_id", "eos_token_id",
-    "pad_vocab_size_multiple", "_name_or_path", "rotary_emb_scale_base", "architecture",
+    "pad_vocab_size_multiple", "_name_or_path", "rotary_emb_scale_base", "architecture", "phyagi_version",
+    "gradient_checkpointing", "cross_sample_token_id", "cp_size", "tp_size", "embd_layer",
 }
+# Original field -> ModelConfig field, for the fields that map one to one (errors name the original spelling).
+_ORIG_FIELDS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                "n_head_kv": "num_key_value_heads", "n_inner": "intermediate_size",
+                "n_positions": "max_position_embeddings", "vocab_size": "vocab_size",
+                "layer_norm_epsilon": "layer_norm_eps", "activation_function": "hidden_act",
+                "resid_pdrop": "resid_pdrop", "embd_pdrop": "embd_pdrop", "attn_pdrop": "attention_dropout",
+                "initializer_range": "initializer_range", "tie_word_embeddings": "tie_word_embeddings"}
 
 
 def config_from_original(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig from an original microsoft/phi config.json (n_embd, n_layer, n_head, rotary_dim, ...)."""
     if raw.get("rotary_emb_scale_base"):
         raise ConfigError(f"{source}: rotary_emb_scale_base (xPos) is not supported")
-    known = {"n_embd", "n_layer", "n_head", "n_head_kv", "n_inner", "n_positions", "rotary_dim", "vocab_size",
-             "activation_function", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-             "initializer_range", "tie_word_embeddings"} | _ORIG_IGNORED
-    unknown = sorted(set(raw) - known)
+    if raw.get("embd_layer", "default") != "default":
+        raise ConfigError(f"{source}: embd_layer {raw['embd_layer']!r} is not supported (only 'default', the token "
+                          f"embedding)")
+    block = raw.get("architecture")
+    if isinstance(block, dict) and block.get("block_cls", "parallel") != "parallel":
+        raise ConfigError(f"{source}: architecture.block_cls {block['block_cls']!r} is not supported (Phi blocks "
+                          f"are 'parallel')")
+    unknown = sorted(set(raw) - set(_ORIG_FIELDS) - {"rotary_dim"} - _ORIG_IGNORED)
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) in original phi config: {', '.join(map(repr, unknown))}")
     for name in ("n_embd", "n_layer", "n_head"):
-        if not isinstance(raw.get(name), int) or raw[name] <= 0:
+        if not isinstance(raw.get(name), int) or isinstance(raw[name], bool) or raw[name] <= 0:
             raise ConfigError(f"{source}: original phi config field {name!r} must be a positive integer, "
                               f"got {raw.get(name)!r}")
     d, h = raw["n_embd"], raw["n_head"]
-    return ModelConfig(
-        vocab_size=raw.get("vocab_size", 51200),
-        hidden_size=d,
-        intermediate_size=raw.get("n_inner") or 4 * d,
-        num_hidden_layers=raw["n_layer"],
-        num_attention_heads=h,
-        num_key_value_heads=raw.get("n_head_kv") or h,
-        partial_rotary_factor=raw.get("rotary_dim", 32) / (d // h),
-        max_position_embeddings=raw.get("n_positions", 2048),
-        layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-        hidden_act=raw.get("activation_function", "gelu_new"),
-        resid_pdrop=raw.get("resid_pdrop", 0.0),
-        embd_pdrop=raw.get("embd_pdrop", 0.0),
-        attention_dropout=raw.get("attn_pdrop", 0.0),
-        initializer_range=raw.get("initializer_range", 0.02),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-    )
+    rotary = raw.get("rotary_dim", 32)
+    if not isinstance(rotary, int) or isinstance(rotary, bool) or not 0 <= rotary <= d // h:
+        raise ConfigError(f"{source}: original phi config field 'rotary_dim' must be an integer in [0, head dim "
+                          f"{d // h}], got {rotary!r}")
+    fields = {new: raw[old] for old, new in _ORIG_FIELDS.items() if raw.get(old) is not None}
+    fields.setdefault("intermediate_size", 4 * d)  # n_inner null: 4 x n_embd
+    try:
+        return ModelConfig(**fields, partial_rotary_factor=rotary / (d // h))
+    except ConfigError as e:  # name the field as the file spells it
+        msg = str(e)
+        for old, new in _ORIG_FIELDS.items():
+            msg = msg.replace(f"field {new!r}", f"field {old!r}")
+        raise ConfigError(f"{source}: original phi config {msg.removeprefix('model config ')}") from None
 
 
 def _sequential_to_parallel_name(k: str, n_layer: int) -> str:
@@ -365,15 +389,44 @@ def _sequential_to_parallel_name(k: str, n_layer: int) -> str:
     return f"transformer.h.{i - 1}.{rest}"
 
 
+_OLD_MLP_NAMES = {"mlp.fc_in.": "mlp.fc1.", "mlp.fc_out.": "mlp.fc2."}  # the earliest uploads' MLP names
+
+
+def original_tensor_shapes(config: ModelConfig, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor an original checkpoint of `config` holds and its shape, spelled as the file (`names`) spells
+    them: transformer.h.N.* or, in mixformer-sequential files, layers.N.*; mlp.fc1/fc2 or the older
+    mlp.fc_in/fc_out. Checking a file's headers against this names its own tensors in every error."""
+    names = set(names)
+    sequential = any(k.startswith("layers.") for k in names)
+    old_mlp = any(".mlp.fc_in." in k or ".mlp.fc_out." in k for k in names)
+    d, f, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * config.head_dim
+    fc1, fc2 = ("fc_in", "fc_out") if old_mlp else ("fc1", "fc2")
+    embd, head = ("layers.0.", f"layers.{L + 1}.") if sequential else ("transformer.embd.", "lm_head.")
+    out: dict[str, tuple[int, ...]] = {embd + "wte.weight": (V, d), head + "ln.weight": (d,), head + "ln.bias": (d,),
+                                       head + "linear.weight": (V, d), head + "linear.bias": (V,)}
+    for i in range(L):
+        p = f"layers.{i + 1}." if sequential else f"transformer.h.{i}."
+        out.update({p + "ln.weight": (d,), p + "ln.bias": (d,),
+                    p + "mixer.Wqkv.weight": (d + 2 * kv, d), p + "mixer.Wqkv.bias": (d + 2 * kv,),
+                    p + "mixer.out_proj.weight": (d, d), p + "mixer.out_proj.bias": (d,),
+                    p + f"mlp.{fc1}.weight": (f, d), p + f"mlp.{fc1}.bias": (f,),
+                    p + f"mlp.{fc2}.weight": (d, f), p + f"mlp.{fc2}.bias": (d,)})
+    return out
+
+
 def original_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename original phi tensors to HF names and split the fused Wqkv ([q | k | v] rows) into q/k/v_proj."""
+    """Rename original phi tensors to HF names and split the fused Wqkv ([q | k | v] rows) into q/k/v_proj.
+    Errors name the tensor as the file does."""
     out: dict[str, torch.Tensor] = {}
     d = config.hidden_size
     kv = config.num_key_value_heads * config.head_dim
-    for k, v in sd.items():
-        if _IGNORED_KEYS.search(k):
+    for name, v in sd.items():
+        if _IGNORED_KEYS.search(name):
             continue
-        k = _sequential_to_parallel_name(k, config.num_hidden_layers)
+        k = _sequential_to_parallel_name(name, config.num_hidden_layers)
+        for old, new in _OLD_MLP_NAMES.items():
+            k = k.replace("." + old, "." + new)
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", k)
         if k == "transformer.embd.wte.weight":
             out["model.embed_tokens.weight"] = v
@@ -389,7 +442,7 @@ def original_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) 
             elif rest.startswith("mixer.Wqkv."):
                 kind = rest.split(".")[-1]
                 if v.shape[0] != d + 2 * kv:
-                    raise CheckpointError(f"tensor {k} has {v.shape[0]} rows, expected {d + 2 * kv} "
+                    raise CheckpointError(f"tensor {name} has {v.shape[0]} rows, expected {d + 2 * kv} "
                                           f"(q {d} + k {kv} + v {kv})")
                 q, kk, vv = v.split([d, kv, kv], dim=0)  # the rows are [q all heads | k all heads | v all heads]
                 out[p + f"self_attn.q_proj.{kind}"] = q.clone()
@@ -400,9 +453,9 @@ def original_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) 
             elif rest.startswith(("mlp.fc1.", "mlp.fc2.")):
                 out[p + rest] = v
             else:
-                raise CheckpointError(f"tensor {k}: unknown original phi tensor name")
+                raise CheckpointError(f"tensor {name}: unknown original phi tensor name")
         else:
-            raise CheckpointError(f"tensor {k}: unknown original phi tensor name")
+            raise CheckpointError(f"tensor {name}: unknown original phi tensor name")
     return out
 
 
@@ -420,9 +473,14 @@ def convert_original(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     config = config_from_original(raw, source=str(cfg_file))
     target = parse_dtype(dtype)
     files = weight_files(src)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(set(files.values())):  # headers first: every name and shape checked before any data is read
+        shapes.update(_tensor_shapes(f))
+    check_state_dict_shapes(original_tensor_shapes(config, shapes), shapes, files)
     sd: dict[str, torch.Tensor] = {}
     for k, t in _iter_tensors(sorted(set(files.values())), set(files), "cpu"):
         sd[k] = t
+    check_finite(sd, files)
     try:
         hf = original_to_hf_state_dict(sd, config)
     except CheckpointError as e:
@@ -459,13 +517,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
+    return read_json(file, what="the model config", error=CheckpointError)
 
 
 # ---- a summary for `phiforge info` ----------------------------------------------------------------------------
@@ -477,8 +529,7 @@ def stored_dtypes(path: str | os.PathLike) -> dict[str, int]:
     counts: dict[str, int] = {}
     for file in sorted(set(weight_files(Path(path)).values())):
         if file.suffix == ".bin":
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            kinds = [dtype_name(v.dtype) for v in sd.values()]
+            kinds = [dtype_name(v.dtype) for v in _load_bin(file).values()]
         else:
             try:
                 with safe_open(str(file), framework="pt") as f:

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("phiforge.commands.train", "pretrain or fine-tune a Phi model (CPU, DDP, FSDP)"),
     "grow": ("phiforge.commands.grow", "grow a trained small Phi into a larger one"),
     "eval": ("phiforge.commands.eval", "run the Phi-2 benchmark suite on a model"),
+    "data": ("phiforge.commands.data", "fetch benchmark data from the hub for offline evaluation (data pull)"),
     "run": ("phiforge.commands.run", "the whole Phi recipe end to end, with a report"),
     "report": ("phiforge.commands.report", "rebuild the report of a run directory"),
     "chat": ("phiforge.commands.chat", "interactive terminal chat with a model"),

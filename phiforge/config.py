@@ -6,7 +6,6 @@ No torch import here: configs are read by the CLI, the run planner and tests tha
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,9 +40,27 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field as its type (an integral float is an int, an int a float), or a ConfigError naming the
+        field: a config.json edited by hand says which value is wrong, not a TypeError deep in the model."""
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in _NULLABLE:
+                continue
+            ok = not isinstance(value, bool) or kind is bool
+            if kind is int and ok and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            elif kind is float and ok and isinstance(value, int):
+                value = float(value)
+            if not ok or not isinstance(value, kind):
+                want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+                raise ConfigError(f"model config field {name!r} should be {want}, got {value!r}")
+            setattr(self, name, value)
 
     # ---- derived quantities -------------------------------------------------------------------------------
     @property
@@ -73,11 +90,18 @@ class ModelConfig:
         return 6 * n + 12 * self.num_hidden_layers * self.hidden_size * seq_len
 
     def validate(self) -> None:
-        """Raise ConfigError naming the field if the shapes cannot form a model."""
+        """Raise ConfigError naming the field if the shapes cannot form a model or a value is out of range."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
+                     "max_position_embeddings", "num_key_value_heads"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model config field {name!r} must be positive, got {getattr(self, name)!r}")
+        for name, (shown, ok) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise ConfigError(f"model config field {name!r} must be {shown}, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"model config field {name!r} must be >= 0, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                               f"{self.num_attention_heads}")
@@ -104,7 +128,10 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown model config field(s) {', '.join(map(repr, unknown))} "
                               f"(known: {', '.join(sorted(known))})")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """The HF `PhiConfig` dict (config.json) for this model."""
@@ -144,6 +171,8 @@ class ModelConfig:
         d = dict(d)
         # transformers >= 5 nests rope settings in rope_parameters.
         rope = d.pop("rope_parameters", None) or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters should be an object, got {rope!r}")
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"{source}: rope_parameters.rope_type {rope.get('rope_type')!r} is not supported")
         scaling = d.pop("rope_scaling", None)
@@ -156,20 +185,24 @@ class ModelConfig:
         d.pop("rope_theta", None)
         d.pop("partial_rotary_factor", None)
         eos = d.pop("eos_token_id", 50256)
-        mapped["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
+        mapped["eos_token_id"] = (eos[0] if eos else None) if isinstance(eos, list) else eos
         # Bookkeeping keys HF writes that carry no model shape.
         for k in _HF_IGNORED:
             d.pop(k, None)
-        if d.get("head_dim") not in (None, d.get("hidden_size", 0) // max(d.get("num_attention_heads", 1), 1)):
-            raise ConfigError(f"{source}: head_dim {d['head_dim']} != hidden_size / num_attention_heads "
-                              f"is not supported")
-        d.pop("head_dim", None)
+        head_dim = d.pop("head_dim", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown config field(s) {', '.join(map(repr, unknown))}")
         d.update(mapped)
-        return cls(**d)
+        try:
+            config = cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        if head_dim is not None and head_dim != config.head_dim:
+            raise ConfigError(f"{source}: head_dim {head_dim!r} != hidden_size / num_attention_heads "
+                              f"({config.head_dim}) is not supported")
+        return config
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (unknown names are errors)."""
@@ -179,6 +212,20 @@ class ModelConfig:
             raise ConfigError(f"unknown model config field(s) {', '.join(map(repr, bad))}")
         return dataclasses.replace(self, **changes)
 
+
+# Each field's type, from its annotation (a string here: "int", "int | None", ...).
+_FIELD_TYPES: dict[str, type] = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[
+    str(f.type).split(" |")[0]] for f in fields(ModelConfig)}
+_NULLABLE = ("num_key_value_heads", "bos_token_id", "eos_token_id")  # None: the default / HF's "not set"
+_FLOAT_RANGES = {  # field -> (the range in words, the test); NaN and inf are never in range
+    "partial_rotary_factor": ("in [0, 1]", lambda x: 0.0 <= x <= 1.0),
+    "rope_theta": ("> 0", lambda x: x > 0.0),
+    "layer_norm_eps": ("in (0, 1]", lambda x: 0.0 < x <= 1.0),
+    "resid_pdrop": ("in [0, 1)", lambda x: 0.0 <= x < 1.0),
+    "embd_pdrop": ("in [0, 1)", lambda x: 0.0 <= x < 1.0),
+    "attention_dropout": ("in [0, 1)", lambda x: 0.0 <= x < 1.0),
+    "initializer_range": (">= 0", lambda x: x >= 0.0),
+}
 
 _HF_IGNORED = (
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "use_cache",
@@ -245,14 +292,12 @@ def load_model_config(spec: str | Path) -> ModelConfig:
         p = p / "config.json"
     if not p.exists():
         raise ConfigError(f"{spec}: not a preset ({', '.join(PRESETS)}), checkpoint directory or config file")
-    text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         data = read_yaml(p, what="model config fields")
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+        from phiforge.readers import read_json
+
+        data = read_json(p, what="a model config", error=ConfigError)
     if "model_type" in data or "architectures" in data:
         return ModelConfig.from_hf(data, source=str(p))
     return ModelConfig.from_dict(data, source=str(p))

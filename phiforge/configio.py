@@ -79,9 +79,16 @@ def load_yaml(path: str | Path, *, what: str = "settings", mapping: bool = True)
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {e.start})") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -90,6 +97,8 @@ def load_yaml(path: str | Path, *, what: str = "settings", mapping: bool = True)
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
     if mapping:
@@ -102,18 +111,22 @@ def load_yaml(path: str | Path, *, what: str = "settings", mapping: bool = True)
     return Source(str(p), data, lines)
 
 
-def _collect_lines(node: Any, path: KeyPath, out: dict[KeyPath, int]) -> None:
+def _collect_lines(node: Any, path: KeyPath, out: dict[KeyPath, int], seen: set[int] | None = None) -> None:
     import yaml
 
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: its lines are those of the anchor (and nested aliases must not blow up)
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = path + (k.value,)
             out.setdefault(key, k.start_mark.line + 1)
-            _collect_lines(v, key, out)
+            _collect_lines(v, key, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out.setdefault(path + (i,), v.start_mark.line + 1)
-            _collect_lines(v, path + (i,), out)
+            _collect_lines(v, path + (i,), out, seen)
 
 
 # ---- dataclasses --------------------------------------------------------------------------------------------

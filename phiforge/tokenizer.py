@@ -17,7 +17,6 @@ The model's embedding is `model_vocab_size(tok)`: the tokenizer size rounded up 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -213,10 +212,9 @@ def load_tokenizer(path: str | os.PathLike) -> PhiTokenizer:
     config: dict[str, Any] = {}
     cfg_file = file.parent / CONFIG_FILE
     if cfg_file.exists():
-        try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise PhiforgeError(f"{cfg_file}:{e.lineno}: invalid JSON: {e.msg}") from None
+        from phiforge.readers import read_json
+
+        config = read_json(cfg_file, what="a tokenizer config", error=PhiforgeError)
     eos = config.get("eos_token") or EOS_TOKEN
     if isinstance(eos, dict):  # older transformers wrote AddedToken dicts
         eos = eos.get("content", EOS_TOKEN)

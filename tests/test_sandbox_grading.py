@@ -185,6 +185,11 @@ def test_tampering_with_builtins_or_the_verdict_channel_fails():
     assert not r.passed and r.reason == "the program wrote into the check harness's verdict channel"
     r = check_program("import os\nos.write(4, b'PASS 1234')\nos._exit(0)\n", "assert False\n")
     assert not r.passed
+    # the run's token cannot be read from its pipe: the harness took it and closed fd 3 before the program ran
+    steal = ("import os\ntry:\n    t = os.read(3, 256)\nexcept OSError:\n    t = b''\n"
+             "os.write(4, b'PASS ' + t)\nos._exit(0)\n")
+    r = check_program(steal, "assert False\n")
+    assert not r.passed
 
 
 def test_failure_reasons_name_the_cause():

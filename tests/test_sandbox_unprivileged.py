@@ -42,6 +42,9 @@ out["net"] = run("import socket\nprint(sorted(n for _, n in socket.if_nameindex(
 out["fork_bomb"] = run("import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
                        "        time.sleep(0.01)", timeout=3, max_procs=32)
 out["after_bomb"] = run("print('alive')")
+import tempfile
+sandbox._run_dir_base = lambda: tempfile.mkdtemp(dir="/tmp")  # run dirs on /tmp, maybe the root filesystem
+out["run_dir_on_tmp"] = run("print('ok')")
 out["right"] = check_program("def f():\n    return 1\n", "assert f() == 1\n").passed
 out["exit"] = check_program("def f():\n    return 0\nimport os\nos._exit(0)\n", "assert f() == 1\n").reason
 out["always_equal"] = check_program("class A:\n    __eq__ = lambda *a: True\ndef f():\n    return A()\n",
@@ -143,7 +146,10 @@ def test_unprivileged_user_gets_isolation_or_a_warning(unprivileged):
     assert out["ids"]["stdout"] == "0 0000000000000000\n"  # uid 0 of its own namespace, without a capability
     assert out["nested"]["stdout"].split()[0] == "-1"  # no namespace of its own (no mounts either)
     assert out["home"]["stdout"] == "False\n"  # $HOME is hidden
-    assert not out["write"]["passed"] and "Read-only file system" in out["write"]["stderr"]
+    # the user's own file: read-only here (or not even there: under $HOME or /tmp, which the run does not see)
+    assert not out["write"]["passed"]
+    assert "Read-only file system" in out["write"]["stderr"] or "No such file" in out["write"]["stderr"]
     assert out["net"]["stdout"] == "['lo']\n"
     assert not out["fork_bomb"]["passed"] and out["after_bomb"]["stdout"] == "alive\n"
+    assert out["run_dir_on_tmp"]["stdout"] == "ok\n", out["run_dir_on_tmp"]
 

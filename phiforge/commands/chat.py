@@ -3,6 +3,7 @@
 base-model format "Instruct: <message>\\nOutput:". Replies stream as they are generated.
 
   phiforge chat --model runs/phi-100m/final --quant int8
+  phiforge chat --model smollm2          # any Hugging Face causal LM (directory, .gguf) runs through transformers
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import argparse
 
 from phiforge.commands.flags import add_dtype, add_max_new_tokens
 
+MODEL_HELP = ("a phiforge checkpoint directory (or phiforge:DIR, or a hub id), or a Hugging Face causal LM run "
+              "through transformers: smollm2, hf:DIR_OR_HUB_ID, another model type's directory, a .gguf file")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer "
-                                                       "(or phiforge:DIR, or a hub id)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--system", default=None, help="a system message put before the conversation")
     add_max_new_tokens(parser, 256, "new tokens per reply at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
@@ -26,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The model-loading flags `chat` and `serve` share: quantization, dtype, device."""
     parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                        help="weight-only quantization of the linear layers (faster decoding)")
+                        help="weight-only quantization of the linear layers (faster decoding; phiforge "
+                             "checkpoints only)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")
     add_dtype(parser, "weights dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

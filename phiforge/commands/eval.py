@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="SQLite result cache (default ~/.cache/phiforge/eval_cache.sqlite or "
                                         "$PHIFORGE_CACHE)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the result cache")
-    parser.add_argument("--offline", action="store_true", help="never fetch datasets from the hub")
+    parser.add_argument("--offline", action="store_true", help="never reach the hub: datasets and models (a hub id "
+                                                               "only from the local Hugging Face cache)")
     parser.add_argument("--samples", type=int, default=1, help="code tasks: samples per problem (n > 1 adds "
                                                                "pass@k at --temperature)")
     parser.add_argument("--temperature", type=float, default=0.8, help="code tasks: sampling temperature for "
@@ -128,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
     # Data first: a missing benchmark is one line before minutes of model loading, not after.
     data = prepare(names, data_dir=args.data_dir, allow_hub=not args.offline, subjects=subjects)
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
-                 batch_size=args.batch_size, base_url=args.base_url)
+                 batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None)
     opts = {"samples": args.samples, "temperature": args.temperature, "timeout": args.timeout,
             "strict_values": not args.no_strict_values}
     if args.max_new_tokens:
@@ -155,7 +156,7 @@ def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
     embedder = get_embedder(args.embedder) if any(s.shots == "knn" for s in strategies) else None
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()] if args.subjects else None
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
-                 batch_size=args.batch_size, base_url=args.base_url)
+                 batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None)
     results = evaluate_strategies(lm, names, strategies, embedder=embedder, data_dir=args.data_dir, limit=args.limit,
                                   subjects=subjects, pool_size=args.pool_size, cache_path=args.cache,
                                   use_cache=not args.no_cache, cot_max_tokens=args.cot_max_new_tokens,

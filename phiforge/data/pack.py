@@ -21,9 +21,7 @@ bounded by the batch size whatever the corpus size.
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -146,21 +144,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed object, None) per JSON line, or (n, None, reason) for a line that is not JSON."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, f"undecodable bytes (not UTF-8) at byte {e.start}"
-                continue
-            try:
-                yield n, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg} (column {e.colno})"
+    """(line number, parsed object, None) per JSON line, or (n, None, reason) for a line that is not JSON (or
+    the rest of a cut .gz file): `phiforge.readers.iter_jsonl`, the one JSONL reader."""
+    from phiforge.readers import iter_jsonl
+
+    return iter_jsonl(path)
 
 
 def iter_records(path: Path, text_field: str = "text") -> Iterator[tuple[int, str | None, str | None]]:
@@ -191,13 +179,16 @@ def iter_records(path: Path, text_field: str = "text") -> Iterator[tuple[int, st
         if text_field not in pf.schema_arrow.names:
             raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
         n = 0
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                n += 1
-                if not isinstance(value, str):
-                    yield n, None, f"column {text_field!r} is {'null' if value is None else type(value).__name__}"
-                else:
-                    yield n, value, None
+        try:
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+                for value in batch.column(0).to_pylist():
+                    n += 1
+                    if not isinstance(value, str):
+                        yield n, None, f"column {text_field!r} is {'null' if value is None else type(value).__name__}"
+                    else:
+                        yield n, value, None
+        except Exception as e:  # noqa: BLE001 - a damaged row group: the rest of the file, said, not a traceback
+            yield n + 1, None, f"the rest of the file cannot be read ({type(e).__name__}: {str(e)[:120]})"
     elif kind == "text":
         parts: list[str] = []
         with open(path, "rb") as f:
@@ -435,7 +426,7 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     Examples also get a loss mask beside each token shard and their boundaries (`<split>-offsets.bin`); an
     example longer than seq_len + 1 tokens (one training row; default seq_len 2048) is fitted by `overlong`:
     "truncate" (prompt tokens from the left) or "drop", counted in the manifest."""
-    from phiforge.atomic import atomic_dir, atomic_write_json
+    from phiforge.atomic import atomic_dir, atomic_write_json, remove_stale
     from phiforge.progress import progress
     from phiforge.tokenizer import load_tokenizer, train_tokenizer
 
@@ -460,6 +451,7 @@ def pack_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     files = expand_inputs(inputs)
     out = Path(out_dir)
     t0 = time.time()
+    remove_stale(out.parent, glob.escape(out.name))  # a killed tokenize's half-built output (.OUT.*.tmp)
     with atomic_dir(out) as tmp:
         tok_dir = tmp / "tokenizer"
         if train_vocab is not None:
@@ -616,61 +608,91 @@ def _merge_offsets(parts: Path, split: str, n_files: int, out: Path) -> str:
 
 # ---- reading packed data --------------------------------------------------------------------------------------
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a packed-token directory (DataError if it is not one)."""
+    """The manifest of a packed-token directory, every field the readers use checked: a missing, damaged or
+    mistyped manifest is one DataError naming it and the field (re-run `phiforge tokenize`)."""
+    from phiforge.readers import read_json
+
     p = Path(data_dir) / MANIFEST
     if not p.exists():
         raise DataError(f"{data_dir}: no {MANIFEST} (make one with `phiforge tokenize`)")
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    fix = f"re-run `phiforge tokenize` into {data_dir}"
+    m = read_json(p, what="a token manifest", fix=fix)
     if m.get("format") != FORMAT:
         raise DataError(f"{p}: format {m.get('format')!r}, expected {FORMAT!r}")
+    why = _manifest_problem(m)
+    if why:
+        raise DataError(f"{p}: damaged manifest: {why}; {fix}")
     return m
 
 
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields (None: nothing the readers would trip over)."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def name(v: Any) -> bool:  # a file of the token directory itself
+        return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
+
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype should be uint16 or uint32, got {m.get('dtype')!r}"
+    if not count(m.get("vocab_size")) or not m["vocab_size"]:
+        return f"vocab_size should be a positive integer, got {m.get('vocab_size')!r}"
+    if not count(m.get("eos_token_id")) or m["eos_token_id"] >= m["vocab_size"]:
+        return f"eos_token_id should be a token id below vocab_size, got {m.get('eos_token_id')!r}"
+    tok = m.get("tokenizer")
+    if not (isinstance(tok, dict) and name(tok.get("path")) and isinstance(tok.get("sha256"), str)):
+        return "tokenizer should hold the tokenizer's path and sha256"
+    examples = "records" in m
+    splits = m.get("splits")
+    for split in ("train", "val"):
+        sp = splits.get(split) if isinstance(splits, dict) else None
+        if not (isinstance(sp, dict) and count(sp.get("tokens")) and count(sp.get("documents"))
+                and isinstance(sp.get("shards"), list)):
+            return f"splits.{split} should hold tokens, documents and shards"
+        for i, sh in enumerate(sp["shards"]):
+            if not (isinstance(sh, dict) and name(sh.get("file")) and count(sh.get("tokens"))
+                    and (not examples or name(sh.get("mask")))):
+                return f"splits.{split}.shards[{i}] should name its file{' and mask' if examples else ''} and tokens"
+        if sum(sh["tokens"] for sh in sp["shards"]) != sp["tokens"]:
+            return f"splits.{split}: its shards' tokens do not add up to its {sp['tokens']} tokens"
+        if examples and not name(sp.get("offsets")):
+            return f"splits.{split} should name its offsets file"
+    return None
+
+
 def open_split(data_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
-    """The memory-mapped shards of a split, in order (zero-length list when the split is empty)."""
+    """The memory-mapped shards of a split, in order (zero-length list when the split is empty); a missing or
+    cut shard is a DataError naming it (`phiforge.readers.open_tokens`)."""
+    from phiforge.readers import open_tokens
+
     m = read_manifest(data_dir)
     if split not in m["splits"]:
         raise DataError(f"{data_dir}: no split {split!r} in the manifest")
-    out = []
-    for s in m["splits"][split]["shards"]:
-        path = Path(data_dir) / s["file"]
-        if not path.exists():
-            raise DataError(f"{path}: shard listed in the manifest is missing")
-        arr = np.memmap(path, dtype=np.dtype(m["dtype"]), mode="r")
-        if len(arr) != s["tokens"]:
-            raise DataError(f"{path}: {len(arr)} tokens, the manifest says {s['tokens']} (truncated?)")
-        out.append(arr)
-    return out
+    return [open_tokens(Path(data_dir) / s["file"], m["dtype"], s["tokens"], fix=f"re-run `phiforge tokenize` "
+                        f"into {data_dir}") for s in m["splits"][split]["shards"]]
 
 
 def open_masks(data_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
     """The memory-mapped uint8 loss masks of a split's shards (1 = the token is a training target), in order."""
+    from phiforge.readers import open_tokens
+
     m = read_manifest(data_dir)
     if "records" not in m:
         raise DataError(f"{data_dir}: plain-text tokens have no loss mask (tokenize with --format completion/chat)")
-    out = []
-    for s in m["splits"][split]["shards"]:
-        path = Path(data_dir) / s["mask"]
-        if not path.exists():
-            raise DataError(f"{path}: loss mask listed in the manifest is missing")
-        arr = np.memmap(path, dtype=np.uint8, mode="r")
-        if len(arr) != s["tokens"]:
-            raise DataError(f"{path}: {len(arr)} mask entries for {s['tokens']} tokens (truncated?)")
-        out.append(arr)
-    return out
+    return [open_tokens(Path(data_dir) / s["mask"], np.uint8, s["tokens"], what="loss mask",
+                        fix=f"re-run `phiforge tokenize` into {data_dir}") for s in m["splits"][split]["shards"]]
 
 
 def read_offsets(data_dir: str | os.PathLike, split: str) -> np.ndarray:
     """Example boundaries of a split: start offsets into its concatenated tokens, then the total (int64)."""
+    from phiforge.readers import open_tokens
+
     m = read_manifest(data_dir)
-    path = Path(data_dir) / m["splits"][split]["offsets"]
-    if not path.exists():
-        raise DataError(f"{path}: example offsets listed in the manifest are missing")
-    offsets = np.fromfile(path, dtype=np.int64)
-    if len(offsets) != m["splits"][split]["documents"] + 1 or offsets[-1] != m["splits"][split]["tokens"]:
-        raise DataError(f"{path}: {len(offsets) - 1} examples / {offsets[-1] if len(offsets) else 0} tokens, the "
-                        f"manifest says {m['splits'][split]['documents']} / {m['splits'][split]['tokens']}")
+    sp = m["splits"][split]
+    path = Path(data_dir) / sp["offsets"]
+    offsets = np.asarray(open_tokens(path, np.int64, sp["documents"] + 1, what="example offsets file",
+                                     fix=f"re-run `phiforge tokenize` into {data_dir}"))
+    if offsets[0] != 0 or offsets[-1] != sp["tokens"] or np.any(np.diff(offsets) < 1):
+        raise DataError(f"{path}: example offsets do not run from 0 to the split's {sp['tokens']} tokens in "
+                        f"increasing steps (damaged); re-run `phiforge tokenize` into {data_dir}")
     return offsets

@@ -342,6 +342,52 @@ def write_repo_readme(root: Path, dataset_id: str, files: dict[str, dict[str, An
     atomic_write_text(root / dataset_id / "README.md", "\n".join(lines))
 
 
+def pull_splits(splits: dict[str, list[HubSplit]], out: str | os.PathLike, *, force: bool = False,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fetch `splits` ({task: its hub splits}) from the hub into `out` in the pulled layout (module docstring):
+    one canonical JSON-lines file per split, a README.md per dataset (so `datasets` reads it as a hub repository)
+    and manifest.json with every file's rows and sha256. Splits already there with the manifest's hash are kept
+    (unless `force`); the manifest is rewritten after each split, so an interrupted pull resumes."""
+    from phiforge.atomic import atomic_write_json
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(root)
+    manifest.setdefault("files", {})
+    manifest.setdefault("tasks", {})
+    why = offline_reason()
+    for task, task_splits in splits.items():
+        for split in task_splits:
+            entry = manifest["files"].get(split.rel)
+            path = root / split.rel
+            if not force and entry and path.is_file() and file_sha256(path) == entry.get("sha256"):
+                log(f"{split}: up to date ({entry['rows']} rows)")
+                continue
+            if why:
+                raise DataError(f"data pull needs the hub, but {why}: run it where there is internet (and unset it)")
+            try:
+                rows = read_hub(split)
+            except HubUnavailable as e:
+                raise DataError(f"data pull: {split} {e}") from None
+            manifest["files"][split.rel] = write_split(root, split, rows)
+            manifest["tasks"][task] = sorted({*manifest["tasks"].get(task, []), split.rel})
+            write_repo_readme(root, split.path, manifest["files"])
+            _write_manifest(root, manifest, atomic_write_json)
+            log(f"{split}: {len(rows)} rows -> {path} (sha256 {manifest['files'][split.rel]['sha256'][:12]})")
+        manifest["tasks"][task] = sorted({*manifest["tasks"].get(task, []), *(s.rel for s in task_splits)})
+    _write_manifest(root, manifest, atomic_write_json)
+    return manifest
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any], write: Callable[[Path, Any], None]) -> None:
+    import time
+
+    from phiforge import __version__
+
+    manifest.update(format=1, phiforge=__version__, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write(root / MANIFEST, manifest)
+
+
 # ---- readers for the original release formats -------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open

@@ -6,20 +6,28 @@ the weight files, or endpoint + model name), so changed weights never reuse stal
 as they arrive (committed every second or so, and whenever a call ends, even by an error), which is what makes
 a killed run resumable. Eval caches of earlier versions (the same `results` table and keys) still hit; the
 synthesis teachers' old `completions` table is not read (those completions are asked for again).
+
+A caller may key a request otherwise than it is sent (`generate_keyed`): a synthesis teacher keys each prompt
+with its own seed, whatever seed the batch it went in was sampled with, so a rerun that batches differently
+still finds every answer. A file that is not a readable SQLite database is a DataError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import DataError
 from phiforge.lm.base import LM, BudgetExceeded, GenRequest, OnResult
+from phiforge.lm.openai_api import PromptRejected
 from phiforge.progress import progress
 
 CACHE_VERSION = 1
@@ -33,30 +41,43 @@ class ResultCache:
         self.path = Path(path)
         self.commit_every = commit_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self.db.commit()
+        with self._errors():
+            self.db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
+            self.db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.commit()
         self._lock = threading.Lock()  # one connection shared by the threads of a concurrent backend
         self._last_commit = time.monotonic()
 
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A damaged database file (truncated, overwritten) as one DataError naming it and the way out."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"{self.path}: damaged result cache ({e}); delete it to start an empty one (what it "
+                            f"held is computed, or paid for, again)") from None
+
     def get_many(self, keys: list[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        with self._lock:
+        with self._lock, self._errors():
             for s in range(0, len(keys), 500):
                 chunk = keys[s:s + 500]
                 q = f"SELECT key, value FROM results WHERE key IN ({','.join('?' * len(chunk))})"
                 for k, v in self.db.execute(q, chunk):
-                    found[k] = json.loads(v)
+                    try:
+                        found[k] = json.loads(v)
+                    except ValueError:  # a damaged row: computed again
+                        continue
         return found
 
     def put(self, key: str, value: Any) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self.db.execute("INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)", (key, json.dumps(value)))
             if time.monotonic() - self._last_commit >= self.commit_every:
                 self._commit()
 
     def commit(self) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self._commit()
 
     def _commit(self) -> None:
@@ -122,6 +143,9 @@ class CachedLM(LM):
             call([requests[i] for i in todo], done)
         except BudgetExceeded as e:  # what finished (cached or new) goes back in the caller's request order
             raise BudgetExceeded(str(e), out) from None
+        except PromptRejected as e:  # the same, and the refused prompts by the caller's index
+            raise PromptRejected(str(e), out, {todo[j]: why for j, why in e.rejected.items()},
+                                 e.budget_message) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -137,6 +161,12 @@ class CachedLM(LM):
 
     def _generate(self, requests: list[GenRequest], on_result=None):
         return self._run("generate_until", requests, [r.key() for r in requests], self.lm._generate, on_result)
+
+    def generate_keyed(self, requests: list[GenRequest], keys: list[GenRequest],
+                       on_result: OnResult | None = None) -> list[str]:
+        """`generate_until(requests)`, each request cached under `keys[i]` (the same request as the caller
+        identifies it, e.g. with its own seed where the batch was sampled with another)."""
+        return self._run("generate_until", requests, [k.key() for k in keys], self.lm._generate, on_result)
 
 
 def _restore(method: str, value: Any) -> Any:

@@ -12,6 +12,11 @@
 
 `parse_spec` only classifies (it looks at the file system, never loads or downloads); `load_lm` turns a spec into
 an LM backend, `checkpoint_dir` into a checkpoint directory for the commands that run the native model.
+
+A name is a hub id only when it is spelled as one (ORG/NAME, the hub's characters) and is not a local path: a
+path that does not exist (`runs/x/ckpt`, `./m`, or `runs/x` where `runs/` is a local folder) is said not to
+exist, never looked up on the hub. Offline (`offline=True`, e.g. `--offline`, or HF_HUB_OFFLINE=1) a hub id is
+only found in the local Hugging Face cache: nothing is downloaded, and a model not there is a one-line error.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +79,12 @@ def parse_spec(spec: str | os.PathLike | ModelSpec) -> ModelSpec:
                 raise ConfigError(f"{s}: expected openai:MODEL@BASE_URL")
             return ModelSpec(s, "openai", model, url or None)
         if prefix == "phiforge":
-            if not (Path(rest).is_dir() or _hub_id(rest)):
+            if not (Path(rest).is_dir() or looks_like_hub_id(rest)):
                 raise ConfigError(f"{s}: {rest} is not a checkpoint directory")
             return ModelSpec(s, "phiforge", rest)
+        if not (rest.endswith(".gguf") or Path(rest).exists() or looks_like_hub_id(rest)):
+            raise ConfigError(f"{s}: {rest}: no such file or directory (expected a model directory, .gguf file or "
+                              f"hub id ORG/NAME)")
         return ModelSpec(s, "gguf" if rest.endswith(".gguf") else "hf", rest)
     if s in SMOLLM2_ALIASES:
         return ModelSpec(s, "alias", s)
@@ -92,7 +101,7 @@ def parse_spec(spec: str | os.PathLike | ModelSpec) -> ModelSpec:
 
     if s in PRESETS:
         return ModelSpec(s, "preset", s)
-    if _hub_id(s):
+    if looks_like_hub_id(s):
         return ModelSpec(s, "hub", s)
     if "/" in s or s.startswith("."):
         raise ConfigError(f"{s}: no such file or directory (expected a checkpoint directory, .gguf file, config "
@@ -101,10 +110,39 @@ def parse_spec(spec: str | os.PathLike | ModelSpec) -> ModelSpec:
                       f"({SMOLLM2_ALIASES[0]}), hub id (ORG/NAME), config file or openai:MODEL@BASE_URL")
 
 
-def _hub_id(s: str) -> bool:
-    from phiforge.checkpoint import looks_like_hub_id  # checkpoint imports torch: only when it is needed
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
 
-    return looks_like_hub_id(s)
+
+def looks_like_hub_id(spec: str | os.PathLike) -> bool:
+    """"ORG/NAME" as the hub spells repository ids, and not a local path (nor one under a local folder: with a
+    runs/ folder here, "runs/x" is a missing directory): the only kind of spec that may reach the network."""
+    s = str(spec)
+    if not _HUB_ID.fullmatch(s) or ".." in s or "--" in s:
+        return False
+    return not Path(s).exists() and not Path(s.split("/")[0]).is_dir()
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """`offline` when given, else whether HF_HUB_OFFLINE asks for it (as the Hugging Face libraries read it)."""
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(repo_id: str, *, offline: bool | None = None, patterns: list[str] | None = None) -> Path:
+    """The local copy of a hub model: downloaded into the Hugging Face cache, or offline only what the cache
+    already holds. A ConfigError names the id and why (offline and not cached, unknown repo, no network)."""
+    offline = is_offline(offline)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - unknown repo, no network, not cached: one line, whatever the cause
+        if offline:
+            raise ConfigError(f"{repo_id}: not a local directory, and not in the local Hugging Face cache (offline: "
+                              f"nothing is downloaded; fetch it once with network, or give a local path)") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{repo_id}: not a local directory, and the hub download failed: {why}") from None
 
 
 def _is_phiforge_dir(path: Path) -> bool:
@@ -133,14 +171,14 @@ def hf_location(spec: str | os.PathLike | ModelSpec) -> tuple[str, str | None]:
     return m.target, None
 
 
-def checkpoint_dir(spec: str | os.PathLike | ModelSpec) -> Path:
+def checkpoint_dir(spec: str | os.PathLike | ModelSpec, *, offline: bool | None = None) -> Path:
     """The checkpoint directory of a spec naming a native model: a directory or a hub id (downloaded into the
-    Hugging Face cache). What `chat`, `serve`, `generate` and fine-tuning load."""
+    Hugging Face cache; offline only found there). What `chat`, `serve`, `generate` and fine-tuning load."""
     from phiforge.checkpoint import resolve_checkpoint
 
     m = parse_spec(spec)
     if m.kind in ("phiforge", "hf", "hub"):
-        return resolve_checkpoint(m.target)  # its errors name a missing config, original layout, ...
+        return resolve_checkpoint(m.target, offline=offline)  # its errors name a missing config, original layout, ...
     raise ConfigError(f"{m.text}: {_WHAT[m.kind]}; this needs a phiforge checkpoint directory (or hub id)")
 
 
@@ -173,10 +211,12 @@ def backend_options(backend: str) -> set[str]:
 
 
 def load_lm(spec: str | os.PathLike | ModelSpec, *, backend: str = "auto", dtype: str | None = None,
-            device: str = "cpu", batch_size: int = 16, base_url: str | None = None, **options: Any) -> LM:
+            device: str = "cpu", batch_size: int = 16, base_url: str | None = None, offline: bool | None = None,
+            **options: Any) -> LM:
     """An LM for a model spec. `backend` auto picks by kind (`backend_for`); "phiforge" or "hf" force one;
     `base_url` makes `spec` the model name at that OpenAI-compatible endpoint. `dtype` and `device` apply to the
-    torch backends; `options` are the chosen backend's own (e.g. chat, budget), checked by name."""
+    torch backends; `options` are the chosen backend's own (e.g. chat, budget), checked by name. `offline`
+    (default: HF_HUB_OFFLINE) finds a hub id in the local cache only."""
     if backend not in ("auto", "phiforge", "hf", "openai"):
         raise ConfigError(f"unknown backend {backend!r} (choose auto, phiforge, hf, openai)")
     if base_url and backend in ("auto", "openai"):
@@ -192,5 +232,8 @@ def load_lm(spec: str | os.PathLike | ModelSpec, *, backend: str = "auto", dtype
         raise ConfigError(f"{m.text}: unknown option(s) {bad} for the {chosen} backend; allowed: {sorted(allowed)}")
     if chosen == "openai":
         return _loader("openai")(m.base_url, m.target, batch_size=batch_size, **options)
+    if is_offline(offline) and m.kind in ("phiforge", "hf", "hub") and looks_like_hub_id(m.target):
+        # the cached copy as a local directory: the loaders below then never touch the network
+        m = ModelSpec(m.text, "hf" if m.kind == "hub" else m.kind, str(hub_snapshot(m.target, offline=True)))
     return _loader(chosen)(m.target if chosen == "phiforge" else m, dtype=dtype, device=device,
                            batch_size=batch_size, **options)

@@ -3,10 +3,11 @@ together (files it writes to a tmpfs count as memory too), and tells the parent 
 something.
 
 Where the host allows it (`available()`):
-  cgroup v2  when the evaluating process's own cgroup may have children with the memory and pids controllers:
-             root on most hosts; another user inside a delegated cgroup (`systemd-run --user --scope -p
-             Delegate=yes phiforge ...`). A cgroup that holds only the evaluating process is split (we move into
-             a `phiforge` leaf) so that its children can have controllers.
+  cgroup v2  when the evaluating process's own cgroup may have children with the memory and pids controllers
+             (another user: inside a delegated cgroup, `systemd-run --user --scope -p Delegate=yes phiforge
+             ...`). A cgroup that holds only the evaluating process is split (we move into a `phiforge` leaf) so
+             that its children can have controllers; root otherwise uses a `phiforge` cgroup at the top of the
+             hierarchy.
   cgroup v1  the memory hierarchy (and pids, when mounted) where we can create cgroups: root on hybrid hosts.
   neither    rlimits alone then bound each process of a run on its own; `available()` says why.
 """
@@ -67,17 +68,15 @@ def _probe(base: str) -> None:
     os.rmdir(probe)
 
 
-def _v2() -> list[str]:
-    mounts = _mounts("cgroup2")
-    if not mounts:
-        raise OSError("no cgroup v2 hierarchy is mounted")
-    mount, root, _ = mounts[0]
-    base = _join(mount, root, _own_path(None))
-    need = {"memory", "pids"}
-    if not need <= set(_read(os.path.join(base, "cgroup.controllers")).split()):
+NEED = {"memory", "pids"}
+
+
+def _v2_base(base: str) -> str:
+    """`base` once its children may have the memory and pids controllers (raises OSError saying why not)."""
+    if not set(_read(os.path.join(base, "cgroup.controllers")).split()) >= NEED:
         raise OSError(f"cgroup v2 {base} lacks the memory and pids controllers")
     control = os.path.join(base, "cgroup.subtree_control")
-    if not need <= set(_read(control).split()):
+    if not set(_read(control).split()) >= NEED:
         try:
             _write(control, "+memory +pids")
         except OSError as e:
@@ -93,7 +92,29 @@ def _v2() -> list[str]:
             _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
             _write(control, "+memory +pids")
     _probe(base)
-    return [base]
+    return base
+
+
+def _v2() -> list[str]:
+    mounts = _mounts("cgroup2")
+    if not mounts:
+        raise OSError("no cgroup v2 hierarchy is mounted")
+    mount, root, _ = mounts[0]
+    own = _join(mount, root, _own_path(None))
+    try:
+        return [_v2_base(own)]
+    except OSError:
+        if os.geteuid() != 0 or os.path.samefile(own, mount):
+            raise
+    # root whose own cgroup cannot have children with controllers: a `phiforge` cgroup at the top of the
+    # hierarchy (as container runtimes do; the top may have processes and enable controllers all the same)
+    with contextlib.suppress(OSError):
+        if not set(_read(os.path.join(mount, "cgroup.subtree_control")).split()) >= NEED:
+            _write(os.path.join(mount, "cgroup.subtree_control"), "+memory +pids")
+    top = os.path.join(mount, "phiforge")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(top)
+    return [_v2_base(top)]
 
 
 def _v1() -> list[str]:

@@ -13,14 +13,15 @@ check  `check_program`, the trusted check harness; a pass is proof that the chec
           helpers) are not wrapped. HumanEval-style tests define `check`, which the harness calls with the
           wrapped entry point; MBPP-style tests are module-level asserts.
        3. only if the tests returned, no value was refused, no trace/profile hook is installed and the builtins
-          are the ones the program started with, the harness reads the run's random token from fd 3 (a pipe the
-          program could only have emptied, not filled) and writes `PASS <token>` to fd 4; any failure writes
+          are the ones the program started with, the harness writes `PASS <token>` to fd 4, where the token is
+          the run's random one that the harness read from fd 3 and closed before any program code ran; any failure writes
           `FAIL <reason>`; then the process exits at once (no atexit, no waiting for the program's threads).
           The parent passes a sample only when fd 4's file holds exactly `PASS <token>`: exit status never
           passes anything, so os._exit(0), sys.exit(0), atexit or excepthook tricks all fail.
 
 The checks share the program's process, as in every execution grader: code written to attack this harness in
-particular (reading fd 3 itself, or patching the harness through gc or ctypes) can still forge a pass. What
+particular (finding the token in the harness's frame or through gc, or patching the harness with ctypes) can
+still forge a pass. What
 this closes are the generic ways real model output passes without being right (see the issues in the package
 docstring).
 
@@ -291,6 +292,13 @@ def run_check(job: dict, work: str) -> None:
     import builtins
     import types
 
+    # The token is taken, and its pipe closed, before any program code runs: the program cannot read it from
+    # fd 3 and write its own `PASS <token>`.
+    try:
+        token = _read(TOKEN_FD, 256)
+        os.close(TOKEN_FD)
+    except OSError:
+        token = b""
     strict = job.get("strict", "1") == "1"
     entry = job.get("entry_point") or None
     tests = job.get("tests", "")
@@ -334,10 +342,6 @@ def run_check(job: dict, work: str) -> None:
     why = refused[0] if refused else _tampering(builtins_before)
     if why:
         _fail(why)
-    try:
-        token = _read(TOKEN_FD, 256)
-    except OSError:
-        token = b""
     _verdict(b"PASS " + token)
     _flush()
     _exit(0)

@@ -209,6 +209,8 @@ def init_process(sock: socket.socket, cfg: dict, go: int) -> None:
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted in here propagates to the host
         d = cfg["dir"]
         j = os.path.join
+        if cfg["readonly"]:  # the run dir's files, open for writing, on a mount of their own: all others can turn
+            mount(d, d, None, MS_BIND)  # read-only (a mount with writers cannot)
         status = os.open(j(d, "status"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         err = os.open(j(d, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         fds = [os.open(j(d, "stdin") if os.path.exists(j(d, "stdin")) else "/dev/null", os.O_RDONLY),
@@ -220,9 +222,9 @@ def init_process(sock: socket.socket, cfg: dict, go: int) -> None:
             os.close(token_w)
             fds += [token_r, os.open(j(d, "verdict"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)]
         if cfg["readonly"]:
-            remount_readonly(cfg["tmpfs"] + cfg["hide"])
+            remount_readonly(cfg["tmpfs"] + cfg["hide"] + [d])
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        work = filesystem_view(cfg, os.path.basename(d))
+        work = filesystem_view(cfg, d)
         harness.write_sources(job, work)
         setup_r, setup_w = os.pipe()
         child = os.fork()
@@ -275,11 +277,13 @@ def remount_readonly(shadowed: list[str]) -> None:
                 raise
 
 
-def filesystem_view(cfg: dict, name: str) -> str:
-    """Mount the run's scratch tmpfs and hide what must be hidden; returns the program's working dir."""
+def filesystem_view(cfg: dict, run_dir: str) -> str:
+    """Mount the run's scratch tmpfs and hide what must be hidden (the host-side run dir too, where the scratch
+    tmpfs does not cover it); returns the program's working dir."""
     j = os.path.join
     keep = [(p, os.open(p, os.O_PATH)) for p in cfg["keep"]]  # held open: we mount over their ancestors
     scratch = cfg["tmpfs"]  # world-writable dirs, /tmp first: one tmpfs, so disk_mb bounds all of them
+    hide = cfg["hide"] + [run_dir] * (not any(run_dir.startswith(t + "/") for t in scratch))
     mount("tmpfs", scratch[0], "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_mb']}m,mode=755")
     for t in scratch:
         sub = j(scratch[0], t.strip("/").replace("/", "-"))
@@ -287,15 +291,15 @@ def filesystem_view(cfg: dict, name: str) -> str:
         os.chmod(sub, 0o1777)
     for t in scratch[1:] + scratch[:1]:  # /tmp last: its bind hides the other dirs' sources
         mount(j(scratch[0], t.strip("/").replace("/", "-")), t, None, MS_BIND)
-    for t in cfg["hide"]:
+    for t in hide:
         mount("tmpfs", t, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     for p, fd in keep:
         os.makedirs(p, exist_ok=True)
         mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
         os.close(fd)
-    for t in cfg["hide"]:
+    for t in hide:
         mount(None, t, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    work = j(scratch[0], name)
+    work = j(scratch[0], os.path.basename(run_dir))
     os.mkdir(work, 0o700)
     if cfg["uid"] >= 0:
         os.chown(work, cfg["uid"], cfg["uid"])

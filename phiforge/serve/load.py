@@ -1,5 +1,6 @@
-"""Loading a checkpoint for decoding: the model (optionally quantized) into an `Engine`, and the tokenizer saved
-with it. Shared by `generate`, `chat` and `serve`; imports no HTTP stack, so `chat` never loads FastAPI."""
+"""Loading a model for decoding into an `Engine`: a phiforge checkpoint (optionally quantized) with the tokenizer
+saved next to it, or any other Hugging Face causal LM (`smollm2`, a transformers directory, a .gguf file, a hub
+id) through transformers. Shared by `chat` and `serve`; imports no HTTP stack, so `chat` never loads FastAPI."""
 
 from __future__ import annotations
 
@@ -28,11 +29,19 @@ def checkpoint_tokenizer(path: Path) -> Any:
 
 def load_engine(spec: str | os.PathLike, *, quant: str | None = None, group_size: int = 128,
                 dtype: str | None = None, device: str = "cpu", compile: bool = False) -> Engine:
-    """An Engine for a checkpoint (weights + tokenizer) named by a model spec: a directory, `phiforge:DIR` or a
-    hub id (`phiforge.lm.spec.checkpoint_dir`)."""
+    """An Engine for a model spec (`phiforge.lm.spec`): a phiforge checkpoint (directory, `phiforge:DIR`, hub id)
+    runs natively; `smollm2`, `hf:DIR_OR_HUB_ID`, a directory of another model type and a .gguf file run through
+    transformers (`Engine.backend` says which). Quantization and compiling are for the native model only."""
     from phiforge.checkpoint import load_checkpoint
-    from phiforge.lm.spec import checkpoint_dir
+    from phiforge.errors import ConfigError
+    from phiforge.lm.spec import checkpoint_dir, parse_spec
 
+    if parse_spec(spec).kind in ("hf", "gguf", "alias"):
+        for flag, value in (("--quant", quant), ("--compile", compile)):
+            if value:
+                raise ConfigError(f"{spec}: {flag} is for phiforge checkpoints; this model runs through "
+                                  f"transformers (drop {flag})")
+        return _hf_engine(spec, dtype=dtype, device=device)
     path = checkpoint_dir(spec)
     tokenizer = checkpoint_tokenizer(path)
     model = load_checkpoint(path, dtype=dtype, device=device).eval()
@@ -41,3 +50,18 @@ def load_engine(spec: str | os.PathLike, *, quant: str | None = None, group_size
 
         quantize(model, quant, group_size=group_size)
     return Engine(model, tokenizer, compile=compile)
+
+
+def _hf_engine(spec: str | os.PathLike, *, dtype: str | None, device: str) -> Engine:
+    from phiforge.checkpoint import parse_dtype
+    from phiforge.errors import CheckpointError, PhiforgeError
+    from phiforge.lm.hf import load_hf_causal_lm
+    from phiforge.serve.hf_engine import hf_engine
+
+    try:
+        model, tokenizer = load_hf_causal_lm(spec, dtype=parse_dtype(dtype), device=device)
+        return hf_engine(model, tokenizer)
+    except PhiforgeError:
+        raise
+    except (OSError, ValueError, KeyError, AttributeError) as e:  # not a causal LM transformers can load
+        raise CheckpointError(f"{spec}: cannot load as a transformers causal LM: {e}") from None

@@ -28,11 +28,13 @@ from phiforge.errors import DataError
 
 
 class TokenStream:
-    """Concatenated memory-mapped shards with random access to [start, stop) token ranges."""
+    """Concatenated memory-mapped shards with random access to [start, stop) token ranges. With `vocab`, a token
+    id at or above it (a damaged shard) is a DataError naming the shard, not an index error in the model."""
 
-    def __init__(self, shards: list[np.ndarray]) -> None:
+    def __init__(self, shards: list[np.ndarray], vocab: int | None = None) -> None:
         self.shards = [s for s in shards if len(s)]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
+        self.vocab = vocab
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -44,7 +46,12 @@ class TokenStream:
         while pos < stop:
             base = int(self.offsets[i])
             take = min(stop, int(self.offsets[i + 1])) - pos
-            out[pos - start: pos - start + take] = self.shards[i][pos - base: pos - base + take]
+            piece = self.shards[i][pos - base: pos - base + take]
+            if self.vocab is not None and take and int(piece.max()) >= self.vocab:
+                raise DataError(f"{getattr(self.shards[i], 'filename', None) or 'a token shard'}: token id "
+                                f"{int(piece.max())} near token {pos - base} is not below the vocabulary size "
+                                f"{self.vocab} (a damaged shard); re-run `phiforge tokenize`")
+            out[pos - start: pos - start + take] = piece
             pos += take
             i += 1
         return out
@@ -56,7 +63,7 @@ class ChunkLoader:
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
         self.manifest = read_manifest(data_dir)
-        self.stream = TokenStream(open_split(data_dir, split))
+        self.stream = TokenStream(open_split(data_dir, split), vocab=int(self.manifest["vocab_size"]))
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.split = seed, shuffle, split
@@ -142,7 +149,7 @@ class ExampleLoader(ChunkLoader):
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
         self.manifest = read_manifest(data_dir)
-        self.stream = TokenStream(open_split(data_dir, split))
+        self.stream = TokenStream(open_split(data_dir, split), vocab=int(self.manifest["vocab_size"]))
         self.masks = TokenStream(open_masks(data_dir, split))
         self.offsets = read_offsets(data_dir, split)
         self.seq_len, self.micro_batch = seq_len, micro_batch
@@ -157,12 +164,23 @@ class ExampleLoader(ChunkLoader):
             raise DataError(f"{data_dir}: the {split} split has examples of up to {longest} tokens, but a row of "
                             f"seq_len {seq_len} holds {seq_len + 1}; raise seq_len or re-tokenize with "
                             f"`phiforge tokenize --seq-len {seq_len}` (which truncates or drops longer ones)")
-        order = np.random.default_rng([seed, PACKING_STREAM]).permutation(len(positions)) if shuffle \
-            else np.arange(len(positions))
-        self.rows = pack_rows(positions, seq_len, order)
-        self.n_chunks = len(self.rows)
+        self._positions = positions
+        self._pack(seed)
         self.cursor = 0
         self._perm: tuple[int, np.ndarray] | None = None
+
+    def _pack(self, seed: int) -> None:
+        """Rows of whole examples, packed in an order drawn from `seed` (file order without shuffle)."""
+        n = len(self._positions)
+        order = np.random.default_rng([seed, PACKING_STREAM]).permutation(n) if self.shuffle else np.arange(n)
+        self.rows = pack_rows(self._positions, self.seq_len, order)
+        self.n_chunks = len(self.rows)
+        self.packed_seed = seed
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.packed_seed:  # the checkpoint's seed wins, as for chunks: pack as it did
+            self._pack(int(state["seed"]))
+        super().load_state_dict(state)
 
     def packing_stats(self) -> dict[str, Any]:
         """Examples, rows, and the fraction of row positions that hold example tokens (the rest is padding)."""
@@ -182,7 +200,9 @@ class ExampleLoader(ChunkLoader):
         targets = np.full(T, self.eos, dtype=np.int64)
         loss_mask = np.zeros(T, dtype=bool)
         pos = np.zeros(T, dtype=np.int64)
-        seg = np.full(T, len(self.rows[r]), dtype=np.int64)  # the padding: a segment of its own
+        # The padding after the last example is one more segment, attending only to itself: a query with no
+        # visible key would make NaNs.
+        seg = np.full(T, len(self.rows[r]), dtype=np.int64)
         at = 0
         for j, e in enumerate(self.rows[r]):
             ids, mask = self.example(e)
@@ -192,7 +212,7 @@ class ExampleLoader(ChunkLoader):
             pos[at:at + n] = np.arange(n)
             seg[at:at + n] = j
             at += n
-        pos[at:] = np.arange(T - at)  # padding attends to itself only (a query with no key would give NaN)
+        pos[at:] = np.arange(T - at)  # any valid positions will do: padding carries no loss
         return inputs, targets, loss_mask, pos, seg
 
     def next_batch(self) -> Batch:  # type: ignore[override]

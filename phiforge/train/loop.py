@@ -93,7 +93,7 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any]):
 
 def _add_lora(phi: torch.nn.Module, cfg: TrainConfig, fine_tune: bool) -> Any:
     """Wrap a checkpoint's linears in peft LoRA adapters (train/lora.py); returns the LoraConfig."""
-    from phiforge.checkpoint import resolve_checkpoint
+    from phiforge.lm.spec import checkpoint_dir
     from phiforge.train.lora import add_lora, lora_config
 
     if not fine_tune:
@@ -101,7 +101,7 @@ def _add_lora(phi: torch.nn.Module, cfg: TrainConfig, fine_tune: bool) -> Any:
                           f"directory (got {cfg.model!r})")
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     config = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets,
-                         base=resolve_checkpoint(cfg.model).resolve())
+                         base=checkpoint_dir(cfg.model).resolve())
     torch.manual_seed(cfg.seed)  # the same initial adapters on every rank
     add_lora(phi, config)
     return config
@@ -127,6 +127,9 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
     np.random.seed(cfg.seed)
     out = Path(cfg.out)
     manifest = read_manifest(cfg.data)
+    if dist.is_main:  # staging of saves and prunes that a killed run left behind
+        st.clean_stale(out)
+    dist.barrier()
 
     # ---- resume point -------------------------------------------------------------------------------------
     ckpt: Path | None = None
@@ -195,6 +198,10 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
         rngs = ts["rng"]
         st.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
         step = int(ts["step"])
+        if step >= total_steps:  # said before the log is touched: a finished run's log.jsonl stays as it is
+            raise ConfigError(f"{ckpt}: this run already finished (step {step} of {total_steps}); to train "
+                              f"further raise max_steps (e.g. --set max_steps={2 * total_steps} --resume), or "
+                              f"train into another out directory")
     elif dist.enabled or fine_tune:
         # Per-rank dropout masks; and a fine-tune's (loading a checkpoint seeds nothing) repeat run for run.
         torch.manual_seed(cfg.seed + dist.rank)
@@ -359,9 +366,9 @@ def forward_backward(model: torch.nn.Module, params: list[torch.Tensor],
 
     Token chunks (inputs, targets): every micro-batch has the same number of targets, so the step's loss is the
     mean of the micro-batches' means. Packed examples (data.Batch): micro-batches and ranks hold different
-    numbers of completion tokens, so each micro-batch's loss is its sum over them divided by the count over the
-    whole step, world / N; DDP / FSDP average the gradients over ranks, which makes the step's gradient that of
-    the mean over all N completion tokens, as one big batch would give."""
+    numbers of completion tokens, so each micro-batch's loss is its sum over them divided by N / world (N: their
+    count over the whole step, all ranks); DDP / FSDP average the gradients over ranks, which makes the step's
+    gradient that of the mean over all N completion tokens, as one big batch would give."""
     from phiforge.train.data import Batch
     from phiforge.train.parallel import grad_sync
 

@@ -106,8 +106,10 @@ class CausalLMLoss(nn.Module):
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) example ids -> boolean (B, 1, T, T): query t sees key s iff s <= t and both are in one example.
-    Measured against FlexAttention (torch 2.13): on CPU it has no backward, so SDPA with this mask it is (on CPU
-    it runs as fast as SDPA's plain causal path; bench/finetune.py)."""
+
+    SDPA with this mask rather than FlexAttention, by measurement (torch 2.13, a busy 2-core CPU): FlexAttention
+    has no CPU backward, and SDPA with the mask costs what its plain causal path does (B 8, 4 heads x 32, T 256,
+    forward + backward: 24 vs 25 ms)."""
     T = segment_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
     return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]

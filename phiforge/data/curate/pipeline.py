@@ -32,7 +32,8 @@ import numpy as np
 from phiforge.atomic import atomic_open, atomic_write_json
 from phiforge.data.curate.filters import PythonFilter, TextFilter
 from phiforge.data.curate.shards import BadRecord, Record, expand_inputs, read_records, shard_names
-from phiforge.errors import ConfigError
+from phiforge.errors import ConfigError, DataError
+from phiforge.readers import iter_jsonl, read_json
 
 MAX_BAD_LISTED = 100  # bad records listed by file:line per stats file (all are counted)
 
@@ -224,11 +225,22 @@ def _iter_stage_input(task: dict):
     """(src, record) pairs of a shard for a stage, plus BadRecords when reading the raw input."""
     if task["input_is_raw"]:
         yield from read_records(task["input"], task["text_field"])
-    else:
-        with open(task["input"], encoding="utf-8") as f:
-            for line in f:
-                w = json.loads(line)
-                yield Record(w["src"], w["record"])
+        return
+    for n, w, reason in iter_jsonl(task["input"]):  # our own file: anything wrong is damage, not data
+        if reason is not None or not isinstance(w, dict) or not {"src", "record"} <= w.keys():
+            raise DataError(f"{task['input']}:{n}: damaged intermediate file ({reason or 'not a record'}); delete "
+                            f"{Path(task['input']).parent.parent} and run the same command again")
+        yield Record(w["src"], w["record"])
+
+
+def _read_state(path: str | os.PathLike, *keys: str) -> dict | None:
+    """One of the run's own JSON state files (an object with `keys`), or None when it is missing or damaged:
+    its work is then redone."""
+    try:
+        state = read_json(path, what="curate state")
+    except DataError:
+        return None
+    return state if all(k in state for k in keys) else None
 
 
 def _doc_id(rec: Record, id_field: str | None) -> str:
@@ -257,7 +269,10 @@ def _write_outputs(task: dict, kept: list[Record], stats: list[dict], samples: l
     return result
 
 
-def _count_bad(stats0: dict, bad: BadRecord) -> None:
+def _count_bad(stats0: dict, bad: BadRecord, strict: bool = False) -> None:
+    if strict:
+        raise DataError(f"{bad.src}: {bad.error} (--strict stops at the first bad record; without it, bad "
+                        f"records are skipped and listed)")
     stats0["bad_records"] = stats0.get("bad_records", 0) + 1
     listed = stats0.setdefault("bad_examples", [])
     if len(listed) < MAX_BAD_LISTED:
@@ -337,7 +352,7 @@ def run_map_shard(task: dict) -> dict:
 
     for item in _iter_stage_input(task):
         if isinstance(item, BadRecord):
-            _count_bad(stats[0], item)
+            _count_bad(stats[0], item, task.get("strict", False))
             continue
         batch.append(item)
         if len(batch) >= 256:
@@ -362,7 +377,7 @@ def run_signature_shard(task: dict) -> dict:
     stats0: dict = {}
     for item in _iter_stage_input(task):
         if isinstance(item, BadRecord):
-            _count_bad(stats0, item)
+            _count_bad(stats0, item, task.get("strict", False))
             continue
         srcs.append(item.src)
         texts.append(item.data[task["text_field"]])
@@ -401,9 +416,10 @@ def run_filter_shard(task: dict) -> dict:
     """Phase 3 of a global step: drop the shard's documents that are not their cluster's representative."""
     step: Step = task["step"]
     reason = "exact_duplicate" if step.type == "exact_dedup" else "near_duplicate"
-    remove: dict[str, str] = json.loads(Path(task["remove"]).read_text())
+    fix = f"delete {Path(task['remove']).parent.parent} and run the same command again"
+    remove: dict[str, str] = read_json(task["remove"], what="curate state", fix=fix)
     stats = _new_stats(step)
-    sig_done = json.loads(Path(task["sig_done"]).read_text())
+    sig_done = read_json(task["sig_done"], what="curate state", fix=fix)
     if sig_done["bad"]:
         stats.update(sig_done["bad"])
     samples: list = []
@@ -472,8 +488,11 @@ def _prepare_resources(cfg: CurateConfig, work: Path, log) -> tuple[dict[str, st
     return res, info
 
 
-def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.PathLike, log=print) -> dict:
-    """Run the pipeline over the input shards; returns the summary also written to OUT/stats.json."""
+def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.PathLike, log=print,
+               strict: bool = False) -> dict:
+    """Run the pipeline over the input shards; returns the summary also written to OUT/stats.json. Bad input
+    records are skipped and listed by file:line (summary["bad_examples"]); `strict` makes the first a
+    DataError."""
     from phiforge.progress import progress
 
     files = expand_inputs(inputs)
@@ -482,15 +501,15 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
     work = out / ".work"
     fp = cfg.fingerprint()
     state = work / "config.json"
-    if state.exists() and json.loads(state.read_text()).get("fingerprint") != fp:
-        log(f"{work}: made by a different config; starting over")
+    if state.exists() and (_read_state(state) or {}).get("fingerprint") != fp:
+        log(f"{work}: made by a different config (or damaged); starting over")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state, {"fingerprint": fp, "inputs": [str(f) for f in files]})
     executor = make_executor(cfg)
     resources, resource_info = _prepare_resources(cfg, work, log)
     common = {"text_field": cfg.text_field, "id_field": cfg.id_field, "sample_removed": cfg.sample_removed,
-              "resources": resources}
+              "resources": resources, "strict": strict}
 
     inputs_now = [str(f) for f in files]
     raw = True
@@ -506,13 +525,12 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
             sigs = [str(sdir / f"{n}.sig.npy") for n in names]
             sig_dones = [str(sdir / f"{n}.sig.done.json") for n in names]
             tasks = [{**common, "step": step, "input": i, "input_is_raw": raw, "sig": s, "done": d}
-                     for i, s, d in zip(inputs_now, sigs, sig_dones) if not Path(d).exists()]
+                     for i, s, d in zip(inputs_now, sigs, sig_dones) if _read_state(d, "bad") is None]
             if tasks:
                 log(f"stage {k} ({desc}): signatures of {len(tasks)} shard(s)")
                 with progress(total=len(tasks), desc=f"{desc} signatures", unit="shard") as bar:
                     executor.map(run_signature_shard, tasks, on_done=lambda: bar.update(1))
-            arrays = [np.load(s) for s in sigs]
-            srcs = [json.loads(Path(s + ".srcs.json").read_text()) for s in sigs]
+            arrays, srcs = _read_signatures(sigs, work)
             rep = cluster_global(step, arrays)
             flat_src = [x for lst in srcs for x in lst]
             offset = 0
@@ -525,11 +543,12 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
                 atomic_write_json(sdir / f"{n}.remove.json", removes[-1], indent=None)
             tasks = [{**common, "step": step, "input": i, "input_is_raw": raw, "output": o, "done": d,
                       "remove": str(sdir / f"{n}.remove.json"), "sig_done": sd}
-                     for i, o, d, n, sd in zip(inputs_now, outs, dones, names, sig_dones) if not Path(d).exists()]
+                     for i, o, d, n, sd in zip(inputs_now, outs, dones, names, sig_dones)
+                     if _read_state(d, "stats", "samples") is None]
             fn = run_filter_shard
         else:
             tasks = [{**common, "steps": stage, "input": i, "input_is_raw": raw, "output": o, "done": d}
-                     for i, o, d in zip(inputs_now, outs, dones) if not Path(d).exists()]
+                     for i, o, d in zip(inputs_now, outs, dones) if _read_state(d, "stats", "samples") is None]
             fn = run_map_shard
         if tasks:
             log(f"stage {k} ({desc}): {len(tasks)} of {len(names)} shard(s) to do")
@@ -537,7 +556,7 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
                 executor.map(fn, tasks, on_done=lambda: bar.update(1))
         else:
             log(f"stage {k} ({desc}): all shards done (resumed)")
-        results = [json.loads(Path(d).read_text()) for d in dones]
+        results = [_read_state(d, "stats", "samples") for d in dones]
         for j, step in enumerate(stage):
             step_results.append((step, [r["stats"][j] for r in results], [r["samples"][j] for r in results]))
         inputs_now, raw = outs, False
@@ -545,10 +564,28 @@ def run_curate(cfg: CurateConfig, inputs: str | list[str], out_dir: str | os.Pat
     summary = _write_reports(cfg, out, step_results, resource_info)
     # the curated shards: the last stage's outputs without the src wrapper
     for n, path in zip(names, inputs_now):
-        with open(path, encoding="utf-8") as f, atomic_open(out / f"{n}.jsonl", "w", encoding="utf-8") as g:
-            for line in f:
-                g.write(json.dumps(json.loads(line)["record"], ensure_ascii=False) + "\n")
+        task = {"input": path, "input_is_raw": False}
+        with atomic_open(out / f"{n}.jsonl", "w", encoding="utf-8") as g:
+            for rec in _iter_stage_input(task):
+                g.write(json.dumps(rec.data, ensure_ascii=False) + "\n")
     return summary
+
+
+def _read_signatures(sigs: list[str], work: Path) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Phase-1 outputs of a global step (signature arrays and their documents' sources), checked."""
+    arrays, srcs = [], []
+    for s in sigs:
+        try:
+            arrays.append(np.load(s, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{s}: damaged intermediate file ({type(e).__name__}); delete {work} and run the same "
+                            f"command again") from None
+        srcs.append(read_json(s + ".srcs.json", what="curate state", kind=list,
+                              fix=f"delete {work} and run the same command again"))
+        if len(srcs[-1]) != len(arrays[-1]):
+            raise DataError(f"{s}: {len(arrays[-1])} signatures for {len(srcs[-1])} documents (damaged); delete "
+                            f"{work} and run the same command again")
+    return arrays, srcs
 
 
 def _merge(shard_stats: list[dict]) -> dict:
@@ -571,8 +608,10 @@ def _merge(shard_stats: list[dict]) -> dict:
 
 def _write_reports(cfg: CurateConfig, out: Path, step_results, resource_info: dict) -> dict:
     summary: dict = {"steps": []}
+    bad_examples: list[str] = []
     for k, (step, shard_stats, shard_samples) in enumerate(step_results):
         merged = _merge(shard_stats)
+        bad_examples += merged.get("bad_examples", [])
         merged.update(resource_info.get(step.name, {}))
         atomic_write_json(out / "stats" / f"{k:02d}-{step.name}.json", merged)
         with atomic_open(out / "removed" / f"{k:02d}-{step.name}.jsonl", "w", encoding="utf-8") as f:
@@ -588,5 +627,6 @@ def _write_reports(cfg: CurateConfig, out: Path, step_results, resource_info: di
     summary["documents_in"] = first.get("input", 0)
     summary["documents_out"] = summary["steps"][-1]["kept"] if summary["steps"] else 0
     summary["bad_records"] = sum(s.get("bad_records", 0) for s in summary["steps"])
+    summary["bad_examples"] = bad_examples[:MAX_BAD_LISTED]  # "file:line: reason", as stderr says them
     atomic_write_json(out / "stats.json", summary)
     return summary

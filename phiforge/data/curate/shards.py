@@ -1,20 +1,20 @@
 """Reading input shards (JSONL, JSONL.gz, Parquet) record by record; bad records become counted errors.
 
 Every record carries its source as "file:line" (Parquet: row number from 1) so that stats, removed samples
-and decontamination reports can point at it. Nothing in a malformed file crashes a run.
+and decontamination reports can point at it. Nothing in a malformed file crashes a run, and a bad line costs
+only itself (JSONL lines are read by `phiforge.readers.iter_jsonl`, which decodes each line on its own).
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from phiforge.errors import DataError
+from phiforge.readers import iter_jsonl
 
 
 @dataclass
@@ -60,30 +60,9 @@ def read_records(path: str | os.PathLike, text_field: str = "text") -> Iterator[
     if path.suffix == ".parquet":
         yield from _read_parquet(path, text_field)
         return
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            lineno = 0
-            while True:
-                try:
-                    line = f.readline()
-                except UnicodeDecodeError as e:
-                    lineno += 1
-                    yield BadRecord(f"{path}:{lineno}", f"not UTF-8 ({e.reason})")
-                    return  # the stream position is lost after a decode error
-                if not line:
-                    break
-                lineno += 1
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield BadRecord(f"{path}:{lineno}", f"invalid JSON ({e.msg})")
-                    continue
-                yield _check(obj, f"{path}:{lineno}", text_field)
-    except (OSError, EOFError) as e:
-        yield BadRecord(f"{path}:0", f"unreadable file ({e})")
+    for lineno, obj, reason in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        yield BadRecord(where, reason) if reason is not None else _check(obj, where, text_field)
 
 
 def _check(obj, src: str, text_field: str) -> Record | BadRecord:

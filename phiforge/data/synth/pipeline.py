@@ -2,21 +2,28 @@
 
 Output directory:
     shard-00000.jsonl ...   kept samples, one JSON record per line, with provenance
-    rejects.jsonl           prompts that were answered but not kept (key + reason): never asked again
-    stats.json              tokens, duplicate rate, pass rate, cost, reasons (rewritten atomically per batch)
+    rejects.jsonl           prompts that were answered but not kept (key + reason), and prompts the teacher
+                            refused (reason "teacher_rejected", its words in "detail"): never asked again
+    stats.json              tokens, duplicate rate, pass rate, cost, reasons (rewritten atomically per batch, and
+                            when the run stops on an error: "stopped" then names it)
     cache.sqlite            teacher completions by sha256(teacher + prompt + sampling) (`cache: true`)
+    spend.jsonl             an OpenAI-compatible teacher's spending ledger (phiforge.lm.openai_api.SpendLedger):
+                            the `budget` is for the whole run, over every session and kill
 
 Resuming: prompt i of a run is a pure function of (seed, i), and its key is sha256(prompt + teacher +
 sampling). On start every shard and rejects.jsonl is read back (a trailing partial line, left by a kill in the
 middle of a write, is cut off) and the keys found there are skipped. Lines are written whole, a batch at a
 time, then flushed and fsynced, so a kill at any moment loses at most the batch in flight, and that batch's
-teacher answers are still in the cache.
+teacher answers are still in the cache (keyed by each prompt's own seed, so they are found whatever the batches
+of the rerun), its spending in the ledger.
+
+A prompt the teacher refuses (HTTP 400/413/422) is a reject, not the end of the run; but a batch of several
+prompts refused to the last one is an error (a setting is wrong, not the prompts), and nothing is recorded.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import json
 import os
@@ -34,8 +41,11 @@ from phiforge.data.synth import procedural
 from phiforge.data.synth.teachers import CachedTeacher, Teacher, full_sampling, make_teacher, request_key
 from phiforge.errors import ConfigError, DataError
 from phiforge.lm.base import BudgetExceeded, Usage
+from phiforge.lm.openai_api import EndpointError, PromptRejected, SpendLedger
+from phiforge.readers import iter_jsonl, read_json
 
 SOURCES = ("python_exercises", "math_problems", "textbooks")
+LEDGER = "spend.jsonl"
 PROCEDURAL_VERSION = 1  # bump when a generator changes, so resumed runs do not mix old and new outputs
 
 
@@ -110,8 +120,9 @@ class Job:
 # ------------------------------------------------------------------------------------------- shard files
 
 
-def read_jsonl_resumable(path: Path) -> list[dict]:
-    """Records of a JSONL file written by this module; a trailing partial line (a kill mid-write) is cut off."""
+def read_jsonl_resumable(path: Path, fields: tuple[str, ...] = ("key",)) -> list[dict]:
+    """Records of a JSONL file written by this module, each an object with string `fields`; a trailing partial
+    line (a kill mid-write) is cut off. Any other damage is a DataError naming FILE:LINE."""
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -122,13 +133,13 @@ def read_jsonl_resumable(path: Path) -> list[dict]:
             f.flush()
             os.fsync(f.fileno())
     out = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not a JSON record ({e.msg}); was this file edited by hand?") from None
+    for n, rec, reason in iter_jsonl(path):
+        if reason is None and not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in fields)):
+            reason = f"not a record of this run (an object with {', '.join(fields)})"
+        if reason is not None:
+            raise DataError(f"{path}:{n}: {reason}; was this file edited by hand? Repair or delete the line (its "
+                            f"prompt is then done again)")
+        out.append(rec)
     return out
 
 
@@ -196,6 +207,15 @@ def split_tests(code: str) -> tuple[str, str]:
     return "\n".join(keep).rstrip() + "\n", "\n".join(tests)
 
 
+def _usage(raw: Any) -> Usage:
+    """A Usage from a stats.json's "teacher_usage" (anything unreadable in it counts as 0)."""
+    u = Usage()
+    for k, v in (raw.items() if isinstance(raw, dict) else []):
+        if hasattr(u, k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+            setattr(u, k, type(getattr(u, k))(v))
+    return u
+
+
 def _seed_of(seed: int, index: int) -> int:
     return int(hashlib.sha256(f"{seed}:job:{index}".encode()).hexdigest()[:8], 16)
 
@@ -214,14 +234,29 @@ class SynthRun:
         self.mix = {k: float(v) for k, v in cfg.mix.items() if float(v) > 0}
         self.teacher: Teacher | None = None
         self.sampler = None
+        self.ledger: SpendLedger | None = None
+        self._load_state()
         if "textbooks" in self.mix:
             from phiforge.data.synth.prompts import PromptSampler
 
             self.sampler = PromptSampler(cfg.seed, cfg.topics, cfg.formats or None, cfg.audiences or None)
-            inner = teacher or make_teacher(str(cfg.teacher), **cfg.teacher_options)
+            inner = teacher or make_teacher(str(cfg.teacher), **self._teacher_options())
+            self.ledger = getattr(getattr(inner, "lm", None), "ledger", None)
             self.teacher = CachedTeacher(inner, self.out / "cache.sqlite") if cfg.cache else inner
         self.sampling = full_sampling(cfg.sampling)
-        self._load_state()
+
+    def _teacher_options(self) -> dict[str, Any]:
+        """The config's teacher options; an endpoint also keeps its spending in the run's ledger (started from
+        the cost an earlier stats.json recorded, for runs from before the ledger)."""
+        from phiforge.lm.spec import backend_for
+
+        opts = dict(self.cfg.teacher_options)
+        if backend_for(str(self.cfg.teacher)) == "openai" and "ledger" not in opts:
+            path = self.out / LEDGER
+            if not path.exists() and self.base_usage.cost > 0:
+                SpendLedger(path).carry(self.base_usage)
+            opts["ledger"] = str(path)
+        return opts
 
     # -- state from disk
     def _load_state(self) -> None:
@@ -233,7 +268,7 @@ class SynthRun:
         existing: dict[Path, int] = {}
         kept_texts: list[str] = []
         for path in sorted(self.out.glob("shard-*.jsonl")):
-            recs = read_jsonl_resumable(path)
+            recs = read_jsonl_resumable(path, ("key", "text"))
             existing[path] = len(recs)
             for r in recs:
                 self.done.add(r["key"])
@@ -245,12 +280,17 @@ class SynthRun:
         for i in range(0, len(kept_texts), 1024):
             self.dedup.check(kept_texts[i:i + 1024])
         self.writer = ShardWriter(self.out, int(self.cfg.shard_size), existing)
-        prev = {}
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            prev = json.loads((self.out / "stats.json").read_text())
-        self.base_usage = Usage(**prev.get("teacher_usage", {})) if prev.get("teacher_usage") else Usage()
-        self.sessions = int(prev.get("sessions", 0)) + 1
+        prev: dict[str, Any] = {}
+        if (self.out / "stats.json").exists():
+            try:  # a summary, rewritten from the shards: damage loses only the earlier sessions' counters
+                prev = read_json(self.out / "stats.json", what="synth stats")
+            except DataError as e:
+                self.log(f"phiforge synth: {e}; starting its counters over")
+        self.base_usage = _usage(prev.get("teacher_usage"))
+        sessions = prev.get("sessions", 0)
+        self.sessions = (sessions if isinstance(sessions, int) and sessions >= 0 else 0) + 1
         self.stopped: str | None = None
+        self.error: str | None = None
 
     def _count(self, r: dict, kept: bool) -> None:
         c = self.counts
@@ -338,14 +378,28 @@ class SynthRun:
         budget_error: BudgetExceeded | None = None
         tj = [i for i, j in enumerate(jobs) if j.source == "textbooks"]
         if tj:
-            sent = {**self.sampling, "seed": jobs[tj[0]].seed}  # one seed per teacher call
+            refused: dict[int, str] = {}
             try:
-                texts = self.teacher.generate([jobs[i].prompt for i in tj], sent)
+                texts = self.teacher.generate([jobs[i].prompt for i in tj], self.sampling,
+                                              seeds=[jobs[i].seed for i in tj])
             except BudgetExceeded as e:
                 texts, budget_error = e.partial, e
-            for i, t in zip(tj, texts):
+            except PromptRejected as e:
+                if len(tj) > 1 and len(e.rejected) == len(tj):  # every prompt: a setting is wrong, not the prompts
+                    raise EndpointError(f"{e} (every prompt of the batch was refused: check the teacher's "
+                                        f"settings, e.g. max_new_tokens against its context; nothing was "
+                                        f"recorded)") from None
+                texts, refused = e.partial, e.rejected
+                if e.budget_message is not None:
+                    budget_error = BudgetExceeded(e.budget_message, e.partial)
+            per_request = getattr(getattr(self.teacher, "backend", None), "seeds_per_request", False)
+            for k, (i, t) in enumerate(zip(tj, texts)):
+                sent = {**self.sampling, "seed": jobs[i].seed if per_request else jobs[tj[0]].seed}
                 if t is not None:
                     recs[i] = self._from_teacher(jobs[i], t, sent)
+                elif k in refused:  # recorded as a reject, with the teacher's words: never asked again
+                    recs[i] = {**self._base(jobs[i]), **jobs[i].meta, "text": "", "sampling_sent": sent,
+                               "_reject": "teacher_rejected", "detail": refused[k]}
         for i, j in enumerate(jobs):
             if j.source != "textbooks":
                 recs[i] = self._procedural(j)
@@ -408,7 +462,7 @@ class SynthRun:
                 self.writer.write(kept)  # kept first: a kill between the two writes only re-runs the rejects
                 append_lines(self.out / "rejects.jsonl", [
                     {k: r.get(k) for k in ("key", "index", "source", "reason", "tests", "teacher", "format")}
-                    for r in rejected])
+                    | ({"detail": r["detail"]} if "detail" in r else {}) for r in rejected])
                 for r in kept + rejected:
                     self.done.add(r["key"])
                     self._count(r, kept="reason" not in r)
@@ -422,16 +476,26 @@ class SynthRun:
                 self.stopped = "max_prompts"
                 self.log(f"phiforge synth: only {self.counts['kept']} of {n} samples kept after {limit} "
                          "prompts (max_prompts_factor); the rest were duplicates or failed checks")
+        except BaseException as e:  # the stats of what was done, and why it stopped, whatever stopped it
+            self.stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            self.error = str(e) or type(e).__name__
+            self.write_stats()
+            raise
         finally:
             bar.close()
         return self.write_stats()
 
     def usage(self) -> Usage:
+        """The run's teacher usage over every session: an endpoint's requests, tokens and cost from its ledger
+        (in-flight requests of a killed session included), the rest summed from stats.json and this session."""
         u = Usage(**self.base_usage.as_dict())
         if self.teacher is not None:
             cur = getattr(self.teacher, "usage", Usage())
             for k, v in cur.as_dict().items():
                 setattr(u, k, getattr(u, k) + v)
+        if self.ledger is not None:
+            for k in ("requests", "prompt_tokens", "completion_tokens", "cost"):
+                setattr(u, k, getattr(self.ledger.spent, k) + getattr(self.teacher.usage, k))
         return u
 
     def stats(self) -> dict[str, Any]:
@@ -457,6 +521,7 @@ class SynthRun:
             "cache_hits": getattr(self.teacher, "hits", 0),
             "sessions": self.sessions,
             "stopped": self.stopped,
+            **({"error": self.error} if self.error else {}),
             "seed": self.cfg.seed,
         }
 

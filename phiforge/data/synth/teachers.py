@@ -11,6 +11,11 @@ budget, chat, stream, api_key_env for OpenAI-compatible endpoints, whose retries
 `phiforge.lm.openai_api`). `teacher.usage` is the backend's usage (requests, tokens, retries, cost).
 `CachedTeacher(teacher, path)` puts the SQLite result cache (`phiforge.lm.cache`) in front of a teacher, so a
 restarted job never asks twice for a completion it already paid for.
+
+Seeds: `generate(prompts, sampling, seeds=[...])` gives each prompt its own seed. An endpoint samples every
+request on its own and gets each its seed; a local model samples a batch with one generator, seeded with the
+first prompt's. Either way the cache keys a prompt by its own seed, never by the batch it happened to be in, so a
+rerun that batches differently (another --n, a resumed run) finds every answer it already has.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class Teacher(Protocol):
 
     name: str
 
-    def generate(self, prompts: list[str], sampling: dict) -> list[str]: ...
+    def generate(self, prompts: list[str], sampling: dict, on_done: Callable[[int, str], None] | None = None,
+                 seeds: list[int] | None = None) -> list[str]: ...
 
 
 def full_sampling(sampling: dict | None) -> dict[str, Any]:
@@ -82,13 +88,35 @@ class LMTeacher:
     def batch_size(self, n: int) -> None:
         self.lm.batch_size = n
 
-    def generate(self, prompts: list[str], sampling: dict,
-                 on_done: Callable[[int, str], None] | None = None) -> list[str]:
-        """One completion per prompt; `on_done(i, text)` sees each as it finishes (completion order)."""
+    def requests(self, prompts: list[str], sampling: dict, seeds: list[int] | None = None
+                 ) -> tuple[list[GenRequest], list[GenRequest]]:
+        """(the requests to send, the requests as each prompt is known): these carry every prompt's own seed
+        (`seeds`, default the sampling's); those the same where the backend samples each request on its own,
+        else the first prompt's seed for the whole call."""
         s = full_sampling(sampling)
-        settings = Sampling(temperature=float(s["temperature"]), top_p=float(s["top_p"]), seed=int(s["seed"]),
+        seeds = [int(s["seed"])] * len(prompts) if seeds is None else [int(x) for x in seeds]
+
+        def settings(seed: int) -> Sampling:
+            return Sampling(temperature=float(s["temperature"]), top_p=float(s["top_p"]), seed=seed,
                             max_new_tokens=int(s["max_new_tokens"]), stop=tuple(s["stop"]))
-        return self.lm.generate_until([GenRequest(p, settings) for p in prompts], on_result=on_done)
+
+        keys = [GenRequest(p, settings(seed)) for p, seed in zip(prompts, seeds)]
+        if getattr(self.backend, "seeds_per_request", False) or not prompts:
+            return keys, keys
+        shared = settings(seeds[0])  # one generator samples a local batch: equal settings batch together
+        return [GenRequest(p, shared) for p in prompts], keys
+
+    @property
+    def backend(self) -> LM:
+        """The LM that answers (under any cache)."""
+        return self.lm
+
+    def generate(self, prompts: list[str], sampling: dict, on_done: Callable[[int, str], None] | None = None,
+                 seeds: list[int] | None = None) -> list[str]:
+        """One completion per prompt (`seeds`: one per prompt, see the module docstring); `on_done(i, text)` sees
+        each as it finishes (completion order)."""
+        sent, _ = self.requests(prompts, sampling, seeds)
+        return self.lm.generate_until(sent, on_result=on_done)
 
 
 class CachedTeacher(LMTeacher):
@@ -98,6 +126,15 @@ class CachedTeacher(LMTeacher):
     def __init__(self, teacher: LMTeacher, path: str | os.PathLike) -> None:
         super().__init__(CachedLM(teacher.lm, ResultCache(path, commit_every=0.0), show_progress=False),
                          teacher.name)
+
+    @property
+    def backend(self) -> LM:
+        return self.lm.lm
+
+    def generate(self, prompts: list[str], sampling: dict, on_done: Callable[[int, str], None] | None = None,
+                 seeds: list[int] | None = None) -> list[str]:
+        sent, keys = self.requests(prompts, sampling, seeds)
+        return self.lm.generate_keyed(sent, keys, on_result=on_done)
 
     @property
     def hits(self) -> int:

@@ -118,7 +118,8 @@ class Task:
                               ) -> Iterator[tuple[str, str]] | None:
         """(item id, text) for every item of the benchmark's local files (its release files, else a pulled or
         cloned hub copy), for decontamination to n-gram against; None when no local copy is found."""
-        items = benchmark_items(self.decontam_files or self.local_path, self.decontam_id, data_dir)
+        pattern = self.decontam_files or self.local_path
+        items = benchmark_items(pattern, self.decontam_id, data_dir) if pattern else None
         if items is not None:
             return items
         try:

@@ -122,11 +122,13 @@ COT_PROMPTS = Path(__file__).with_name("bbh_cot_prompts")
 
 
 def bbh_cot_prompt(path: Path) -> str:
-    """The official CoT prompt without its canary line and '-----' separator."""
+    """The official CoT prompt without its canary line and '-----' separator, each exemplar's reasoning on the line
+    after "A: Let's think step by step." as lm-eval renders them (sports_understanding's file has it on the same
+    line; the question itself ends with that line in every task)."""
     text = path.read_text(encoding="utf-8")
     if "-----\n" in text:
         text = text.split("-----\n", 1)[1]
-    return text.strip("\n")
+    return text.strip("\n").replace("\nA: Let's think step by step. ", "\nA: Let's think step by step.\n")
 
 
 @dataclass
