@@ -1,7 +1,8 @@
 """Every bench in sequence, and one Markdown table of phiforge's performance against its peers.
 
     python bench/all.py                      # the full benches (an hour or more on 2 cores): the table's figures
-    python bench/all.py --quick              # every bench at smoke-test size, a few minutes: it runs, not figures
+    python bench/all.py --quick              # every bench at smoke-test size (~15 min on 2 busy cores): it runs,
+                                             # the figures mean nothing
     python bench/all.py --only dedup,train   # a subset; --skip serve leaves some out
 
 Each bench runs as its own subprocess (a crash or a timeout costs that bench's rows, not the table), with
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # run order: cheap and independent first, so a quick run fails fast; serve (the longest) last
 BENCHES = ("dedup", "train", "sandbox", "classifier", "synth", "eval", "eval_faithfulness", "promptbase", "grow",
-           "decode", "serve")
+           "decode", "serve", "finetune")
 
 
 def cpu_model() -> str:

@@ -34,9 +34,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: a few items, one round")
+    ap.add_argument("--end-to-end", action="store_true", help="also time model load + scoring from nothing, "
+                    "phiforge (load_lm) vs lm-eval's hf model (its own load of the same GGUF), alternating")
     args = ap.parse_args()
     if args.quick:  # explicit flags still win
-        ap.set_defaults(n_arc=6, n_hellaswag=3, rounds=1)
+        ap.set_defaults(n_arc=4, n_hellaswag=2, rounds=1)
         args = ap.parse_args()
 
     import numpy as np
@@ -101,6 +103,60 @@ def main() -> None:
     row("eval log-likelihood scoring (SmolLM2-135M, ARC-Easy + HellaSwag)", "lm-evaluation-harness HFLM",
         f"batch {args.batch_size}, fp32, no cache", rps_ours, rps_theirs, "requests/s", "> 1x, same scores",
         held=held, note=f"max |dLL| {diff:.1e}; same predictions: {same_pred}")
+    if args.end_to_end:
+        del ours_lm, theirs_lm, model
+        end_to_end(args, reqs, spans, lens)
+
+
+def end_to_end(args, reqs, spans, lens) -> None:
+    """What a user waits for: each harness loads SmolLM2 its own way (transformers dequantizing the same GGUF file)
+    and scores the same requests; model load included, alternating order each round, one model alive at a time."""
+    import gc
+
+    import numpy as np
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM as LMEvalHFLM
+
+    from phiforge.hub import smollm2_gguf_path
+    from phiforge.lm import load_lm
+
+    gguf = smollm2_gguf_path()
+
+    def ours():
+        lm = load_lm("smollm2", batch_size=args.batch_size)
+        return [x[0] for x in lm.loglikelihood(list(reqs))]
+
+    def theirs():
+        lm = LMEvalHFLM(pretrained=str(gguf.parent), gguf_file=gguf.name,
+                        batch_size=args.batch_size, dtype="float32", device="cpu")
+        inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
+        return [float(x[0]) for x in lm.loglikelihood(inst, disable_tqdm=True)]
+
+    times = {"ours": 0.0, "theirs": 0.0}
+    scores = {}
+    for k in range(args.rounds):
+        for name, fn in ((("ours", ours), ("theirs", theirs)) if k % 2 == 0 else (("theirs", theirs), ("ours", ours))):
+            gc.collect()
+            t0 = time.perf_counter()
+            scores[name] = fn()
+            times[name] += time.perf_counter() - t0
+    a, b = np.array(scores["ours"]), np.array(scores["theirs"])
+    same_pred = all(int(np.argmax(a[i:j] / d)) == int(np.argmax(b[i:j] / d))
+                    for (i, j), L in zip(spans, lens) for d in (1.0, np.array(L, dtype=float)))
+    ratio = times["theirs"] / times["ours"]
+    print(f"end to end (load + {len(reqs)} requests, {args.rounds} alternating rounds): phiforge "
+          f"{times['ours']:.1f}s, lm-eval {times['theirs']:.1f}s, max |dLL| {float(np.max(np.abs(a - b))):.2e}, "
+          f"same predictions: {same_pred}")
+    print(f"RESULT eval_e2e_phiforge_seconds {times['ours'] / args.rounds:.2f} s")
+    print(f"RESULT eval_e2e_lm_eval_seconds {times['theirs'] / args.rounds:.2f} s")
+    print(f"RESULT eval_e2e_speed_ratio {ratio:.2f} x")
+    print(f"RESULT eval_e2e_same_predictions {int(same_pred)} bool")
+    row("eval end to end (SmolLM2-135M load + ARC-Easy + HellaSwag scoring)", "lm-evaluation-harness hf model",
+        f"batch {args.batch_size}, fp32, no cache, each loads the GGUF itself", times["ours"] / args.rounds,
+        times["theirs"] / args.rounds, "s", ">= 3x faster, same predictions", ratio=ratio, ratio_unit="x faster",
+        held=held_equal(f"GGUF file, {len(reqs)} requests, batch {args.batch_size}, {args.threads} threads, fp32, "
+                        f"{args.rounds} alternating rounds"),
+        note=f"same predictions: {same_pred}")
 
 
 if __name__ == "__main__":

@@ -130,10 +130,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", help="benchmark files (default: phiforge's search order)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 8 / 8 / 4 items")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 4 / 4 / 2 items")
     args = ap.parse_args()
     if args.quick:  # explicit flags still win
-        ap.set_defaults(n_arc=8, n_piqa=8, n_hellaswag=4, batch_size=8)
+        ap.set_defaults(n_arc=4, n_piqa=4, n_hellaswag=2, batch_size=8)
         args = ap.parse_args()
 
     from phiforge.eval.data import find_local

@@ -77,11 +77,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", help="reuse caches here (default: a fresh temporary directory)")
     ap.add_argument("--output", help="write all results (JSON) here")
-    ap.add_argument("--quick", action="store_true", help="smoke test: a couple of items per task, no medprompt+")
+    ap.add_argument("--tasks", default="mmlu,arc_challenge", choices=["mmlu,arc_challenge", "mmlu", "arc_challenge"])
+    ap.add_argument("--quick", action="store_true", help="smoke test: ARC-Challenge only, a few items, no medprompt+")
     args = ap.parse_args()
     if args.quick:  # explicit flags still win
-        ap.set_defaults(subjects="high_school_geography", per_subject=3, arc_n=3, arc_pool=20, shots=1, shuffles=2,
-                        cot_shots=1, cot_per_subject=1, cot_arc_n=1, cot_max_tokens=12, no_gate=True)
+        ap.set_defaults(tasks="arc_challenge", arc_n=3, arc_pool=20, shots=1, shuffles=2, cot_shots=1, cot_arc_n=1,
+                        cot_max_tokens=12, no_gate=True)
         args = ap.parse_args()
 
     import torch
@@ -100,7 +101,7 @@ def main() -> None:
     common = dict(embedder=embedder, subjects=subjects, pool_size=args.arc_pool, allow_hub=False,
                   cache_path=os.path.join(cdir, "results.sqlite"), cache_dir=os.path.join(cdir, "promptbase"),
                   cot_max_tokens=args.cot_max_tokens, log_samples=True, model_spec="smollm2")
-    tasks = ["mmlu", "arc_challenge"]
+    tasks = args.tasks.split(",")
     direct = [parse_strategy(s, k=args.shots, shuffles=args.shuffles)
               for s in ("zero-shot", "fewshot", "knn-fewshot", "knn-shuffle")]
     cot = [parse_strategy("medprompt", k=args.cot_shots, shuffles=args.shuffles)]
@@ -109,8 +110,8 @@ def main() -> None:
 
     results = {}
     # MMLU's limit is per subject and ARC's is a count, so each task runs with its own limit.
-    for task, lim, cot_lim in (("mmlu", args.per_subject, args.cot_per_subject),
-                               ("arc_challenge", args.arc_n, args.cot_arc_n)):
+    limits = {"mmlu": (args.per_subject, args.cot_per_subject), "arc_challenge": (args.arc_n, args.cot_arc_n)}
+    for task, (lim, cot_lim) in ((t, limits[t]) for t in tasks):
         t0 = time.perf_counter()
         full = evaluate_strategies(lm, [task], direct, limit=lim, **common)
         t1 = time.perf_counter()

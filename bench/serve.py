@@ -41,6 +41,7 @@ Prints `RESULT <name> <value> <unit>` lines.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -351,6 +352,152 @@ def bench_load(args: argparse.Namespace, model, tok) -> None:
         note=f"p50 {q[49]:.2f}s, p99 {q[98]:.2f}s, {len(failures)} failed")
 
 
+# Requests a careless or hostile client sends: each must be answered with a 4xx, costing the others nothing.
+INVALID_BODIES = [
+    b'{"model": "small", "prompt": "x", "temperature": 0.5, "seed": 18446744073709551616}',
+    b'{"model": "small", "prompt": "x", "temperature": NaN}',
+    b'{"model": "small", "messages": [{"role": "user", "content": 5}]}',
+    b'{"model": "small", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"model": "small", "prompt": "' + b"x" * 1_500_000 + b'"}',
+    b"{not json",
+]
+
+
+def _wellbehaved_load(args: argparse.Namespace, bg, prompts: list[str]) -> tuple[list[float], list[str], float]:
+    """args.clients clients x args.requests_per_client completions, every other one streamed; (latencies of the
+    successful ones, failures, wall seconds)."""
+    import openai
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop(c: int) -> None:
+        client = openai.OpenAI(base_url=bg.url, api_key="x", max_retries=0, timeout=120)
+        for r in range(args.requests_per_client):
+            kw = dict(model="small", prompt=prompts[(c + r) % len(prompts)], max_tokens=args.load_max_tokens,
+                      temperature=0)
+            t = time.perf_counter()
+            try:
+                if (c + r) % 2:
+                    chunks = list(client.completions.create(**kw, stream=True))
+                    if not chunks or chunks[-1].choices[0].finish_reason is None:
+                        raise RuntimeError("stream ended without finish_reason")
+                else:
+                    client.completions.create(**kw)
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+            except Exception as e:  # noqa: BLE001 - counted as a failed request
+                with lock:
+                    failures.append(repr(e))
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return latencies, failures, time.perf_counter() - t0
+
+
+def _bad_clients(bg, stop: threading.Event, droppers: int, invalid: int) -> tuple[list[threading.Thread], dict]:
+    """Threads that, until `stop`: start a long stream and drop the connection after its first event
+    (`droppers`), or send INVALID_BODIES (`invalid`). Loopback only; each loop is bounded by `stop`."""
+    import http.client
+    import socket
+
+    counts = {"dropped": 0, "rejected": 0, "not_rejected": 0}
+    lock = threading.Lock()
+    long = json.dumps({"model": "small", "prompt": "def main(", "max_tokens": 256, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+
+    def dropper() -> None:
+        while not stop.is_set():
+            with socket.create_connection(("127.0.0.1", bg.port), timeout=60) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + f"Content-Length: {len(long)}\r\n\r\n".encode() + long)
+                got = b""
+                while b"data: " not in got and not stop.is_set():
+                    part = s.recv(65536)
+                    if not part:
+                        break
+                    got += part
+            with lock:
+                counts["dropped"] += 1
+
+    def sender(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", bg.port, timeout=60)
+        i = k
+        while not stop.is_set():
+            body = INVALID_BODIES[i % len(INVALID_BODIES)]
+            i += 1
+            try:
+                conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                ok = 400 <= r.status < 500
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", bg.port, timeout=60)
+                ok = False
+            with lock:
+                counts["rejected" if ok else "not_rejected"] += 1
+            time.sleep(0.05)
+        conn.close()
+
+    threads = [threading.Thread(target=dropper) for _ in range(droppers)]
+    threads += [threading.Thread(target=sender, args=(k,)) for k in range(invalid)]
+    for th in threads:
+        th.start()
+    return threads, counts
+
+
+def bench_bad_clients(args: argparse.Namespace, model, tok) -> None:
+    """The load test twice on one model: well-behaved clients alone, then the same load while --droppers clients
+    start long streams and drop them and --invalid clients send malformed requests. The well-behaved clients
+    must see 0 failures and a p99 latency within 2x of the run without the bad clients."""
+    from phiforge.serve.engine import Engine
+    from phiforge.serve.server import BackgroundServer, Server
+
+    engine = Engine(model, tok)
+    prompts = ["def main(", "import os\n", "class Foo:\n    def", "# Copyright", "for i in range(", "return self."]
+    p99 = {}
+    for phase in ("alone", "with_bad_clients"):
+        server = Server(engine, "small", max_batch=64, batch_wait_ms=5)
+        with BackgroundServer(server.app) as bg:
+            stop = threading.Event()
+            bad, counts = _bad_clients(bg, stop, args.droppers, args.invalid) if phase != "alone" else ([], {})
+            if bad:
+                time.sleep(0.5)  # the bad clients are at it before the load starts
+            latencies, failures, wall = _wellbehaved_load(args, bg, prompts)
+            stop.set()
+            for th in bad:
+                th.join(timeout=120)
+        server.close()
+        q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+        p99[phase] = q[98]
+        extra = (f"; bad clients: {counts['dropped']} dropped streams, {counts['rejected']} invalid requests "
+                 f"rejected (4xx), {counts['not_rejected']} not; server: {server.batcher.cancelled} generations "
+                 f"cancelled" if counts else "")
+        print(f"load test {phase}: {args.clients} clients x {args.requests_per_client} requests (half streamed), "
+              f"{len(latencies)} ok, {len(failures)} failed, p50 {q[49]:.3f}s, p99 {q[98]:.3f}s, "
+              f"{wall:.1f}s{extra}")
+        if failures:
+            print("  first failure:", failures[0])
+        result(f"server_{phase}_latency_p99", q[98], "s")
+        result(f"server_{phase}_failed_requests", len(failures), "requests")
+        if counts:
+            result("server_bad_requests_not_rejected", counts["not_rejected"], "requests")
+    ratio = p99["with_bad_clients"] / p99["alone"]
+    result("server_bad_clients_p99_ratio", ratio, "x")
+    row(f"server p99 latency with {args.droppers} dropping + {args.invalid} invalid clients beside {args.clients} "
+        f"good ones", "the same load without them", "same server, model and requests", p99["with_bad_clients"],
+        p99["alone"], "s p99", "<= 2x", ratio=ratio, held=held_equal(f"{args.clients} clients x {args.requests_per_client} "
+                                                          f"completions of {args.load_max_tokens} tokens"),
+        note=f"ratio {ratio:.2f}x")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=48, help="decode length per timing run")
@@ -360,6 +507,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=64, help="concurrent clients in the load test")
     ap.add_argument("--requests-per-client", type=int, default=3, help="requests per client")
     ap.add_argument("--load-max-tokens", type=int, default=16, help="max_tokens of each load-test request")
+    ap.add_argument("--droppers", type=int, default=8, help="bad clients that start a stream and drop it")
+    ap.add_argument("--invalid", type=int, default=4, help="bad clients that send invalid requests")
     ap.add_argument("--presets", default="phi-100m,phi-1.5",
                     help="model shapes for the decode part (phi-1.5: the 1.4B Phi-1.5 architecture, random weights; "
                          "bf16 and int8 only, to fit memory)")
@@ -383,6 +532,7 @@ def main() -> int:
             bench_quality(model, held)
         if "load" not in args.skip:
             bench_load(args, model, tok)
+            bench_bad_clients(args, model, tok)
     return 0
 
 

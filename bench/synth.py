@@ -30,10 +30,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 4 prompts, 16 new tokens, one round")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 4 prompts, 8 new tokens, one round")
     args = ap.parse_args()
     if args.quick:  # explicit flags still win
-        ap.set_defaults(n=4, batch=4, max_new_tokens=16, rounds=1)
+        ap.set_defaults(n=4, batch=4, max_new_tokens=8, rounds=1)
         args = ap.parse_args()
 
     import torch

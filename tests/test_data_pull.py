@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_eval_hub import ARC_ROWS, datasets_cache, hub_root, online_hub  # noqa: F401 - fixtures
 
-PULL = ["arc_easy", "mmlu", "toxigen", "squadv2", "bbh"]
+PULL = ["arc_easy", "mmlu", "toxigen", "squadv2", "bbh", "mbpp"]
 
 
 def sha(p: Path) -> str:
@@ -68,6 +68,7 @@ def test_pull_then_eval_offline(online_hub, tmp_path, monkeypatch, capsys):  # n
                                                    "dataset": "allenai/ai2_arc", "config": "ARC-Easy",
                                                    "split": "test"}
     assert r["tasks"]["mmlu"]["n"] == 6 and r["tasks"]["squadv2"]["metrics"]["exact"] == pytest.approx(1 / 3)
+    assert r["tasks"]["mbpp"]["metrics"]["pass@1"] == 0.0 and r["configs"]["mbpp"]["sandbox"]["mode"]
 
     # A pulled copy can be read as a hub repository too (its README.md has the configs).
     import datasets

@@ -357,6 +357,7 @@ def no_local_data(monkeypatch, tmp_path):
     ("offline-flag", "--offline was given"),
     ("no-datasets", "the `datasets` package is not installed"),
     ("unreachable", "could not be fetched (ConnectionError: Couldn't reach 'allenai/ai2_arc' on the Hub"),
+    ("gated", "could not be fetched (GatedRepoError: Access to dataset allenai/ai2_arc is restricted"),
 ])
 def test_missing_data_is_one_line_with_the_cause_and_the_fix_before_any_model(cause, expect, tmp_path, monkeypatch,
                                                                                capsys):
@@ -380,12 +381,22 @@ def test_missing_data_is_one_line_with_the_cause_and_the_fix_before_any_model(ca
         def unreachable(location, name, split):
             raise ConnectionError(f"Couldn't reach '{location}' on the Hub (LocalEntryNotFoundError)")
         monkeypatch.setattr(data, "hf_rows", unreachable)
+    if cause == "gated":
+        class GatedRepoError(Exception):
+            pass
+
+        def gated(location, name, split):
+            raise GatedRepoError(f"Access to dataset {location} is restricted. You must have access to it and be "
+                                 f"authenticated to access it. Please log in.")
+        monkeypatch.setattr(data, "hf_rows", gated)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("phiforge: error: no data for arc_easy,piqa: "), err
     assert expect in err and "allenai/ai2_arc (ARC-Easy, test) (and 1 more)" in err
-    fix = "pip install datasets" if cause == "no-datasets" else \
-        "phiforge data pull arc_easy,piqa --out DIR (where there is internet), then add --data-dir DIR"
+    fix = {"no-datasets": "pip install datasets",
+           "gated": "accept the dataset's terms on huggingface.co and log in (`hf auth login`), then run phiforge "
+                    "data pull arc_easy,piqa --out DIR and add --data-dir DIR"}.get(
+        cause, "phiforge data pull arc_easy,piqa --out DIR (where there is internet), then add --data-dir DIR")
     assert err.rstrip().endswith(f"To fix: {fix}")
 
 

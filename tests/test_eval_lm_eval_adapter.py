@@ -35,7 +35,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_phiforge_model_scores_lm_evals_requests_as_its_hf_model(ckpt, online_hub):
+def test_phiforge_model_scores_lm_evals_requests_as_its_hf_model(ckpt, online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
     from lm_eval.models.huggingface import HFLM
@@ -58,7 +58,7 @@ def test_phiforge_model_scores_lm_evals_requests_as_its_hf_model(ckpt, online_hu
     assert ours.generate_until(gen) == theirs.generate_until(gen)
 
 
-def test_lm_evals_evaluator_runs_the_phiforge_model_by_name(ckpt, online_hub, tmp_path):
+def test_lm_evals_evaluator_runs_the_phiforge_model_by_name(ckpt, online_hub, tmp_path):  # noqa: F811 - fixture imported from test_eval_hub
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
 

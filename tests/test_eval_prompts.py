@@ -102,14 +102,14 @@ MC = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml"
 
 
 @pytest.mark.parametrize("name", sorted(MC))
-def test_multiple_choice_prompts_are_lm_evals(name, online_hub):
+def test_multiple_choice_prompts_are_lm_evals(name, online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     theirs = [tuple(i.arguments) for insts in lm_eval_instances(online_hub, MC[name]).values() for i in insts]
     ours = phiforge_requests(name).ll
     assert ours == theirs and len(ours) > 2
 
 
 @pytest.mark.parametrize("shots", [5, 0])
-def test_mmlu_prompts_are_lm_evals(shots, online_hub):
+def test_mmlu_prompts_are_lm_evals(shots, online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     ours = phiforge_requests("mmlu", num_fewshot=shots, subjects=list(MMLU_SUBJECTS)).ll
     theirs = [tuple(i.arguments) for s in MMLU_SUBJECTS
               for insts in lm_eval_instances(online_hub, f"mmlu/default/mmlu_{s}.yaml", shots).values()
@@ -117,7 +117,7 @@ def test_mmlu_prompts_are_lm_evals(shots, online_hub):
     assert ours == theirs and len(ours) == 4 * 3 * len(MMLU_SUBJECTS)
 
 
-def test_gsm8k_prompts_are_lm_evals(online_hub):
+def test_gsm8k_prompts_are_lm_evals(online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     from phiforge.eval.tasks import get_task
 
     ours = phiforge_requests("gsm8k").gen
@@ -130,7 +130,7 @@ def test_gsm8k_prompts_are_lm_evals(online_hub):
     assert get_task("gsm8k").num_fewshot == lm_eval_yaml("gsm8k/gsm8k-cot.yaml")["num_fewshot"]
 
 
-def test_bbh_prompts_are_lm_evals(online_hub):
+def test_bbh_prompts_are_lm_evals(online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     ours = phiforge_requests("bbh", subjects=list(BBH_ROWS)).gen
     theirs = [insts[0].arguments for t in BBH_ROWS
               for insts in lm_eval_instances(online_hub, f"bbh/cot_fewshot/{t}.yaml").values()]
@@ -168,7 +168,7 @@ def test_bbh_shipped_cot_prompts_equal_the_release_files():
     assert [t for t in BBH_TASKS if bbh_cot_prompt(COT_PROMPTS / f"{t}.txt") != raw[t]] == ["sports_understanding"]
 
 
-def test_code_prompts_are_lm_evals(online_hub, tmp_path, monkeypatch):
+def test_code_prompts_are_lm_evals(online_hub, tmp_path, monkeypatch):  # noqa: F811 - fixture imported from test_eval_hub
     from phiforge.eval.tasks import code, get_task
     from tests.test_eval_hub import write_hub_repo
 
@@ -191,7 +191,7 @@ def test_code_prompts_are_lm_evals(online_hub, tmp_path, monkeypatch):
     assert "max_gen_toks" not in kw and mbpp.max_tokens == 512  # DIFFERENCES["mbpp"]
 
 
-def test_toxigen_documents_are_lm_evals(online_hub):
+def test_toxigen_documents_are_lm_evals(online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     """DIFFERENCES["toxigen"]: the same statements with lm-eval's labels, scored by their own likelihood."""
     from phiforge.eval.tasks import get_task
 
@@ -210,7 +210,7 @@ def test_toxigen_documents_are_lm_evals(online_hub):
 
 
 @pytest.mark.parametrize("shots", [2, 0])
-def test_squadv2_prompts_are_lm_evals(shots, online_hub):
+def test_squadv2_prompts_are_lm_evals(shots, online_hub):  # noqa: F811 - fixture imported from test_eval_hub
     from lm_eval.tasks.squadv2.task import SQuAD2
 
     class LocalSQuAD2(SQuAD2):

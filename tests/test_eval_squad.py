@@ -57,7 +57,7 @@ def test_squad_v2_scores_by_hand():
     assert exact_t == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_squadv2_task_end_to_end(online_hub, tmp_path, monkeypatch):
+def test_squadv2_task_end_to_end(online_hub, tmp_path, monkeypatch):  # noqa: F811 - fixture imported from test_eval_hub
     from phiforge.eval import data
     from phiforge.eval.evaluator import evaluate
     from phiforge.lm import cut_at_stop

@@ -73,9 +73,37 @@ def test_report_has_the_headline_numbers_and_every_section(tmp_path):
 
 def test_report_puts_the_ablation_beside_the_main_arm(tmp_path):
     md = build_report(small_run(tmp_path / "run", ablation=True))["markdown"].read_text()
-    assert "| metric | curated + synthetic | raw stdlib (ablation) |" in md
-    assert "| validation loss (the other arm's val set) | 4.250 | 2.750 |" in md
+    assert "| metric | fine-tuned on exercises | raw stdlib (ablation) |" in md
+    assert "| validation loss (the raw arm's val set) | 4.250 | 2.750 |" in md
     assert "| HumanEval pass@1 (greedy) | 0.125 | 0.000 |" in md
+
+
+def test_report_shows_base_and_fine_tuned_side_by_side(tmp_path):
+    root = small_run(tmp_path / "run")
+    gen = {"n": 4, "passed": 1, "pass@1": 0.25, "samples": [
+        {"template": "caesar", "passed": False, "prompt": "def shift(s):\n", "completion": "    return s\n"}]}
+    res = json.loads((root / "eval" / "results.json").read_text())
+    write_json(root / "eval" / "results.json", {**res, "heldout_new_templates": gen})
+    write_json(root / "eval-base" / "results.json", {
+        **res, "val_loss": 2.5, "heldout": {"n": 3, "passed": 0, "pass@1": 0.0},
+        "heldout_new_templates": {"n": 4, "passed": 0, "pass@1": 0.0}, "humaneval": {"metrics": {"pass@1": 0.0}}})
+    write_json(root / "exercises" / ".stage.json", {"hash": "x", "finished": "2", "summary": {
+        "finetune_examples": 77, "heldout_template_dropped": 9, "heldout_templates": ["caesar", "chunk"],
+        "seconds": 0.5}})
+    write_json(root / "finetune" / ".stage.json", {"hash": "x", "finished": "3", "summary": {
+        "steps": 3, "tokens": 96, "checkpoint": "r/finetune/checkpoints/step-000003", "seconds": 12.25}})
+    md = build_report(root)["markdown"].read_text()
+    assert "| metric | base (pretrained) | fine-tuned on exercises |" in md
+    assert "| validation loss (pretraining val split) | 2.500 | 2.346 |" in md
+    assert ("| held-out exercises pass@1: training templates, new seeds (in-distribution) | 0.000 (0/3) | "
+            "0.333 (1/3) |") in md
+    assert ("| held-out exercises pass@1: templates held out of training (generalization) | 0.000 (0/4) | "
+            "0.250 (1/4) |") in md
+    assert "caesar, chunk: generalization" in md and "caesar (held-out template): failed" in md
+    assert "| finetune | 12.2 |" in md or "| finetune | 12.3 |" in md  # per-stage times
+    assert "| fine-tuning examples (training templates) | 77 |" in md
+    assert "phiforge chat --model r/finetune/checkpoints/step-000003" in md
+    assert "the same tokens for every model" in md  # the one definition of validation loss
 
 
 def test_report_of_a_directory_that_is_no_run(tmp_path):

@@ -22,6 +22,8 @@ MICRO = {
     "tokenizer": {"vocab_size": 512, "val_fraction": 0.2},
     "train": {"max_steps": 4, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 2, "eval_batches": 2,
               "save_every": 4},
+    "finetune": {"max_steps": 3, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 3, "eval_batches": 2,
+                 "save_every": 3},
     "eval": {"heldout_exercises": 3, "humaneval_limit": 2, "max_new_tokens": 16, "samples": ["def add(a, b):\n"]},
 }
 
@@ -37,15 +39,30 @@ def micro_run(tmp_path_factory):
 
 def test_micro_run_produces_every_stage_and_a_report(micro_run):
     cfg, out, summaries, _ = micro_run
-    for stage in ("corpus", "curated", "synth", "textbooks", "tokens", "train", "eval", "report"):
+    for stage in ("corpus", "curated", "synth", "textbooks", "exercises", "tokens", "train", "ft-tokens",
+                  "finetune", "eval-base", "eval", "report"):
         assert (out / stage / ".stage.json").exists(), stage
     assert summaries["corpus"]["documents"] == 12
     assert summaries["train"]["steps"] == 4
+    assert summaries["finetune"]["steps"] == 3
     assert summaries["tokens"]["train_tokens"] > 0
     res = json.loads((out / "eval" / "results.json").read_text())
     assert res["heldout"]["n"] == 3 and 0.0 <= res["heldout"]["pass@1"] <= 1.0
     assert res["val_loss"] > 0
     assert len(res["generations"]) == 1
+    base = json.loads((out / "eval-base" / "results.json").read_text())
+    assert base["checkpoint"].startswith(str(out / "train")) and res["checkpoint"].startswith(str(out / "finetune"))
+    # no training exercise shares a template with the generalization set
+    from phiforge.data.synth.procedural import HELDOUT_TEMPLATES
+
+    ft = [json.loads(line) for line in (out / "exercises" / "finetune.jsonl").read_text().splitlines()]
+    assert ft and not {r["template"] for r in ft} & HELDOUT_TEMPLATES
+    gen = res["heldout_new_templates"]
+    assert gen["n"] == 3 and {s["template"] for s in gen["samples"]} <= HELDOUT_TEMPLATES
+    assert not {s["template"] for s in res["heldout"]["samples"]} & HELDOUT_TEMPLATES
+    assert summaries["ft-tokens"]["train_tokens"] > 0
+    bpb = res["bits_per_byte"]  # neutral metrics: finite and positive for both models
+    assert 0 < bpb["humaneval_solutions"] < 50 and 0 < base["bits_per_byte"]["humaneval_solutions"] < 50
     html = (out / "report.html").read_text()
     assert "Data funnel" in html and "data:image/png;base64," in html  # figures embedded: opens offline
     assert "http://" not in html and "https://" not in html
@@ -58,7 +75,7 @@ def test_rerun_reuses_finished_stages(micro_run):
     logs: list[str] = []
     run(cfg, log=logs.append)
     reused = [m for m in logs if "up to date" in m]
-    assert len(reused) == 7  # everything but the report is reused
+    assert len(reused) == 11  # everything but the report is reused
 
 
 def test_changed_train_config_reruns_only_downstream(micro_run):
@@ -67,7 +84,7 @@ def test_changed_train_config_reruns_only_downstream(micro_run):
     logs: list[str] = []
     summaries = run(cfg2, log=logs.append)
     redone = {m.split(":")[0].split("] ")[1] for m in logs if m.endswith("...")}
-    assert redone == {"train", "eval", "report"}
+    assert redone == {"train", "finetune", "eval-base", "eval", "report"}  # ft-tokens needs only the tokenizer
     assert summaries["train"]["steps"] == 5
 
 

@@ -148,13 +148,15 @@ def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
 
     strategies = [parse_strategy(x.strip(), k=args.shots, shuffles=args.shuffles, vote=args.vote,
                                  threshold=args.gate_threshold) for x in args.strategy.split(",") if x.strip()]
+    from phiforge.eval.evaluator import prepare
     from phiforge.eval.tasks import mc_task
     from phiforge.lm.spec import load_lm
 
-    for n in names:  # fail before loading a model: strategies need multiple-choice items
+    for n in names:  # fail before loading a model: strategies need multiple-choice items, and their data
         mc_task(n)
-    embedder = get_embedder(args.embedder) if any(s.shots == "knn" for s in strategies) else None
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()] if args.subjects else None
+    prepare(names, data_dir=args.data_dir, allow_hub=not args.offline, subjects=subjects)
+    embedder = get_embedder(args.embedder) if any(s.shots == "knn" for s in strategies) else None
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                  batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None)
     results = evaluate_strategies(lm, names, strategies, embedder=embedder, data_dir=args.data_dir, limit=args.limit,

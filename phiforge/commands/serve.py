@@ -76,9 +76,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not args.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     if key is not None and not key.strip():
-        raise ConfigError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it unset")
+        raise ConfigError("--api-key is empty; give a key or leave the flag out")
     # the port first: a busy one fails now, not after loading the model
     sock = bind_socket(args.host, args.port)
     try:

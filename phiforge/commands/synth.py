@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-isolation", action="store_true", help="refuse to run generated code where "
                         "the sandbox cannot isolate it (no root, no user namespaces)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="cost cap for an OpenAI-compatible teacher; stops cleanly before exceeding it")
+                        help="cost cap for an OpenAI-compatible teacher, for the whole run: every rerun into "
+                             "OUT counts against it (OUT/spend.jsonl); stops cleanly before exceeding it")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -93,11 +92,6 @@ def offline_reason(allow_hub: bool = True) -> str | None:
         if os.environ.get(var, "").lower() in off:
             return f"{var}={os.environ[var]} is set"
     return None
-
-
-def hub_allowed() -> bool:
-    """Hub downloads only when not told to stay offline."""
-    return offline_reason() is None
 
 
 def find_local(rel: str, data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -225,6 +219,9 @@ def missing_message(missing: list[MissingData]) -> str:
     more = f" (and {n_more} more)" if n_more else ""
     if "not installed" in m.cause:
         fix = "pip install datasets"
+    elif any(w in m.cause.lower() for w in ("gated", "401", "authenticat")):
+        fix = (f"accept the dataset's terms on huggingface.co and log in (`hf auth login`), then run phiforge "
+               f"data pull {tasks} --out DIR and add --data-dir DIR")
     else:
         fix = f"phiforge data pull {tasks} --out DIR (where there is internet), then add --data-dir DIR"
     return f"no data for {tasks}: {where}, and the hub split {m.looked_for[0]}{more} {m.cause}. To fix: {fix}"
@@ -297,12 +294,14 @@ def _path_sha256(path: Path) -> str:
 
 
 def combined_sha256(sources: list[Source]) -> str:
-    """One hash over several splits' hashes (a task that reads many files: MMLU's subjects, BBH's tasks)."""
+    """One hash over several splits' hashes (a task that reads many files: MMLU's subjects, BBH's tasks); it
+    names each split by what it is (dataset/config/split, or the release file's name), not by where it lies."""
     if len(sources) == 1:
         return sources[0].sha256
     h = hashlib.sha256()
     for s in sources:
-        h.update(f"{s.where}\0{s.sha256}\n".encode())
+        name = s.split.rel if s.split is not None else Path(s.where).name
+        h.update(f"{name}\0{s.sha256}\n".encode())
     return h.hexdigest()
 
 
@@ -406,11 +405,6 @@ def read_lines(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
-
-
-def read_csv(path: Path) -> Iterator[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        yield from csv.DictReader(io.StringIO(f.read()))
 
 
 def require(doc: dict, fields: tuple[str, ...], where: str) -> dict:

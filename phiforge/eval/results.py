@@ -62,6 +62,8 @@ def content_sha256(files: list[Path]) -> str:
     if changed:
         from phiforge.atomic import atomic_write_json
 
+        cache = {k: v for k, v in cache.items() if Path(k.split("|", 1)[0]).exists()}  # forget deleted files
+
         with contextlib.suppress(OSError):  # a read-only home only costs hashing again next time
             atomic_write_json(cache_path, cache)
     return h.hexdigest()

@@ -7,6 +7,7 @@ grammar and resolver, the result cache, and the backends (native phiforge, trans
     cache.py            ResultCache (SQLite), CachedLM
     packed.py           the packed log-likelihood engine the torch backends share
     phiforge_backend.py PhiforgeLM;  hf.py HFLM;  openai_api.py OpenAILM (retries, budget, concurrency)
+    lm_eval_adapter.py  the "phiforge" model for lm-evaluation-harness (python -m phiforge.lm.lm_eval_adapter)
 
 Backends import torch, transformers or openai only when they are used.
 """

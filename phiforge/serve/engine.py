@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,9 @@ from phiforge.generate import IncrementalDecoder, next_tokens, prepare_decoding
 from phiforge.lm.sampling import Sampling, find_stop
 
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+# Sampling divides the logits by the temperature: below this, fp32 logits overflow to inf (and the softmax to
+# NaN), while the distribution is the greedy one already; such temperatures sample at this one.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -180,7 +183,8 @@ class Engine:
                 if r.sampling.max_new_tokens > 0:
                     if r.sampling.temperature > 0:
                         # next_tokens without `seen`: the repetition penalty is not applied here
-                        gens[i] = (r.sampling, self._seeded(r.sampling))
+                        s = replace(r.sampling, temperature=max(r.sampling.temperature, MIN_TEMPERATURE))
+                        gens[i] = (s, self._seeded(s))
                     live.append(i)
             except Exception as e:  # noqa: BLE001 - this row's own failure
                 fail(i, e)

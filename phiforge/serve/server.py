@@ -618,6 +618,7 @@ class Server:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         ids = self._encode(prompt, "messages")
         field_ = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        _int(body, "max_tokens", low=0, high=self.engine.context - 1)  # checked even where the other one wins
         req = self._request(body, ids, field_, default_max=max(0, min(256, self.engine.context - len(ids))))
         req.sampling = replace(req.sampling, stop=req.sampling.stop + tuple(stops))
         req.logprobs = (top or 0) if want_lp else None
@@ -892,7 +893,7 @@ class Server:
 
         app = FastAPI(title="phiforge", description="OpenAI-compatible API for a language model, and a chat page",
                       version="1")
-        errors = (400, 401, 404, 413) if self.api_key else (400, 404, 413)
+        errors = (400, 401, 404, 413, 500) if self.api_key else (400, 404, 413, 500)
         auth_errors = (401,) if self.api_key else ()
         bearer = HTTPBearer(auto_error=False, description="the key `phiforge serve --api-key` was started with")
 

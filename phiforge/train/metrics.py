@@ -118,7 +118,8 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and path.exists():
             # Resuming from step k: records of steps after k (from the interrupted run) are replayed, drop them.
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= truncate_after]
+            text = path.read_text(encoding="utf-8", errors="replace")  # a damaged line is dropped, not a crash
+            kept = [line for line in text.splitlines() if _step_of(line) <= truncate_after]
             from phiforge.atomic import atomic_write_text
 
             atomic_write_text(path, "".join(line + "\n" for line in kept))
@@ -147,11 +148,14 @@ class MetricsLog:
 
 
 def _step_of(line: str) -> float:
-    """The step of a log line; a torn last line (the run was killed mid-write) sorts after everything."""
+    """The step of a log line; a torn last line (the run was killed mid-write), or any line that is not a
+    record, sorts after everything."""
     try:
-        return json.loads(line).get("step", 0)
-    except ValueError:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
         return float("inf")
+    step = rec.get("step", 0) if isinstance(rec, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("inf")
 
 
 def read_log(path: str | os.PathLike, type_: str = "train") -> list[dict[str, Any]]:

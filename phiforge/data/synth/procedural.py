@@ -511,9 +511,23 @@ def _format_doc(doc: str, indent: str = "    ") -> str:
     return f'{indent}"""' + f"\n{indent}".join(lines) + f'\n{indent}"""\n'
 
 
-def python_exercise(rng: random.Random, name: str | None = None, kind: str | None = None) -> Exercise:
-    """One exercise from a random (or the named `kind`) template; `name` forces the function name."""
-    kind = kind or rng.choice(sorted(TEMPLATES))
+# Templates `phiforge run` never trains on: exercises made from them measure generalization to new tasks, while
+# new seeds of the training templates only measure in-distribution skill. Chosen to span strings, lists, loops
+# and arithmetic, so the held-out set is neither all easy nor all hard.
+HELDOUT_TEMPLATES: frozenset[str] = frozenset(
+    {"caesar", "chunk", "count_in_range", "capitalize_words", "run_length", "second_largest"})
+
+
+def training_templates() -> list[str]:
+    """The templates `phiforge run` may train on: every template but `HELDOUT_TEMPLATES`, sorted."""
+    return sorted(set(TEMPLATES) - HELDOUT_TEMPLATES)
+
+
+def python_exercise(rng: random.Random, name: str | None = None, kind: str | None = None,
+                    templates: list[str] | None = None) -> Exercise:
+    """One exercise from a random (or the named `kind`) template; `name` forces the function name and
+    `templates` limits the random choice (default: all templates)."""
+    kind = kind or rng.choice(sorted(templates) if templates is not None else sorted(TEMPLATES))
     names, args, doc, body, ref, inputs = TEMPLATES[kind](rng)
     fname = name or rng.choice(names)
     if name is None and rng.random() < 0.3:  # more distinct names, as phi-1's CodeExercises constrained them

@@ -174,6 +174,11 @@ class MBPPTask(CodeTask):
         self._shots = [d for i in MBPP_SHOT_IDS for d in prompt if int(d["task_id"]) == i]
         return TaskData(test, [src, psrc], pool=self._shots)
 
+    def run(self, lm, docs, *, pool=None, **kw):
+        if pool is not None:  # the exemplars `fetch` found (evaluate hands them to a fresh task object)
+            self._shots = pool
+        return super().run(lm, docs, **kw)
+
     def prompt(self, doc, k):
         shots = getattr(self, "_shots", [])[:k]
         if len(shots) < k:

@@ -1,7 +1,8 @@
 """Multiple choice by log-likelihood: ARC-Easy/Challenge, PIQA, HellaSwag, WinoGrande, BoolQ, OpenBookQA, SIQA,
 MMLU.
 
-Every task turns its files into documents of one shape — template fields + `choices` + `gold` — and is scored
+Every task turns its data (the rows of lm-eval's hub split, or its release file) into documents of one shape —
+template fields + `choices` + `gold`, exactly lm-eval's doc_to_text/doc_to_choice/doc_to_target — and is scored
 the lm-evaluation-harness way: request = (few-shot prefix + template.format(doc), " " + choice); acc = argmax
 log-likelihood, acc_norm = argmax log-likelihood / len(choice). WinoGrande uses partial scoring instead: the
 choices are the *contexts* (sentence up to the blank with each option filled in) and the shared continuation

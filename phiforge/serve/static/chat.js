@@ -46,8 +46,9 @@ function settings() {
   const req = {
     model, stream: true, stream_options: { include_usage: true },
     temperature: parseFloat($("temperature").value), top_p: parseFloat($("top-p").value),
-    max_tokens: parseInt($("max-tokens").value, 10) || 256,
   };
+  const maxTokens = $("max-tokens").value.trim();  // empty: the server's default, what the context leaves
+  if (maxTokens !== "") req.max_tokens = parseInt(maxTokens, 10);
   const seed = $("seed").value.trim();
   if (seed !== "") req.seed = parseInt(seed, 10);
   return req;

@@ -1,0 +1,63 @@
+"""A schema fuzz run: schemathesis generates requests from the server's own OpenAPI document (valid ones and
+ones that break it) and sends them to a real uvicorn. Every answer must fit the documented responses (status,
+content type, body schema, each server-sent event), no request may cause a 5xx, every schema-violating request
+must be rejected with a 4xx, and a schema-valid one is accepted unless it is too long for the model's context
+(which no JSON Schema can say). Bounded: a tiny model with a 64-token context and FUZZ_EXAMPLES per operation
+(about half a minute on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
+
+FUZZ_EXAMPLES = 80
+
+
+@schemathesis.check
+def accepted_unless_too_long(ctx, response, case):
+    """positive_data_acceptance, less the one rejection the schema cannot foresee."""
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
+        return None
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded", f"a schema-valid request was rejected: {error}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import torch
+
+    from phiforge.checkpoint import save_checkpoint
+    from phiforge.model import Phi
+    from phiforge.serve.load import load_engine
+    from phiforge.serve.server import BackgroundServer, Server
+    from phiforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat. hello world, how are you?"] * 10, 300)
+    torch.manual_seed(0)
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(Phi(tiny_config(vocab_size=320, max_position_embeddings=64)), ckpt, tokenizer=tok)
+    server = Server(load_engine(str(ckpt)), "tiny", batch_wait_ms=1)
+    with BackgroundServer(server.app) as bg:
+        yield bg
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def api(served):
+    return schemathesis.openapi.from_url(served.url[:-3] + "/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api")
+
+
+@schema.parametrize()
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_fuzz_against_own_schema(case, served):
+    case.call_and_validate(base_url=served.url[:-3], excluded_checks=[positive_data_acceptance],
+                           additional_checks=[accepted_unless_too_long])
