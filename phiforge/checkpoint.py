@@ -517,7 +517,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    return read_json(file, what="the model config", error=CheckpointError)
+    return read_json(file, what="the model config", error=CheckpointError,
+                     fix="restore it from where the checkpoint came from (or save the model again)")
 
 
 # ---- a summary for `phiforge info` ----------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _parse_line(raw: bytes, first: bool = False) -> tuple[Any, str | None]:
         return None, f"invalid JSON: {e.msg} (column {e.colno})"
     except (ValueError, RecursionError) as e:
         return None, f"invalid JSON: {type(e).__name__} (an over-long number, or nested too deeply)"
-    if "\\ud" in line.lower():  # rare: only then pay for the check
+    if "\\ud" in line or "\\uD" in line:  # a surrogate escape (rare): only then pay for the check
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

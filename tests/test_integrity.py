@@ -48,7 +48,7 @@ def test_curate_non_utf8_line_loses_only_itself_and_names_its_line(tmp_path, cap
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "c.yaml").write_text("steps:\n  - type: exact_dedup\n")
     code = main(["curate", "--config", str(tmp_path / "c.yaml"), "--in", str(tmp_path / "a.jsonl"),
-                 "--out", str(tmp_path / "o"), "--quiet"])
+                 "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 0
     kept = (tmp_path / "o" / "a.jsonl").read_text().splitlines()
@@ -75,7 +75,7 @@ def test_curate_bad_records_are_named_on_stderr_and_in_stats_and_strict_stops(tm
     lines[4] = b'{"id": 4, "body": "no text field"}'
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "c.yaml").write_text("steps:\n  - type: exact_dedup\n")
-    args = ["curate", "--config", str(tmp_path / "c.yaml"), "--in", str(tmp_path / "a.jsonl"), "--quiet"]
+    args = ["curate", "--config", str(tmp_path / "c.yaml"), "--in", str(tmp_path / "a.jsonl")]
     assert main(args + ["--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     a = tmp_path / "a.jsonl"
@@ -498,7 +498,7 @@ def test_synth_that_stops_on_an_error_writes_stats(endpoint, tmp_path, capsys):
     ep = endpoint(status=401)
     (tmp_path / "s.yaml").write_text(f"n: 8\nmix: {{textbooks: 1.0}}\nteacher: openai:m@{ep.url}\n"
                                      f"teacher_options: {{max_retries: 0}}\nbatch_size: 4\n")
-    assert main(["synth", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert main(["synth", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
     one_error_line(capsys.readouterr().err, "HTTP 401", "invalid api key")
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())
     assert stats["stopped"] == "error" and "HTTP 401" in stats["error"] and stats["kept"] == 0
@@ -543,3 +543,14 @@ def test_cached_local_teacher_samples_a_batch_with_one_seed_but_keys_each_prompt
     assert t.generate(["c", "d"], {"max_new_tokens": 4}, seeds=[9, 10]) == ["C", "D"]
     assert inner.asked == ["a", "b", "c", "d"] and t.hits == 1
     t.close()
+
+
+# ---- the corruption sweep -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_corruption_sweep_has_no_tracebacks_or_hangs(capsys):
+    """corruption_sweep.py --quick (a few minutes): every file of a tiny real run, cut and overwritten in turn."""
+    import corruption_sweep
+
+    code = corruption_sweep.main(["--quick"])
+    out = capsys.readouterr().out
+    assert code == 0 and "RESULT corruption_tracebacks 0 count" in out, out

@@ -14,7 +14,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-FUZZ_EXAMPLES = 80
+FUZZ_EXAMPLES = 150
 
 
 @schemathesis.check

@@ -362,6 +362,21 @@ def test_an_internal_error_is_a_json_500_and_the_connection_stays_usable(served,
     for _ in range(3):
         status, ok = post(conn, "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 2})
         assert status == 200 and conn.sock is sock
+    # A bug while streaming (headers already sent) ends the stream with an in-band error and [DONE].
+    real = server._chunks
+
+    def broken(call):
+        chunk, final, usage = real(call)
+        return (lambda *a: 1 / 0), final, usage
+
+    monkeypatch.setattr(server, "_chunks", broken)
+    status, text = post(conn, "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 3, "stream": True})
+    events = [e for e in text.split("\n\n") if e]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    status, ok = post(conn, "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 2})
+    assert status == 200 and conn.sock is sock
     conn.close()
 
 

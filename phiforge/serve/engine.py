@@ -78,8 +78,12 @@ class Result:
 TextCallback = Callable[[int, str, "TokenLogprob | None"], Any]
 
 
+LOGPROB_FLOOR = -9999.0  # reported for an impossible token (-inf is not JSON), as vLLM does
+
+
 def _top(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """The chosen token's logprob and the k most likely alternatives from one row of logprobs (V,)."""
+    logprobs = logprobs.clamp(min=LOGPROB_FLOOR)
     top = []
     if k > 0:
         vals, idx = logprobs.topk(min(k, logprobs.shape[-1]))

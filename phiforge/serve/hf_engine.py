@@ -71,8 +71,11 @@ class HFDecoder:
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())  # instruct models stop on several
-        # transformers 5 renamed `past_key_values` to `cache`; the old name still works there, with a warning
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache` (the old name still works there, with a warning), and
+        # 4.48 renamed `num_logits_to_keep` to `logits_to_keep`
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
     def new_cache(self, batch_size: int, max_len: int) -> HFCache:
         from transformers import DynamicCache
@@ -88,10 +91,12 @@ class HFDecoder:
         full = new if cache.mask is None else torch.cat([cache.mask, new.to(cache.mask.dtype)], 1)
         # positions count real tokens only, so a left-padded row starts at 0 like an unpadded one
         pos = (full.cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        out = self.model(input_ids=input_ids, attention_mask=full, position_ids=pos, use_cache=True,
-                         logits_to_keep=1 if last_only else 0, **{self._cache_kw: cache.past})
+        kw = {self._cache_kw: cache.past}
+        if self._keep_kw and last_only:  # only the last position's logits: no (T, vocab) matrix for a prompt
+            kw[self._keep_kw] = 1
+        out = self.model(input_ids=input_ids, attention_mask=full, position_ids=pos, use_cache=True, **kw)
         cache.mask, cache.length = full, cache.length + T
-        return out.logits
+        return out.logits[:, -1:] if last_only else out.logits
 
     def greedy_step(self, input_ids: torch.Tensor, cache: HFCache) -> torch.Tensor:
         return self.step(input_ids, cache, last_only=True)[:, -1].float().argmax(-1)

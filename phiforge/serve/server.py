@@ -29,13 +29,12 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import queue
 import threading
 import time
 import uuid
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,20 @@ from phiforge.lm.sampling import Sampling
 from phiforge.serve import openapi
 from phiforge.serve.chat import format_chat
 from phiforge.serve.engine import Engine, Request, Result, TokenLogprob
+from phiforge.serve.validate import (
+    SEED_MAX,
+    SEED_MIN,
+    APIError,
+    chat_messages,
+    check_fields,
+    int_field,
+    number_field,
+    parse_json,
+    stop_strings,
+    stream_usage,
+    typed_field,
+    unsupported_values,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -53,28 +66,7 @@ log = logging.getLogger("phiforge.serve")
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a 2048-token context needs ~10 KB of text; token-id batches need more
-MAX_DEPTH = 16  # the deepest an accepted request nests is 5 (body > messages > [i] > content > [j])
 DRAIN_BYTES = 64 << 20  # a too-large body is read (and dropped) up to this much so the 413 reaches the client
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # OpenAI's seed is an int64
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-
-
-class APIError(Exception):
-    """A request error reported to the client in OpenAI's error format."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-    def response(self) -> Any:
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -239,232 +231,6 @@ class Batcher:
                 _settle(job.future, mine)
 
 
-# ---- reading a request body ------------------------------------------------------------------------------------
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """The JSON object in `raw`; APIError(400) for anything else (invalid JSON, NaN or Infinity, nesting deeper
-    than MAX_DEPTH, strings that are not valid Unicode)."""
-    if not raw.strip():
-        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(400, f"the request body nests too deeply (at most {MAX_DEPTH} levels)",
-                       code="invalid_json") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity, integers of > 4300 digits
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, not {_json_type(body)}", code="invalid_json")
-    _check_tree(body)
-    return body
-
-
-def _check_tree(body: Any) -> None:
-    """Depth, finite numbers and encodable strings, everywhere in a parsed body (iteratively: no recursion)."""
-    stack = [(body, "", 1)]
-    while stack:
-        value, path, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise APIError(400, f"the request body nests too deeply (at most {MAX_DEPTH} levels)",
-                           param=path or None, code="invalid_json")
-        if isinstance(value, dict):
-            for k, v in value.items():
-                _check_string(k, path or "body")
-                stack.append((v, f"{path}.{k}" if path else k, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise APIError(400, f"{path}: numbers must be finite", param=path, code="invalid_value")
-        elif isinstance(value, str):
-            _check_string(value, path)
-
-
-def _check_string(s: str, path: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-        raise APIError(400, f"{path}: the string is not valid Unicode (lone surrogate)", param=path,
-                       code="invalid_value") from None
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-             dict: "an object", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-# ---- request fields ----------------------------------------------------------------------------------------------
-def _int(body: dict[str, Any], name: str, default: Any = None, *, low: int | None = None,
-         high: int | None = None) -> Any:
-    """body[name] as an integer (an integral float is one too), in [low, high]; null or absent is `default`."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name}: expected an integer, got {_json_type(value)}", param=name,
-                       code="invalid_type")
-    _in_range(name, value, low, high)
-    return value
-
-
-def _number(body: dict[str, Any], name: str, default: Any = None, *, low: float | None = None,
-            high: float | None = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise APIError(400, f"{name}: expected a number, got {_json_type(value)}", param=name, code="invalid_type")
-    _in_range(name, value, low, high)
-    return float(value)
-
-
-def _in_range(name: str, value: float, low: float | None, high: float | None) -> None:
-    if low is not None and value < low or high is not None and value > high:
-        rng = f"[{low}, {high}]" if high is not None and low is not None else (
-            f">= {low}" if low is not None else f"<= {high}")
-        raise APIError(400, f"{name}: {value!r} is out of range (must be {rng})", param=name, code="invalid_value")
-
-
-def _typed(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, kind):
-        what = {bool: "a boolean", str: "a string", dict: "an object", list: "an array"}[kind]
-        raise APIError(400, f"{name}: expected {what}, got {_json_type(value)}", param=name, code="invalid_type")
-    return value
-
-
-def _stops(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) \
-            or len(stop) > openapi.MAX_STOPS:
-        raise APIError(400, f"stop: expected a non-empty string or a list of up to {openapi.MAX_STOPS} of them",
-                       param="stop", code="invalid_value")
-    return stop
-
-
-# The fields each endpoint reads; OpenAI's others are a 400 naming them (never silently ignored).
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options",
-           "presence_penalty", "frequency_penalty", "logit_bias", "user", "ignore_eos"}
-FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
-          "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}}
-NOT_SUPPORTED = {  # OpenAI's fields this server knows and does not implement -> why
-    "tools": "this server does not call tools", "tool_choice": "this server does not call tools",
-    "parallel_tool_calls": "this server does not call tools", "functions": "this server does not call functions",
-    "function_call": "this server does not call functions", "audio": "text only", "modalities": "text only",
-    "prediction": "no predicted outputs", "reasoning_effort": "not a reasoning model",
-    "web_search_options": "no web search", "store": "nothing is stored", "metadata": "nothing is stored",
-    "service_tier": "one tier", "min_p": "not implemented", "repetition_penalty": "not implemented",
-    "safety_identifier": "not used", "prompt_cache_key": "no prompt cache", "verbosity": "not implemented",
-}
-
-
-def _check_fields(body: dict[str, Any], kind: str) -> None:
-    for name in body:
-        if name in FIELDS[kind]:
-            continue
-        if name in NOT_SUPPORTED:
-            raise APIError(400, f"{name}: not supported by this server ({NOT_SUPPORTED[name]})", param=name,
-                           code="unsupported_parameter")
-        raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
-                       code="unknown_parameter")
-
-
-def _unsupported_values(body: dict[str, Any]) -> None:
-    if _int(body, "n", 1) != 1:
-        raise APIError(400, "n: only n=1 is supported", param="n", code="unsupported_value")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0, low=-2, high=2) != 0:
-            raise APIError(400, f"{name}: not supported (must be 0)", param=name, code="unsupported_value")
-    if _int(body, "best_of", 1) != 1:
-        raise APIError(400, "best_of: only 1 is supported", param="best_of", code="unsupported_value")
-    if _typed(body, "suffix", str):
-        raise APIError(400, "suffix: not supported", param="suffix", code="unsupported_value")
-    if _typed(body, "logit_bias", dict):
-        raise APIError(400, "logit_bias: not supported", param="logit_bias", code="unsupported_value")
-    _typed(body, "user", str)
-    fmt = _typed(body, "response_format", dict)
-    if fmt is not None and (fmt.get("type") != "text" or set(fmt) != {"type"}):
-        raise APIError(400, "response_format: only {\"type\": \"text\"} is supported (no JSON mode)",
-                       param="response_format", code="unsupported_value")
-
-
-def _stream_options(body: dict[str, Any], stream: bool) -> bool:
-    """Whether the stream ends with a usage chunk (stream_options.include_usage)."""
-    opts = _typed(body, "stream_options", dict)
-    if opts is None:
-        return False
-    if not stream:
-        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options",
-                       code="invalid_value")
-    for k in opts:
-        if k != "include_usage":
-            raise APIError(400, f"stream_options.{k}: not supported (only include_usage)",
-                           param=f"stream_options.{k}", code="unsupported_parameter")
-    return bool(_typed(opts, "include_usage", bool, False))
-
-
-def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI chat messages checked at every depth and reduced to {"role", "content": text} (text parts joined;
-    a developer message is a system message). APIError(400) naming the first bad place."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages: required (a non-empty list of {role, content})", param="messages",
-                       code="missing" if messages is None else "invalid_type")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(400, f"{where}: expected an object, got {_json_type(m)}", param=where, code="invalid_type")
-        role = m.get("role")
-        if role in ("tool", "function"):
-            raise APIError(400, f"{where}.role: {role} messages are not supported (this server does not call "
-                                f"tools)", param=f"{where}.role", code="unsupported_value")
-        if role not in CHAT_ROLES:
-            raise APIError(400, f"{where}.role: must be one of {', '.join(CHAT_ROLES)}", param=f"{where}.role",
-                           code="invalid_value")
-        for k in m:
-            if k not in ("role", "content", "name"):
-                what = "not supported" if k in ("tool_calls", "function_call", "audio", "refusal") else "unknown"
-                raise APIError(400, f"{where}.{k}: {what} field", param=f"{where}.{k}", code="unsupported_parameter")
-        if "name" in m and not isinstance(m["name"], str):
-            raise APIError(400, f"{where}.name: expected a string", param=f"{where}.name", code="invalid_type")
-        out.append({"role": "system" if role == "developer" else role, "content": _message_text(m, where)})
-    return out
-
-
-def _message_text(m: dict[str, Any], where: str) -> str:
-    content = m.get("content")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        got = "missing" if content is None else _json_type(content)
-        raise APIError(400, f"{where}.content: expected a string or a list of text parts, got {got}",
-                       param=f"{where}.content", code="invalid_type")
-    texts = []
-    for j, part in enumerate(content):
-        at = f"{where}.content[{j}]"
-        if not isinstance(part, dict):
-            raise APIError(400, f"{at}: expected a {{type, text}} object", param=at, code="invalid_type")
-        if part.get("type") != "text":
-            raise APIError(400, f"{at}.type: only text parts are supported, got {part.get('type')!r}",
-                           param=f"{at}.type", code="unsupported_value")
-        if set(part) != {"type", "text"} or not isinstance(part["text"], str):
-            raise APIError(400, f"{at}: a text part is {{\"type\": \"text\", \"text\": string}}", param=at,
-                           code="invalid_type")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
 # ---- the server --------------------------------------------------------------------------------------------------
 @dataclass
 class _Call:
@@ -479,7 +245,6 @@ class _Call:
     echo: bool = False
     chat_logprobs: bool = False
     strip_lead: bool = False  # Phi's "Output:" leaves a space before the answer: not part of the message
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Server:
@@ -527,23 +292,23 @@ class Server:
 
     def _request(self, body: dict[str, Any], prompt_ids: list[int], max_tokens_field: str = "max_tokens",
                  default_max: int = 16) -> Request:
-        max_tokens = _int(body, max_tokens_field, default_max, low=0)
+        max_tokens = int_field(body, max_tokens_field, default_max, low=0)
         context = self.engine.context
         if len(prompt_ids) + max_tokens > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
                                 f"{len(prompt_ids)} and {max_tokens_field} asks for {max_tokens} more",
                            param=max_tokens_field, code="context_length_exceeded")
-        top_k = _int(body, "top_k", None, low=0)  # an extension, as in vLLM
+        top_k = int_field(body, "top_k", None, low=0)  # an extension, as in vLLM
         if top_k is not None:
             top_k = min(top_k, self.engine.vocab_size)  # more than the vocabulary keeps every token anyway
-        temperature = _number(body, "temperature", 1.0, low=0, high=2)
-        top_p: float | None = _number(body, "top_p", 1.0, low=0, high=1)
+        temperature = number_field(body, "temperature", 1.0, low=0, high=2)
+        top_p: float | None = number_field(body, "top_p", 1.0, low=0, high=1)
         if top_p == 0:  # top_p 0: only the most likely token
             top_p = None if temperature == 0 else 1e-9
-        seed = _int(body, "seed", None, low=SEED_MIN, high=SEED_MAX)
+        seed = int_field(body, "seed", None, low=SEED_MIN, high=SEED_MAX)
         req = Request(prompt_ids, Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                           max_new_tokens=max_tokens, stop=_stops(body)),
-                      ignore_eos=bool(_typed(body, "ignore_eos", bool, False)))
+                                           max_new_tokens=max_tokens, stop=stop_strings(body)),
+                      ignore_eos=bool(typed_field(body, "ignore_eos", bool, False)))
         try:
             self.engine.validate(req)
         except ValueError as e:
@@ -589,15 +354,15 @@ class Server:
     def prepare(self, kind: str, raw: bytes) -> _Call:
         """Parse and check a request body and tokenize its prompt(s): every error is an APIError."""
         body = parse_json(raw)
-        _check_fields(body, kind)
+        check_fields(body, kind)
         self._check_model(body)
-        _unsupported_values(body)
-        stream = bool(_typed(body, "stream", bool, False))
-        include_usage = _stream_options(body, stream)
+        unsupported_values(body)
+        stream = bool(typed_field(body, "stream", bool, False))
+        usage = stream_usage(body, stream)
         if kind == "completion":
             prompts = self._prompts(body)
-            logprobs = _int(body, "logprobs", None, low=0, high=openapi.MAX_TOP_LOGPROBS)
-            echo = bool(_typed(body, "echo", bool, False))
+            logprobs = int_field(body, "logprobs", None, low=0, high=openapi.MAX_TOP_LOGPROBS)
+            echo = bool(typed_field(body, "echo", bool, False))
             if echo and stream:
                 raise APIError(400, "echo: not supported together with stream", param="echo",
                                code="unsupported_value")
@@ -606,10 +371,10 @@ class Server:
                 req = self._request(body, ids)
                 req.logprobs, req.echo_logprobs = logprobs, echo and logprobs is not None
                 requests.append(req)
-            return _Call(kind, requests, prompts, stream, include_usage, logprobs=logprobs, echo=echo)
+            return _Call(kind, requests, prompts, stream, usage, logprobs=logprobs, echo=echo)
         messages = chat_messages(body.get("messages"))
-        want_lp = bool(_typed(body, "logprobs", bool, False))
-        top = _int(body, "top_logprobs", None, low=0, high=openapi.MAX_TOP_LOGPROBS)
+        want_lp = bool(typed_field(body, "logprobs", bool, False))
+        top = int_field(body, "top_logprobs", None, low=0, high=openapi.MAX_TOP_LOGPROBS)
         if top is not None and not want_lp:
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
         try:
@@ -618,11 +383,11 @@ class Server:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         ids = self._encode(prompt, "messages")
         field_ = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        _int(body, "max_tokens", low=0, high=self.engine.context - 1)  # checked even where the other one wins
+        int_field(body, "max_tokens", low=0, high=self.engine.context - 1)  # checked even where the other one wins
         req = self._request(body, ids, field_, default_max=max(0, min(256, self.engine.context - len(ids))))
         req.sampling = replace(req.sampling, stop=req.sampling.stop + tuple(stops))
         req.logprobs = (top or 0) if want_lp else None
-        return _Call(kind, [req], [ids], stream, include_usage, chat_logprobs=want_lp,
+        return _Call(kind, [req], [ids], stream, usage, chat_logprobs=want_lp,
                      strip_lead=not getattr(self.tokenizer, "chat_template", None))
 
     # ---- token text ---------------------------------------------------------------------------------------
@@ -787,6 +552,10 @@ class Server:
                             yield f"data: {json.dumps(usage_chunk(results))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
+            except Exception as e:  # noqa: BLE001 - a bug making a chunk: end the stream properly, in-band
+                log.exception("internal error while streaming")
+                err = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+                yield f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
             finally:
                 fut.cancel()  # a no-op once it finished; otherwise the client left: stop generating
 
@@ -821,14 +590,18 @@ class Server:
         finally:
             gone.cancel()
             fut.cancel()
-        body = self._completion_body(call, results) if call.kind == "completion" else self._chat_body(call, results)
-        return JSONResponse(body)
+        # decoding logprobs' tokens and serializing can take a while (64 prompts x 20 alternatives): off the loop too
+        build = self._completion_body if call.kind == "completion" else self._chat_body
+        content = await asyncio.get_running_loop().run_in_executor(
+            self.prep, lambda: json.dumps(build(call, results)).encode())
+        return Response(content, media_type="application/json")
 
     async def handle(self, kind: str, request: HTTPRequest) -> Any:
         """One generation request: read, check and tokenize it off the event loop, then stream or complete it.
         Every failure becomes a JSON error response here, so none reaches uvicorn (which would close the
         connection)."""
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, Response
+        from starlette.requests import ClientDisconnect
 
         try:
             raw = await self._read_body(request)
@@ -838,6 +611,8 @@ class Server:
             return await self._complete(call, request)
         except APIError as e:
             return e.response()
+        except ClientDisconnect:  # it left while sending its request: nothing to answer
+            return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a bug, reported as a 500 on a connection that stays usable
             log.exception("internal error")
             err = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
@@ -897,6 +672,7 @@ class Server:
         auth_errors = (401,) if self.api_key else ()
         bearer = HTTPBearer(auto_error=False, description="the key `phiforge serve --api-key` was started with")
 
+        # HTTPBearer only puts the scheme in the OpenAPI document; the check is _authorize's (constant time)
         async def authorize(request: HTTPRequest, _: Any = Depends(bearer)) -> None:  # noqa: B008
             self._authorize(request)
 
