@@ -132,3 +132,21 @@ def test_smollm2_serves_and_chats():
     r = subprocess.run([sys.executable, "-m", "phiforge", "chat", "--model", "smollm2", "--max-new-tokens", "12"],
                        input="What is the capital of France?\n", capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "paris" in r.stdout.lower(), r.stderr
+
+
+def test_generate_command_runs_a_transformers_model(llama_dir, capsys):
+    """`phiforge generate` takes the same model specs as serve and chat: a non-Phi directory generates through
+    the transformers engine, with the text the engine gives."""
+    from phiforge.cli import main
+    from phiforge.lm.sampling import Sampling
+    from phiforge.serve.engine import Request
+    from phiforge.serve.load import load_engine
+
+    assert main(["generate", "--model", str(llama_dir), "the cat sat on", "hello", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    engine = load_engine(str(llama_dir))
+    for prompt in ("the cat sat on", "hello"):
+        want = engine.run([Request(engine.tokenizer.encode(prompt), Sampling(max_new_tokens=8))])[0].text
+        assert prompt + want in out
+    assert main(["generate", "--model", str(llama_dir), "the cat", "--max-new-tokens", "4"]) == 0  # streamed
+    assert capsys.readouterr().out.startswith("the cat")

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 from phiforge.commands.flags import add_dtype, add_max_new_tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts form a batch)")
-    parser.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer "
-                                                       "(or phiforge:DIR, or a hub id)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory with config, weights and tokenizer (or phiforge:DIR, or a hub "
+                             "id); a transformers model (smollm2, hf:DIR_OR_HUB_ID, a .gguf file) also works")
     add_max_new_tokens(parser, 128, "new tokens per prompt at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
@@ -39,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from phiforge.checkpoint import load_checkpoint
     from phiforge.errors import ConfigError
     from phiforge.generate import GenerationConfig, generate
-    from phiforge.lm.spec import checkpoint_dir
+    from phiforge.lm.spec import checkpoint_dir, parse_spec
     from phiforge.serve.load import checkpoint_tokenizer
 
     if args.max_new_tokens < 0:
@@ -52,23 +54,26 @@ def main(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    path = checkpoint_dir(args.model)
-    tokenizer = checkpoint_tokenizer(path)
-    model = load_checkpoint(path, dtype=args.dtype, device=args.device)
-
     stream = sys.stdout if len(args.prompts) == 1 and not args.no_stream else None
-    if stream is not None:
-        stream.write(args.prompts[0])
-        stream.flush()
-    n = 0
+    if parse_spec(args.model).kind in ("hf", "gguf", "alias"):
+        # not a Phi (e.g. the bundled smollm2): the serving engine's transformers backend, same sampling
+        texts, n, elapsed = _generate_hf(args, cfg, stream)
+    else:
+        path = checkpoint_dir(args.model)
+        tokenizer = checkpoint_tokenizer(path)
+        model = load_checkpoint(path, dtype=args.dtype, device=args.device)
+        if stream is not None:
+            stream.write(args.prompts[0])
+            stream.flush()
+        n = 0
 
-    def count(row: int, token_id: int) -> None:
-        nonlocal n
-        n += 1
+        def count(row: int, token_id: int) -> None:
+            nonlocal n
+            n += 1
 
-    start = time.perf_counter()
-    texts = generate(model, tokenizer, args.prompts, cfg, stream=stream, on_token=count)
-    elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        texts = generate(model, tokenizer, args.prompts, cfg, stream=stream, on_token=count)
+        elapsed = time.perf_counter() - start
     if stream is None:
         for prompt, text in zip(args.prompts, texts):
             print(prompt + text)
@@ -76,3 +81,29 @@ def main(args: argparse.Namespace) -> int:
                 print("-" * 40)
     print(f"[{n} tokens in {elapsed:.2f}s: {n / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _generate_hf(args: argparse.Namespace, cfg: Any, stream: Any) -> tuple[list[str], int, float]:
+    """Generate with a transformers model through the serving engine: (texts, new tokens, seconds)."""
+    from phiforge.lm.sampling import Sampling
+    from phiforge.serve.engine import Request
+    from phiforge.serve.load import load_engine
+
+    engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
+                        repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
+                        stop=cfg.stop)
+    requests = [Request(engine.tokenizer.encode(p), sampling=sampling, ignore_eos=cfg.ignore_eos)
+                for p in args.prompts]
+    if stream is not None:
+        stream.write(args.prompts[0])
+        stream.flush()
+
+    def on_text(row: int, text: str, _logprob: Any) -> None:
+        stream.write(text)
+        stream.flush()
+
+    start = time.perf_counter()
+    results = engine.run(requests, on_text if stream is not None else None)
+    elapsed = time.perf_counter() - start
+    return [r.text for r in results], sum(len(r.token_ids) for r in results), elapsed

@@ -26,6 +26,7 @@ never silently ignored. With `api_key`, every /v1 route needs `Authorization: Be
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -408,15 +409,17 @@ class Server:
             return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
     def _completion_logprobs(self, infos: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
-        """OpenAI's completions logprobs; text_offset counts characters of the decoded text before each token."""
+        """OpenAI's completions logprobs; text_offset counts the characters completed before each token (an
+        incremental UTF-8 decode: linear in the tokens, where decoding every prefix would be quadratic)."""
         infos = [i for i in infos if i is not None]
-        ids = [i.token_id for i in infos]
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for j, info in enumerate(infos):
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        for info in infos:
             out["tokens"].append(self._token_text(info.token_id))
             out["token_logprobs"].append(info.logprob)
             out["top_logprobs"].append({self._token_text(t): lp for t, lp in info.top})
-            out["text_offset"].append(offset + len(self.tokenizer.decode(ids[:j])) if j else offset)
+            out["text_offset"].append(offset)
+            offset += len(utf8.decode(self._token_bytes(info.token_id)))
         return out
 
     def _chat_logprobs(self, infos: list[TokenLogprob | None]) -> dict[str, Any]:
