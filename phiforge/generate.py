@@ -83,19 +83,31 @@ def next_tokens(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor 
 TokenCallback = Callable[[int, int], Any]
 
 
-PACK_LIMIT_BYTES = 2 << 30  # auto-pack weights for CPU decoding only while the copy costs at most this much
+# Most bytes of weight copies a decode plan may make on its own (oneDNN's prepacked bf16 layout copies every
+# linear weight). Int8 models (serve/quant) and models loaded with `load_checkpoint(..., layout="decode")` are
+# already in their kernel's layout: no copies, so no size limit.
+PACK_LIMIT_BYTES = 2 << 30
 
 
 def prepare_decoding(model: Phi, pack: bool | None = None) -> Decoder:
-    """The model's decoder (phiforge.decode), with its fast decode plan if `pack`, or, when None, if the model is
-    on the CPU and its linear weights (the most the plan copies) are at most PACK_LIMIT_BYTES."""
-    from phiforge.decode import Decoder
+    """The model's decoder (phiforge.decode), with its fast decode plan if `pack`, or, when None, on the CPU: in the
+    kernel's layout where its copies (`DecodePlan.copy_bytes`) are at most PACK_LIMIT_BYTES, else a plan reading
+    the model's own weights ("plain" kernel). `Decoder.describe()` says which, and why."""
+    from phiforge.checkpoint import human_bytes
+    from phiforge.decode import DecodePlan, Decoder, default_kernel
 
-    if pack is None:
-        tensors = [*model.named_parameters(), *model.named_buffers()]
-        linear_bytes = sum(t.numel() * t.element_size() for n, t in tensors if "embed" not in n and "rotary" not in n)
-        pack = model.model.embed_tokens.weight.device.type == "cpu" and linear_bytes <= PACK_LIMIT_BYTES
-    return Decoder.build(model) if pack else Decoder(model)
+    weight = model.model.embed_tokens.weight
+    if pack is False:
+        return Decoder(model, why="the model's modules were asked for (pack=False: compiled or reference decoding)")
+    if pack is None and weight.device.type != "cpu":
+        return Decoder(model, why=f"the model is on {weight.device.type} (decode plans are for CPU decoding)")
+    kernel = default_kernel(weight)
+    if pack is None and kernel != "plain":
+        copies = DecodePlan.copy_bytes(model, kernel)
+        if copies > PACK_LIMIT_BYTES:
+            return Decoder.build(model, "plain", why=f"the {kernel!r} layout would copy {human_bytes(copies)} of "
+                                                     f"weights, over PACK_LIMIT_BYTES; --quant int8 has no copies")
+    return Decoder.build(model, kernel)
 
 
 def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *, pad_token_id: int = 0,
@@ -106,8 +118,8 @@ def generate_ids(model: Phi, prompts: list[list[int]], cfg: GenerationConfig, *,
     new token as it is produced (row = index into `prompts`); if it returns True that row stops (used for stop
     strings). A row also stops after `cfg.eos_token_id` (which is included in its ids) unless `cfg.ignore_eos`,
     or when the model's context is full.
-    `pack` builds the fast decode path (`phiforge.decode.Decoder`: weight copies in the fastest kernel's layout,
-    reused by later calls on the same model); None builds it when the copies are at most PACK_LIMIT_BYTES. Greedy
+    `pack` builds the fast decode path (`phiforge.decode.Decoder`: weights in the fastest kernel's layout, reused
+    by later calls on the same model); None builds it on the CPU (see `prepare_decoding`). Greedy
     decoding without repetition penalty asks only for the argmax (`Decoder.greedy_step`), which skips most of the
     lm_head's fp32 traffic while returning the same token as the argmax of the full logits.
     """

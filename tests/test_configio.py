@@ -122,7 +122,9 @@ def test_run_config_typo_in_train_fails_at_load_naming_file_and_line(tmp_path):
     ("textbooks:\n  n: 2\n  sampling: {temprature: 1}\n", r"c\.yaml:1: textbooks: .*temprature"),
     ("curate:\n  steps:\n    - type: python\n      max_doc: 1\n", r"c\.yaml:1: curate: steps\[0\]: unknown key 'max_doc'"),
     ("train:\n  schedule: cosin\n", r"c\.yaml:1: train: .*schedule 'cosin'"),
-    ("ablate: [cooked]\n", r"c\.yaml:1: unknown ablation\(s\) \['cooked'\]"),
+    ("ablate: [raw]\n", r"c\.yaml:1: ablate is a mapping now"),
+    ("ablate:\n  seeds: 0\n", r"c\.yaml:2: ablate\.seeds must be at least 1"),
+    ("ablate:\n  enabeld: true\n", r"c\.yaml:2: ablate: unknown key\(s\) 'enabeld'"),
     ("trian:\n  max_steps: 3\n", r"c\.yaml:1: unknown run config key\(s\) 'trian'"),
     ("seed: 1\ntrain:\n", r"c\.yaml:2: train should be a mapping of keys, got NoneType"),
 ])
@@ -155,4 +157,4 @@ def test_run_config_sections_are_typed_and_merge_as_before(tmp_path):
     assert cfg.raw["train"] == {**default_run_config()["train"], **FAST_OVERRIDES["train"], "lr": "1e-3",
                                 "seed": 3}
     default = load_run_config()
-    assert dataclasses.asdict(default.eval) == default.raw["eval"] and default.ablate == []
+    assert dataclasses.asdict(default.eval) == default.raw["eval"] and default.ablate.enabled is False

@@ -34,7 +34,7 @@ def _field(reader, key):
     return reader.fields[key].contents()
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
 def test_export_roundtrip(ckpt, tmp_path, quant):
     import gguf
     import numpy as np
@@ -86,21 +86,64 @@ def test_export_roundtrip(ckpt, tmp_path, quant):
     for name, ref in expect.items():
         t = got[name]
         assert tuple(reversed([int(x) for x in t.shape])) == ref.shape  # GGUF lists dims innermost first
-        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
-            assert quant == "q8_0" and ref.ndim == 2
+        if t.tensor_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+            assert t.tensor_type.name.lower() == quant and ref.ndim == 2
             data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape)
-            tol = np.abs(ref).max(axis=-1, keepdims=True) / 127  # one quantization step per row (block max <=)
-            assert np.all(np.abs(data - ref) <= tol + 1e-6)
+            # one quantization step per row (a block's max <= the row's): max / 127, or max / 8 for q4_0
+            tol = np.abs(ref).max(axis=-1, keepdims=True) / (127 if quant == "q8_0" else 8)
+            assert np.all(np.abs(data - ref) <= tol * 1.001 + 1e-6)
         else:
             data = np.asarray(t.data, dtype=np.float32).reshape(ref.shape)
             if ref.ndim == 2:
-                assert t.tensor_type == gguf.GGMLQuantizationType.F16 or quant == "q8_0"
+                assert t.tensor_type == gguf.GGMLQuantizationType.F16 or quant != "f16"
                 np.testing.assert_allclose(data, ref.astype(np.float16).astype(np.float32), rtol=0, atol=0)
             else:
                 assert t.tensor_type == gguf.GGMLQuantizationType.F32
                 np.testing.assert_array_equal(data, ref)
-    if quant == "q8_0":
-        assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in r.tensors)
+    if quant != "f16":
+        assert any(t.tensor_type.name.lower() == quant for t in r.tensors)
+        assert _field(r, "general.file_type") == {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                                                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+
+
+def test_q4_0_is_ggmls_and_reads_back(ckpt, tmp_path):
+    """q4_0 blocks byte for byte as the gguf package's reference quantizer writes them (ggml's definition: f16
+    d = signed extreme / -8, codes trunc(w / d + 8.5) clamped to 15, low nibbles the first 16), read back with
+    the gguf reader and dequantized by it and by us alike, within the format's error bound of the weights."""
+    import gguf
+    import numpy as np
+
+    from phiforge.serve.gguf_export import dequantize_q4_0, export_gguf, quantize_q4_0
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 96)).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block: d = 0, codes 8
+    w[1, 32:64] = np.linspace(-1, 1, 32, dtype=np.float32)  # ties of magnitude: the first (-1) is the extreme
+    w[2, 64:] = np.abs(w[2, 64:])  # a positive extreme: d < 0
+    ours = quantize_q4_0(w)
+    ref = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
+    assert ours.dtype == np.uint8 and ours.shape == (7, 96 // 32 * 18) and np.array_equal(ours, ref)
+    deq = dequantize_q4_0(ours)
+    assert np.array_equal(deq, gguf.quants.dequantize(ref, gguf.GGMLQuantizationType.Q4_0))
+    blocks, dblocks = w.reshape(-1, 32), deq.reshape(-1, 32)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / 8  # |d|
+    err = np.abs(blocks - dblocks)
+    # half a step (and f16's rounding of d, at most 8 steps' worth of 2^-11), a whole one where w / d rounds to +8
+    ext = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)  # signed extreme
+    clamped = -8 * blocks * np.sign(ext) > 7.5 * np.abs(ext)  # w / d > 7.5
+    assert np.all(err <= np.where(clamped, step, step / 2) * (1 + 2 ** -10 * 16) + 1e-7)
+    assert np.all(dblocks[0] == 0) and dblocks[4, 0] == -1  # (row 1, block 1): the extreme is exact where d is
+
+    path, model, _ = ckpt
+    out = export_gguf(path, tmp_path / "q4.gguf", quant="q4_0")
+    r = gguf.GGUFReader(str(out))
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_up.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    fc1 = model.model.layers[0].mlp.fc1.weight.detach().float().numpy()
+    assert np.array_equal(np.asarray(t.data), quantize_q4_0(fc1))
+    back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(fc1.shape)
+    assert np.array_equal(back, dequantize_q4_0(np.asarray(t.data)))
+    assert np.all(np.abs(back - fc1) <= np.abs(fc1).max() / 8 * 1.01)
 
 
 def test_export_cli_and_errors(ckpt, tmp_path):
@@ -110,6 +153,12 @@ def test_export_cli_and_errors(ckpt, tmp_path):
                         "--quant", "q8_0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.exists() and "q8_0" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "phiforge", "export", "gguf", "--model", str(path), "--out", str(out),
+                        "--quant", "q4_0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "q4_0" in r.stdout, r.stderr
+    bad = subprocess.run([sys.executable, "-m", "phiforge", "export", "gguf", "--model", str(path), "--out",
+                          str(out), "--quant", "q3_0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "q4_0" in bad.stderr and "Traceback" not in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "phiforge", "export", "gguf", "--model", str(tmp_path / "missing"),
                           "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "phiforge: error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,10 +76,22 @@ def test_q8_linear_thread_count_does_not_change_results():
 
 
 @needs_kernel
+@pytest.mark.parametrize("K", [32, 3000])  # 3000: two int32 blocks and a tail
+def test_q8_linear_prefill_rows_are_the_decode_rows_numbers(K):
+    """More than MAX_ROWS rows (prefill) on AVX2 / AVX-512BW builds: tiles of rows sharing the widened weights,
+    each row bit-identical to the same row alone; other builds decline (torch's batched kernels then)."""
+    x, q, s, b = _case(kernels.MAX_ROWS + 7, 37, K)
+    y = kernels.q8_linear(x, q, s, b, torch.float32)
+    if kernels._load().q8_isa() not in (1, 2):
+        assert y is None
+        return
+    assert all(torch.equal(y[m], kernels.q8_linear(x[m:m + 1], q, s, b, torch.float32)[0]) for m in range(len(x)))
+
+
+@needs_kernel
 def test_q8_linear_declines_what_it_cannot_serve():
-    x, q, s, b = _case(kernels.MAX_ROWS + 1, 8, 32)
-    assert kernels.q8_linear(x, q, s, b, torch.float32) is None  # prefill-sized: torch's batched kernels
-    x = x[:2].clone()
+    x, q, s, b = _case(2, 8, 32)
+    x = x.clone()
     x[1, 3] = float("nan")
     assert kernels.q8_linear(x, q, s, b, torch.float32) is None
     assert kernels.q8_linear(x[:1], q, s, b, torch.float16) is None
@@ -252,3 +265,195 @@ def test_q8_stack_runs_layers_in_order_and_stops_where_one_declines():
     assert torch.equal(y, after_first)
     with pytest.raises(ValueError):
         kernels.Q8Stack([])
+
+
+# ---- int4 ("q4") ---------------------------------------------------------------------------------------------------
+
+def _q4_case(M, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # columns of different magnitudes: activation blocks with and without large entries
+    x = torch.randn(M, K, generator=g) * (torch.rand(1, K, generator=g) * 3 + 0.1)
+    w = torch.randn(N, K, generator=g) * 0.05
+    b = torch.randn(N, generator=g)
+    return x, kernels.quantize_q4(w), b
+
+
+def _q4_bound(x, deq):
+    """The float64 error bound of q4_linear against x @ deq^T: each activation row is quantized to int8 per block
+    of 64 inputs, |x - sx xq| <= sx / 2 = max|x_block| / 254, so an output's error is at most the sum over blocks
+    of max|x_block| / 254 * sum|w| over the block (x1.01 for the fp32 rounding of x / sx), plus fp32 accumulation
+    (each product and partial sum rounded to 2^-24 relative: 1e-5 of sum |w x| is ample up to K = 70000)."""
+    M, K = x.shape
+    pad = (0, (K + 63) // 64 * 64 - K)
+    xb = torch.nn.functional.pad(x.double().abs(), pad).view(M, -1, 64).amax(-1)  # (M, blocks)
+    wb = torch.nn.functional.pad(deq.double().abs(), pad).view(deq.shape[0], -1, 64).sum(-1)  # (N, blocks)
+    return (xb / 254) @ wb.t() * 1.01 + 1e-5 * (x.double().abs() @ deq.double().abs().t()) + 1e-6
+
+
+def _q4_emulated(x, deq):
+    """x @ deq^T with x quantized as the kernel does it (int8 per block of 64, fp32 scale and rounding), in
+    float64: the kernel's integer products are exact, so only its fp32 accumulation differs from this."""
+    M, K = x.shape
+    xp = torch.nn.functional.pad(x, (0, (K + 63) // 64 * 64 - K)).view(M, -1, 64)
+    sx = xp.abs().amax(-1, keepdim=True) / 127
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = (xp * (1 / sx)).round().clamp(-127, 127).double() * sx.double()
+    return xq.view(M, -1)[:, :K] @ deq.double().t()
+
+
+def _q4_check_result(y, x, wq, b):
+    deq = kernels.dequantize_q4(wq)
+    exact = x.double() @ deq.double().t() + b.double()
+    assert ((y.double() - exact).abs() <= _q4_bound(x, deq)).all()
+    # tighter: the same activation rounding in float64 leaves only fp32 accumulation (~1e-6 of sum|w x| seen)
+    emulated = _q4_emulated(x, deq) + b.double()
+    assert ((y.double() - emulated).abs() <= 2e-5 * (x.double().abs() @ deq.double().abs().t()) + 1e-5).all()
+
+
+# K: one partial vector (1), one vector (64), a tail super-block of 1-3 vectors after whole ones (300, 700, 2500),
+# whole super-blocks (2560), more than 2^16 inputs a row (70000); N small and odd; M up to MAX_ROWS, not multiples of 4
+Q4_SHAPES = [(1, 1, 1), (1, 37, 65), (5, 3, 64), (3, 130, 300), (16, 64, 700), (2, 5, 2560), (7, 9, 2500),
+             (2, 3, 70000), (37, 70, 300)]  # the last: prefill-sized, weight rows in blocks (and a partial one)
+
+
+def test_quantize_q4_is_q4_0_rule_and_dequantizes_exactly():
+    """Each group of 32 has scale = its signed extreme / -8 (in fp16), codes round(w / scale) in [-8, 7]: the
+    extreme comes back as itself (to fp16) and every weight within half a step, whatever the layout."""
+    g = torch.Generator().manual_seed(0)
+    for N, K in [(3, 2560), (5, 700), (2, 65), (1, 1)]:
+        w = torch.randn(N, K, generator=g)
+        wq = kernels.quantize_q4(w)
+        Kp = (K + 63) // 64 * 64
+        assert wq.K == K and wq.packed.dtype == torch.uint8 and tuple(wq.packed.shape) == (N, Kp // 2)
+        assert wq.scales.dtype == torch.float16 and tuple(wq.scales.shape) == (N, 8 * ((Kp // 64 + 3) // 4))
+        deq = kernels.dequantize_q4(wq)
+        assert deq.shape == (N, K) and deq.dtype == torch.float32
+        # which scale each position uses: dequantize one-hot scales (exact: codes times 1 or 0)
+        step = wq.scales.float().abs()
+        for n in range(N):
+            for col in range(wq.scales.shape[1]):
+                onehot = torch.zeros_like(wq.scales)
+                onehot[n, col] = 1
+                members = kernels.dequantize_q4(kernels.Q4Weight(wq.packed, onehot, K))[n] != 0
+                if not members.any():
+                    continue
+                err = (w[n, members] - deq[n, members]).abs()
+                # half a step, but a step where w / scale rounds to +8 (the extreme's opposite sign) and clamps to 7
+                clamped = w[n, members] / wq.scales[n, col].float() > 7.5
+                tol = torch.where(clamped, step[n, col], step[n, col] / 2) * (1 + 1e-3) + 1e-7
+                assert (err <= tol).all()
+                ext = w[n, members][w[n, members].abs().argmax()]
+                assert deq[n, members].abs().max() == pytest.approx(abs(float(ext)), rel=1e-3)
+        torch.testing.assert_close(kernels.dequantize_q4(kernels.q4_cat([wq, wq])), torch.cat([deq, deq]))
+    # a full super-block's groups are 32 weights each, the layout's lanes: positions (o % 32) // 4 == i
+    w = torch.zeros(1, 256)
+    w[0, torch.arange(256) % 32 // 4 == 5] = 1.0
+    wq = kernels.quantize_q4(w)
+    assert torch.equal(wq.scales.float()[0] != 0, torch.arange(8) == 5)
+    assert torch.equal(kernels.dequantize_q4(wq), w)
+
+
+@needs_kernel
+@pytest.mark.parametrize("M,N,K", Q4_SHAPES)
+def test_q4_linear_matches_float64(M, N, K):
+    x, wq, b = _q4_case(M, N, K)
+    y = kernels.q4_linear(x, wq, b, torch.float32)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    _q4_check_result(y, x, wq, b)
+    # bf16 output is the same numbers rounded once; bf16 input is read as fp32; no bias works too
+    yb = kernels.q4_linear(x, wq, b, torch.bfloat16)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(kernels.q4_linear(xb, wq, b, torch.float32), kernels.q4_linear(xb.float(), wq, b,
+                                                                                       torch.float32))
+    torch.testing.assert_close(kernels.q4_linear(x, wq, None, torch.float32), y - b, rtol=1e-5, atol=1e-4)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+# what other CPUs build (-march=native there): flags to build that path here, the CPU flags needed to run it
+Q4_PATHS = {"portable C": ("-mno-avx2 -mno-avx512f", 0, set()),
+            "AVX2": ("-mno-avx512f -mno-avxvnni", 1, {"avx2", "fma", "f16c"}),
+            "AVX2 without FMA": ("-mno-avx512f -mno-avxvnni -mno-fma", 1, {"avx2", "f16c"}),
+            "AVX-VNNI": ("-mno-avx512f -mavxvnni", 4, {"avx2", "fma", "f16c", "avx_vnni"}),
+            "AVX-512 VNNI": ("-mavx512f -mavx512bw -mavx512vl -mavx512vnni", 3,
+                             {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", list(Q4_PATHS))
+def test_q4_every_instruction_set_path_is_exact(tmp_path, path):
+    """Every int4 path another CPU builds compiles here; those this CPU can run meet the float64 bound (and the
+    emulated activation rounding) at 1 and 2 threads with the same numbers; the others are skipped, saying so."""
+    import ctypes
+
+    flags, isa, needs = Q4_PATHS[path]
+    so = tmp_path / "k.so"
+    cc = os.environ.get("CC") or "cc"
+    build = subprocess.run([cc, *kernels.FLAGS, "-fopenmp", *flags.split(), str(kernels.SOURCE), "-o", str(so), "-lm"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    missing = needs - _cpu_flags()
+    if missing:
+        pytest.skip(f"built; this CPU cannot run the {path} path (no {', '.join(sorted(missing))})")
+    lib = ctypes.CDLL(str(so))
+    lib.q4_isa.restype = ctypes.c_int
+    assert lib.q4_isa() == isa
+    n = torch.get_num_threads()
+    for M, N, K in Q4_SHAPES:
+        x, wq, b = _q4_case(M, N, K, seed=1)
+        ys = []
+        for threads in (1, 2):
+            y = torch.empty(M, N)
+            try:
+                torch.set_num_threads(threads)  # the library's OpenMP runtime is torch's: it follows
+                rc = lib.q4_linear(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(M), ctypes.c_int64(K),
+                                   ctypes.c_void_p(wq.packed.data_ptr()), ctypes.c_void_p(wq.scales.data_ptr()),
+                                   ctypes.c_void_p(b.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+                                   ctypes.c_int64(N), ctypes.c_int(0))
+            finally:
+                torch.set_num_threads(n)
+            assert rc == 0
+            ys.append(y)
+        assert torch.equal(ys[0], ys[1])
+        _q4_check_result(ys[0], x, wq, b)
+
+
+@needs_kernel
+def test_q4_linear_thread_count_does_not_change_results():
+    x, wq, b = _q4_case(5, 301, 2600, seed=2)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.q4_linear(x, wq, b, torch.float32)
+        torch.set_num_threads(2)
+        two = kernels.q4_linear(x, wq, b, torch.float32)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_q4_linear_declines_what_it_cannot_serve():
+    x, wq, b = _q4_case(2, 8, 96)
+    x = x.clone()
+    x[1, 3] = float("nan")
+    assert kernels.q4_linear(x, wq, b, torch.float32) is None
+    x[1, 3] = float("inf")
+    assert kernels.q4_linear(x, wq, b, torch.float32) is None
+    assert kernels.q4_linear(x[:1], wq, b, torch.float16) is None
+    assert kernels.q4_linear(x[:1].double(), wq, b, torch.float32) is None
+    with pytest.raises(ValueError, match="q4_linear"):
+        kernels.q4_linear(x[:1, :64], wq, b, torch.float32)  # K mismatch would read out of bounds
+    with pytest.raises(ValueError, match="q4_linear"):
+        kernels.q4_linear(x[:1], kernels.Q4Weight(wq.packed, wq.scales.float(), wq.K), b, torch.float32)
+    with pytest.raises(ValueError, match="q4_linear"):
+        kernels.q4_linear(x[:1], wq, b[:3], torch.float32)
+    with pytest.raises(ValueError, match="q4_cat"):
+        kernels.q4_cat([wq, kernels.quantize_q4(torch.randn(2, 64))])

@@ -46,10 +46,19 @@ def test_quantlinear_matches_dequantized_weight(mode, group):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96)
     ql = QuantLinear(lin, mode, group_size=group)
-    assert ql.kernel in ("q8", "int8pack_mm", "int4pack_mm", "dequant")
+    assert ql.kernel in ("q8", "int8pack_mm", "int4pack_mm", "q4", "dequant")
     w = ql.dequantize()
-    step = (lin.weight.abs().amax(1, keepdim=True) / 127) if mode == "int8" else \
-        (lin.weight.view(96, -1, ql.group_size).amax(-1) - lin.weight.view(96, -1, ql.group_size).amin(-1)).max() / 15
+    if ql.kernel == "q4":  # the native kernel's format (groups of 32, scale = signed extreme / -8): its own codes
+        from phiforge import kernels
+
+        assert ql.group_size == 32
+        torch.testing.assert_close(w, kernels.dequantize_q4(kernels.quantize_q4(lin.weight)), rtol=0, atol=0)
+        # within half a step, or one step where +8 steps clamp to +7: at most |row max| / 8 (fp16 scale rounding)
+        step = lin.weight.abs().amax(1, keepdim=True) / 4
+    else:
+        step = (lin.weight.abs().amax(1, keepdim=True) / 127) if mode == "int8" else (
+            lin.weight.view(96, -1, ql.group_size).amax(-1) - lin.weight.view(96, -1, ql.group_size).amin(-1)
+        ).max() / 15
     assert (w - lin.weight).abs().le(step / 2 + 1e-3).all()
     for rows in (7, 20):  # decoding-sized batches and prefill-sized ones take different kernels
         x = torch.randn(2, rows, 256)
@@ -74,6 +83,11 @@ def test_portable_path_matches_kernel(mode):
     x = torch.randn(3, 64)
     w = slow.dequantize()
     assert torch.allclose(slow(x), F.linear(x, w, lin.bias), atol=1e-5)  # fp32 throughout: exact
+    if fast.kernel == "q4":  # the native int4 kernel has its own format (symmetric groups of 32): its own weight
+        w = fast.dequantize()
+        assert (w - lin.weight).abs().max() <= lin.weight.abs().max() / 8  # at most one step of 1/8 the extreme
+        assert torch.allclose(fast(x), F.linear(x, w, lin.bias), atol=3e-2)
+        return
     assert torch.allclose(fast.dequantize(), w, atol=1e-3)  # same codes (kernel path keeps bf16 scales)
     assert torch.allclose(fast(x), slow(x), atol=3e-2)
 

@@ -4,6 +4,7 @@ held-out templates out of every training set, and the two held-out exercise sets
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +24,6 @@ def test_stage_graph_pretrains_then_fine_tunes_then_evaluates_both(tmp_path):
     assert deps["eval-base"] == ["train", "exercises"]
     for i, s in enumerate(stages):  # every dependency runs first
         assert all(names.index(d) < i for d in s.deps), s.name
-
-
-def test_ablate_raw_adds_its_arm(tmp_path):
-    names = [s.name for s in plan(load_run_config(overrides={"out": str(tmp_path / "r"), "ablate": ["raw"]}))]
-    assert names.index("tokens-raw") < names.index("eval") < names.index("train-raw") < names.index("eval-raw")
 
 
 def test_heldout_templates_are_real_and_training_templates_exclude_them():
@@ -93,3 +89,98 @@ def test_heldout_stdlib_slice_is_test_suites_the_corpus_skips():
         pytest.skip("this interpreter ships without its test suites")
     texts = heldout_stdlib(5, max_chars=2000)
     assert 0 < len(texts) <= 5 and all(len(t) <= 2000 and t.endswith("\n") for t in texts)
+
+
+# ------------------------------------------------------------------------------- bits per byte: MBPP
+
+
+class _BitsLM:
+    """A stand-in model with known costs: 3 bits a byte for a continuation after an MBPP prompt ("[BEGIN]"), 1
+    bit a byte after any other context, 2 bits a byte for whole texts; it records what it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def loglikelihood(self, pairs, on_result=None):
+        import math
+
+        out = []
+        for i, (ctx, x) in enumerate(pairs):
+            self.asked.append((ctx, x))
+            out.append((-(3 if "[BEGIN]" in ctx else 1) * len(x.encode()) * math.log(2), False))
+            if on_result:
+                on_result(i, out[-1])
+        return out
+
+    def loglikelihood_rolling(self, texts, on_result=None):
+        import math
+
+        return [-2 * len(t.encode()) * math.log(2) for t in texts]
+
+
+def _only_dirs(monkeypatch, *dirs):
+    """Benchmark data is looked for only in `dirs` (not in a developer's shared copy, nor the hub)."""
+    import phiforge.eval.data as data
+
+    monkeypatch.delenv("PHIFORGE_BENCHMARKS", raising=False)
+    monkeypatch.setattr(data, "search_dirs", lambda data_dir=None: ([Path(data_dir)] if data_dir else []) + list(dirs))
+
+
+def _mbpp_copy(root):
+    """A small MBPP in `phiforge data pull`'s layout: 3 test problems (CRLF solutions, as the release) and the
+    prompt split's exemplars."""
+    split = root / "google-research-datasets" / "mbpp" / "full"
+    split.mkdir(parents=True)
+    rows = [{"task_id": 11 + i, "text": f"Write a function to add {i} to a number.",
+             "code": f"def add_{i}(x):\r\n    return x + {i}", "test_setup_code": "",
+             "test_list": [f"assert add_{i}(1) == {1 + i}", f"assert add_{i}(0) == {i}", f"assert add_{i}(2) == {2 + i}"],
+             "challenge_test_list": []} for i in range(3)]
+    (split / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shots = [{**rows[0], "task_id": t} for t in (1, 2, 3)]
+    (split / "prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shots))
+    return rows
+
+
+def test_mbpp_bits_per_byte_of_reference_solutions_given_their_prompts(tmp_path, monkeypatch):
+    from phiforge.eval.recipe import neutral_bits_per_byte
+
+    rows = _mbpp_copy(tmp_path / "bench")
+    _only_dirs(monkeypatch)
+    lm = _BitsLM()
+    data = {}
+    bpb = neutral_bits_per_byte(lm, 1, 0, mbpp_limit=2, data_dir=str(tmp_path / "bench"), data=data)
+    assert bpb["mbpp_solutions"] == pytest.approx(3.0) and bpb["humaneval_solutions"] == pytest.approx(1.0)
+    mbpp = [(c, x) for c, x in lm.asked if "[BEGIN]" in c]
+    assert len(mbpp) == 2  # mbpp_limit: the first two test problems
+    ctx, sol = mbpp[1]
+    # lm-eval's MBPP prompt (no exemplars), then the reference solution with LF line ends
+    assert ctx == ("You are an expert Python programmer, and here is your task: Write a function to add 1 to a "
+                   "number. Your code should pass these tests:\n\nassert add_1(1) == 2\nassert add_1(0) == 1\n"
+                   "assert add_1(2) == 3\n[BEGIN]\n")
+    assert sol == rows[1]["code"].replace("\r\n", "\n") and "\r" not in sol
+    assert data["mbpp_solutions"].startswith("2 MBPP test problems from") and "bench" in data["mbpp_solutions"]
+
+
+def test_mbpp_absent_is_recorded_with_the_reason_not_an_error(tmp_path, monkeypatch):
+    from phiforge.eval.recipe import neutral_bits_per_byte
+
+    (tmp_path / "empty").mkdir()
+    _only_dirs(monkeypatch, tmp_path / "empty")
+    data = {}
+    bpb = neutral_bits_per_byte(_BitsLM(), 1, 0, data=data)
+    assert bpb["mbpp_solutions"] is None and bpb["humaneval_solutions"] == pytest.approx(1.0)
+    why = data["mbpp_solutions"]
+    assert why.startswith("absent: no MBPP data found") and str(tmp_path / "empty") in why
+    assert "phiforge data pull mbpp" in why and "eval.data_dir" in why
+
+
+def test_mbpp_pairs_from_the_release_file_when_present():
+    from phiforge.eval.data import find_local
+    from phiforge.eval.recipe import mbpp_pairs
+
+    if find_local("mbpp/mbpp.jsonl") is None:
+        pytest.skip("no local MBPP release file (a developer checkout's shared benchmarks)")
+    pairs, where = mbpp_pairs(3)
+    assert len(pairs) == 3 and where.startswith("3 MBPP test problems from")
+    assert "remove first and last occurrence" in pairs[0][0] and pairs[0][0].endswith("[BEGIN]\n")  # task 11
+    assert all("\r" not in sol and "def " in sol for _, sol in pairs)

@@ -85,6 +85,111 @@ def test_format_and_audience_weights_restrict_sampling():
         PromptSampler(seed=0, formats={"sonnet": 1})
 
 
+def test_prompts_ask_for_what_the_token_budget_holds():
+    from phiforge.data.synth.prompts import words_for_tokens
+
+    assert (words_for_tokens(128), words_for_tokens(48), words_for_tokens(1000), words_for_tokens(5)) == (60, 20, 500, 10)
+    free, capped = PromptSampler(seed=3), PromptSampler(seed=3, max_words=60)
+    asked = []
+    for i in range(60):
+        a, b = free.sample(i), capped.sample(i)
+        if "words" in a.constraints:
+            assert b.constraints["words"] == min(a.constraints["words"], 60) == 60  # the data asks 150+
+            assert f"{b.constraints['words']} words" in b.prompt.replace("About", "about")
+            asked.append(a.constraints["words"])
+        # only the length changes: every other draw (topic, audience, style, ...) is the same
+        assert (a.topic, a.audience, a.format) == (b.topic, b.audience, b.format)
+        assert a.prompt.replace(f"{a.constraints.get('words')} words", "") == \
+            b.prompt.replace(f"{b.constraints.get('words')} words", "")
+    assert len(set(asked)) > 1  # the uncapped draws differed; capped, every one asks for 60
+
+
+# ------------------------------------------------------------------------------------ teacher passages
+
+
+def test_passages_are_trimmed_to_their_last_complete_sentence_or_code_block():
+    from phiforge.data.synth.pipeline import trim_passage
+
+    assert trim_passage("Plants make food from light. They use chlorophyll, a green pig") == \
+        "Plants make food from light."
+    assert trim_passage("  A whole passage. Nothing is cut!\n") == "A whole passage. Nothing is cut!"
+    assert trim_passage('He asked "why?" Then he wrote the answer down and') == 'He asked "why?"'
+    # list markers and abbreviations are not sentence ends
+    assert trim_passage("Steps to follow.\n1. Mix the flour, e.g. with a") == "Steps to follow."
+    # a closed code block is a complete unit; a block the limit cut open is dropped whole
+    code = "Here is the function:\n```python\ndef add(a, b):\n    return a + b\n```"
+    assert trim_passage(code + "\nIt adds two numb") == code
+    assert trim_passage("First we define it.\n```python\ndef add(a, b):\n    return a +") == "First we define it."
+    assert trim_passage("Done.\n```python\nx = 1.\n") == "Done."  # no sentence end inside an open block
+    assert trim_passage("no sentence ends here at all") == ""
+
+
+def test_broken_passages_are_named_by_reason():
+    from phiforge.data.synth.pipeline import passage_problem
+
+    good = ("Photosynthesis is how plants make their food. Leaves take in light, water and carbon dioxide, "
+            "and they give off oxygen. Without it, there would be no food for animals.")
+    prompt = ('Write a section of a textbook about "photosynthesis" (plants, science) for middle school '
+              "students. Explain ideas step by step with concrete examples from school and home life; define "
+              "every new term. Write about 60 words.")
+    topic = ("photosynthesis", "plants", "science")
+    assert passage_problem(good, prompt, 80, topic) is None
+    assert passage_problem("", prompt) == "empty"
+    assert passage_problem("Plants grow.", prompt) == "too_short"
+    assert passage_problem("1 + 2 = 3; 4 * 5 = 20; 7 - 6 = 1; 9 / 3 = 3; 8 + 8 = 16; 10 - 1 = 9; 2 * 2 = 4; "
+                           "6 + 6 = 12.") == "few_letters"
+    assert passage_problem(good + "\n```python\nx = 1\n```python\n") == "unbalanced_fences"  # tag on a closer
+    assert passage_problem(good + " Use ``` to start a block.") == "unbalanced_fences"
+    loop = "Plants need light to grow.\n" * 4 + "They also need water.\nAnd soil."
+    assert passage_problem(loop) == "repeated_lines"
+    assert passage_problem("Plants are green and plants are good " * 6) == "repeated_ngrams"
+    echo = "Sure! Explain ideas step by step with concrete examples from school and home life. " + good
+    assert passage_problem(echo, prompt, 80, topic) == "prompt_echo"
+    # the topic's own words are the subject, not an echo
+    about = "This section of a textbook about photosynthesis (plants, science) is for you. " + good
+    assert passage_problem(about, prompt, 80, topic) is None
+
+
+class ScriptedTeacher:
+    """A stand-in teacher: answers the prompts it is asked, in order, with `texts` (the prompt itself where a
+    text is None: a teacher echoing its instructions)."""
+
+    name = "scripted"
+
+    def __init__(self, texts):
+        self.texts = list(texts)
+
+    def generate(self, prompts, sampling, on_done=None, seeds=None):
+        return [self.texts.pop(0) or p for p in prompts]
+
+
+def test_textbook_run_trims_filters_and_names_every_removed_passage(tmp_path):
+    good = ("Fractions name parts of a whole. If a pizza is cut into four equal slices, each slice is one "
+            "quarter of the pizza. Two slices make two quarters, which is one half.")
+    cut = ("A lever is a stiff bar that turns on a point called the fulcrum. Pushing the long end moves a heavy "
+           "load with little force. Seesaws and crowbars are lev")
+    texts = [cut, "The the the the the the the the. " * 8, None, "42 = 6 * 7; 10 / 2 = 5; 3 ** 2 = 9. " * 3,
+             "Short. And then the model stopped in the mid", good]
+    cfg = SynthConfig.from_dict(dict(n=2, seed=0, mix={"textbooks": 1}, teacher="scripted", cache=False,
+                                     formats={"textbook_section": 1}, batch_size=6, max_prompts_factor=3,
+                                     sampling={"max_new_tokens": 128}))
+    logged = []
+    stats = run_synth(cfg, tmp_path, teacher=ScriptedTeacher(texts), log=logged.append)
+    recs = read_samples(tmp_path)
+    assert [r["text"] for r in recs] == [cut[: cut.index("Seesaws")].rstrip(), good]
+    assert recs[0]["trimmed_chars"] > 0 and "trimmed_chars" not in recs[1]
+    assert all("about 60 words" in r["prompt"].lower() for r in recs)  # 128 tokens' worth
+    assert stats["kept"] == 2 and stats["trimmed"] == 1
+    assert stats["reasons"] == {"repeated_ngrams": 1, "prompt_echo": 1, "few_letters": 1, "too_short": 1}
+    rejects = read_jsonl_resumable(tmp_path / "rejects.jsonl")
+    assert sorted(r["reason"] for r in rejects) == sorted(stats["reasons"])
+    assert all(r["text"] for r in rejects)  # what was removed stays readable (the report samples it)
+    removed = [m for m in logged if m.startswith("textbooks: removed passage")]
+    assert len(removed) == 4
+    for r in rejects:  # each named on the log with its reason
+        assert sum(r["key"][:16] in m and r["reason"] in m for m in removed) == 1
+
+
 # --------------------------------------------------------------------------------------------- procedural
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from phiforge.commands.flags import add_dtype, add_max_new_tokens
+from phiforge.commands.flags import add_dtype, add_max_new_tokens, add_quant, check_device
 
 MODEL_HELP = ("a phiforge checkpoint directory (or phiforge:DIR, or a hub id), or a Hugging Face causal LM run "
               "through transformers: smollm2, hf:DIR_OR_HUB_ID, another model type's directory, a .gguf file")
@@ -28,10 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The model-loading flags `chat` and `serve` share: quantization, dtype, device."""
-    parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                        help="weight-only quantization of the linear layers (faster decoding; phiforge "
-                             "checkpoints only)")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")
+    add_quant(parser)
     add_dtype(parser, "weights dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
@@ -40,6 +37,7 @@ def load_engine_from(args: argparse.Namespace, *, compile: bool = False):
     """The Engine the loading flags (`add_load_arguments`) describe."""
     from phiforge.serve.load import load_engine
 
+    check_device(args.device)
     return load_engine(args.model, quant=None if args.quant == "none" else args.quant, group_size=args.group_size,
                        dtype=args.dtype, device=args.device, compile=compile)
 

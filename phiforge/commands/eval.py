@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 
-from phiforge.commands.flags import add_dtype, add_hidden_alias, add_max_new_tokens
+from phiforge.commands.flags import add_dtype, add_hidden_alias, add_max_new_tokens, add_quant, check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-samples", action="store_true", help="include per-sample logs in the JSON")
     parser.add_argument("--batch-size", type=int, default=16, help="requests per forward batch")
     add_dtype(parser, "model dtype (default: as stored, or fp32 for transformers models)")
+    add_quant(parser)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     parser.add_argument("--data-dir", help="local benchmark data: what `phiforge data pull --out DIR` wrote, hub "
                                            "repository clones, or release files (docs/eval.md)")
@@ -90,6 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random few-shot and shuffle seed")
 
 
+def quant_options(args: argparse.Namespace) -> dict:
+    """load_lm's quantization options from --quant / --group-size (none: nothing, so any backend loads). Called
+    before any data or model is read: a --device or --quant this model cannot take is one line at once."""
+    from phiforge.lm.spec import check_quant
+
+    if args.backend != "openai" and not args.base_url:
+        check_device(args.device)
+    if check_quant(args.model, args.quant, backend=args.backend, base_url=args.base_url) is None:
+        return {}
+    return {"quant": args.quant, "group_size": args.group_size}
+
+
 def print_task_list() -> None:
     from phiforge.eval.tasks import GROUPS, all_tasks
 
@@ -124,12 +137,14 @@ def main(args: argparse.Namespace) -> int:
         from phiforge.sandbox import require_isolation
 
         require_isolation()
+    quant_options(args)  # a --device or --quant the model cannot take: one line before anything is read
     if args.strategy:
         return run_strategies(args, names)
     # Data first: a missing benchmark is one line before minutes of model loading, not after.
     data = prepare(names, data_dir=args.data_dir, allow_hub=not args.offline, subjects=subjects)
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
-                 batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None)
+                 batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None,
+                 **quant_options(args))
     opts = {"samples": args.samples, "temperature": args.temperature, "timeout": args.timeout,
             "strict_values": not args.no_strict_values}
     if args.max_new_tokens:
@@ -158,7 +173,8 @@ def run_strategies(args: argparse.Namespace, names: list[str]) -> int:
     prepare(names, data_dir=args.data_dir, allow_hub=not args.offline, subjects=subjects)
     embedder = get_embedder(args.embedder) if any(s.shots == "knn" for s in strategies) else None
     lm = load_lm(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
-                 batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None)
+                 batch_size=args.batch_size, base_url=args.base_url, offline=args.offline or None,
+                 **quant_options(args))
     results = evaluate_strategies(lm, names, strategies, embedder=embedder, data_dir=args.data_dir, limit=args.limit,
                                   subjects=subjects, pool_size=args.pool_size, cache_path=args.cache,
                                   use_cache=not args.no_cache, cot_max_tokens=args.cot_max_new_tokens,

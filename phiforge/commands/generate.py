@@ -5,6 +5,10 @@ reproducibility. A single prompt streams to the terminal as it is generated; sev
 left-padded batch and print when done. Throughput (new tokens/s) goes to stderr.
 
   phiforge generate --model runs/phi-100m/final "def fibonacci(n):" --max-new-tokens 64 --stop "\\ndef "
+  phiforge generate --model phi-2-dir --quant int4 --verbose "Instruct: what is 2+2?\\nOutput:"
+
+--quant int8|int4 quantizes the linear layers while loading (the float model is never held); --verbose says how
+the model was loaded and which decode path and kernels run.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from phiforge.commands.flags import add_dtype, add_max_new_tokens
+from phiforge.commands.flags import add_dtype, add_max_new_tokens, add_quant, check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,15 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable); the text is cut before it")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    add_quant(parser)
     add_dtype(parser, "weights dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--no-stream", action="store_true", help="print the text only when it is complete")
+    parser.add_argument("--verbose", action="store_true",
+                        help="say on stderr how the model was loaded (time, size, peak memory) and which decode "
+                             "path and kernels run")
 
 
 def main(args: argparse.Namespace) -> int:
     from phiforge.checkpoint import load_checkpoint
     from phiforge.errors import ConfigError
-    from phiforge.generate import GenerationConfig, generate
+    from phiforge.generate import GenerationConfig, generate, prepare_decoding
     from phiforge.lm.spec import checkpoint_dir, parse_spec
     from phiforge.serve.load import checkpoint_tokenizer
 
@@ -55,13 +63,20 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     stream = sys.stdout if len(args.prompts) == 1 and not args.no_stream else None
+    check_device(args.device)
     if parse_spec(args.model).kind in ("hf", "gguf", "alias"):
         # not a Phi (e.g. the bundled smollm2): the serving engine's transformers backend, same sampling
         texts, n, elapsed = _generate_hf(args, cfg, stream)
     else:
         path = checkpoint_dir(args.model)
         tokenizer = checkpoint_tokenizer(path)
-        model = load_checkpoint(path, dtype=args.dtype, device=args.device)
+        start = time.perf_counter()
+        # quantized while loading, in the decode plan's layout (no weight copies)
+        model = load_checkpoint(path, dtype=args.dtype, device=args.device, quant=args.quant,
+                                group_size=args.group_size, layout="decode")
+        if args.verbose:
+            print(load_line(model, args.quant, time.perf_counter() - start), file=sys.stderr)
+            print(prepare_decoding(model).describe(), file=sys.stderr, flush=True)
         if stream is not None:
             stream.write(args.prompts[0])
             stream.flush()
@@ -83,13 +98,29 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_line(model: Any, quant: str, seconds: float) -> str:
+    """`--verbose`'s line on the load: what was loaded, the bytes the model holds, the process's peak memory."""
+    import resource
+
+    from phiforge.checkpoint import human_bytes
+
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    dtype = model.model.embed_tokens.weight.dtype
+    what = f"{quant} linear layers, {str(dtype).removeprefix('torch.')} activations" if quant != "none" else \
+        str(dtype).removeprefix("torch.")
+    return f"load: {what}, {human_bytes(held)} of weights in {seconds:.1f}s (peak RSS {human_bytes(peak)})"
+
+
 def _generate_hf(args: argparse.Namespace, cfg: Any, stream: Any) -> tuple[list[str], int, float]:
     """Generate with a transformers model through the serving engine: (texts, new tokens, seconds)."""
     from phiforge.lm.sampling import Sampling
     from phiforge.serve.engine import Request
     from phiforge.serve.load import load_engine
 
-    engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+    engine = load_engine(args.model, quant=args.quant, dtype=args.dtype, device=args.device)  # --quant: an error
+    if args.verbose:
+        print(f"decode: {engine.backend} (the model's own forward, through transformers)", file=sys.stderr)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
                         repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
                         stop=cfg.stop)

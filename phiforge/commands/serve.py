@@ -61,6 +61,15 @@ def model_name(spec: str) -> str:
     return text
 
 
+def decode_line(engine) -> str:
+    """What the engine's decode steps run on, in one line (phiforge.decode.Decoder.describe): nothing falls back
+    to a slower path without saying so."""
+    describe = getattr(engine.decoder, "describe", None)
+    if engine.compiled:
+        return "decode: torch.compile of the model's modules (--compile)"
+    return describe() if describe is not None else f"decode: {engine.backend} (the model's own forward)"
+
+
 def main(args: argparse.Namespace) -> int:
     import os
     import sys
@@ -93,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
         print(f"serving {name!r} ({engine.backend} backend) at http://{host}:{port}/v1, chat page at "
               f"http://{host}:{port}/" + (" (API key required)" if key else ""), flush=True)
+        print(decode_line(engine), flush=True)
         try:
             config = uvicorn.Config(server.app, log_level="info", timeout_keep_alive=30, backlog=2048)
             uvicorn.Server(config).run(sockets=[sock])

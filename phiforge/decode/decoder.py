@@ -45,26 +45,35 @@ class Decoder:
     `Decoder(model)` has no plan: it is the model itself. `Decoder.build(model)` makes (or reuses) one.
     """
 
-    def __init__(self, model: Phi, plan: DecodePlan | None = None) -> None:
+    def __init__(self, model: Phi, plan: DecodePlan | None = None, *, why: str = "") -> None:
         self.model, self.plan = model, plan
+        # why the modules run (no plan), or a note on the plan's choice: `describe` says it, nothing is silent
+        self.why = why
         self._checked: weakref.ref[KVCache] | None = None  # the cache the plan was last found fresh for
 
     @classmethod
-    def build(cls, model: Phi, kernel: str | None = None) -> Decoder:
+    def build(cls, model: Phi, kernel: str | None = None, *, why: str = "") -> Decoder:
         """A decoder with a fresh plan for `model` (none on the meta device: nothing to copy).
 
         `kernel` overrides the choice for the weights' device/dtype ("mkldnn", "t", "plain"; see
-        decode/linear.py). The plan costs extra memory up to the linear weights (none for "plain")."""
+        decode/linear.py). The plan costs extra memory up to the linear weights (none for "plain", none for
+        models quantized by serve/quant or loaded in the decode layout: `DecodePlan.copy_bytes` says how much)."""
         weight = model.model.embed_tokens.weight
         if weight.device.type == "meta":
-            return cls(model)
+            return cls(model, why="the model is on the meta device")
         kernel = kernel or default_kernel(weight)
         plan = _PLANS.get(model)
         if plan is None or plan.kernel != kernel or not plan.fresh():
             release(model)  # free the stale copies before making new ones
             with torch.no_grad():
                 plan = _PLANS[model] = DecodePlan(model, kernel)
-        return cls(model, plan)
+        return cls(model, plan, why=why)
+
+    def describe(self) -> str:
+        """One line: the path a decode step takes and its kernels, or why the model's modules run."""
+        if self.plan is not None and not self.plan.released:
+            return self.plan.describe() + (f" ({self.why})" if self.why else "")
+        return f"module path: {self.why or 'no decode plan'}"
 
     def step(self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
              last_only: bool = False) -> torch.Tensor:
@@ -88,6 +97,7 @@ class Decoder:
                 del _PLANS[self.model]
             self.plan.release()
             self.plan = None
+            self.why = "the decode plan was released (its weights changed)"
 
     def _serves(self, input_ids: torch.Tensor, cache: KVCache) -> bool:
         """Whether this call is a one-token step on an unpadded cache that the plan can run."""

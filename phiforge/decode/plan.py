@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phiforge import kernels
-from phiforge.decode.linear import fusable, is_q8, linear_fn, mkldnn_fn
+from phiforge.decode.linear import copy_bytes, fusable, is_q8, linear_fn, mkldnn_fn
 from phiforge.decode.screen import ArgmaxScreen
 
 if TYPE_CHECKING:
@@ -103,6 +103,52 @@ class DecodePlan:
         self.children = [child for _, _, child in self.modules]
         self.versions, self.ptrs = self._state()
         self.released = False
+
+    @staticmethod
+    def copy_bytes(model: Phi, kernel: str) -> int:
+        """Bytes of weight copies a plan of `model` in `kernel` would make (before making them): none for int8
+        models quantized by serve/quant or for fp32 models loaded in the decode layout, the whole linear weights
+        for oneDNN's prepacked bf16, plus the int8 argmax screen of a float lm_head (a quarter of an fp32 one)."""
+        total = 0
+        for block in model.model.layers:
+            a, m = block.self_attn, block.mlp
+            group = [a.q_proj, a.k_proj, a.v_proj, m.fc1]
+            total += copy_bytes(group, kernel) if fusable(group, kernel) else copy_bytes([m.fc1], kernel)
+            total += copy_bytes([a.dense], kernel) + copy_bytes([m.fc2], kernel)
+        total += copy_bytes([model.lm_head], kernel)
+        head = model.lm_head
+        if kernel in ("t", "mkldnn") and type(head) is nn.Linear and head.weight.dtype in (torch.float32,
+                                                                                             torch.bfloat16):
+            total += head.weight.numel() * (1 if kernels.available() else 2)  # int8 (or bf16) screen copy
+        return total
+
+    def describe(self) -> str:
+        """One line: which path and kernels a decode step runs (for `generate --verbose` and the server)."""
+        import re
+
+        from phiforge.serve.quant import QuantLinear
+
+        if self.released:
+            return "module path: the decode plan was released (its weights changed)"
+        n = len(self.layers)
+        text = kernels.describe()
+        isa = {k: (re.search(rf"{k} (?:kernel )?\(([^)]*)\)", text) or [None, "?"])[1] for k in ("int8", "int4")}
+        mods = [mod for _, _, mod in self.modules]
+        quant = {mod.kernel for mod in mods if isinstance(mod, QuantLinear)}
+        if self.native is not None:
+            what = f"native int8 stack ({isa['int8']}), {n} layers in one call a step"
+        else:
+            names = {"q8": f"native int8 kernel ({isa['int8']})", "q4": f"native int4 kernel ({isa['int4']})",
+                     "int8pack_mm": "torch int8pack_mm", "int4pack_mm": "torch int4pack_mm",
+                     "dequant": "dequantize-then-matmul"}
+            parts = [names.get(k, k) for k in sorted(quant)]
+            if any(type(mod) is nn.Linear for mod in mods):
+                parts.append({"t": "fp32 MKL addmm", "mkldnn": "bf16 oneDNN prepacked", "mkl": "MKL packed sgemm",
+                              "plain": "F.linear"}.get(self.kernel, self.kernel))
+            what = f"flat loop of {n} layers: {', '.join(parts)}" + \
+                (", native attention" if self.native_attention else "")
+        head = f"argmax screen ({self.screen.kind})" if self.screen is not None else "full lm_head"
+        return f"decode: {what}; greedy: {head}"
 
     def _state(self) -> tuple[list[int], list[int]]:
         return [p._version for p in self.params], [p.data_ptr() for p in self.params]

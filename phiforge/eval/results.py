@@ -2,8 +2,8 @@
 
 `model_identity(lm, spec)` names the weights by content (sha256 of the weight files, remembered per file size and
 mtime in ~/.cache/phiforge/content_hashes.json so a 5 GB checkpoint is hashed once), the dtype the model ran in,
-the dtype it is stored in and any quantization (a GGUF file's type, dequantized on load by transformers; a
-transformers `quantization_config`). `package_versions()` lists the packages that decide the numbers.
+the dtype it is stored in and any quantization (a GGUF file's type, which loader dequantized it on load and to
+what dtype: phiforge's GGUF loader or transformers'; a transformers `quantization_config`). `package_versions()` lists the packages that decide the numbers.
 `lm_eval_task_entry` writes one task the way lm-evaluation-harness writes it (`results` rows of "metric,filter"
 keys), so its tooling (`lm_eval.utils.make_table`, its loggers) reads phiforge's results.
 """
@@ -140,9 +140,14 @@ def model_identity(lm: Any, spec: str = "") -> dict[str, Any]:
         gguf_files = [f for f in files if f.suffix == ".gguf"]
         if gguf_files:
             ftype = gguf_file_type(gguf_files[0])
+            # what phiforge.lm.gguf_load records on the models it loads: which loader built the weights and the
+            # tokenizer ("phiforge", or "transformers (why)"); absent on a model object built elsewhere
+            load = getattr(model, "phiforge_gguf_load", None) or {}
             out["quantization"] = {"gguf_file_type": ftype,
                                    "dequantized_to": out.get("dtype"),
-                                   "note": "transformers dequantizes GGUF weights on load"}
+                                   "dequantized_by": load.get("weights"),
+                                   "tokenizer_built_by": load.get("tokenizer"),
+                                   "note": "GGUF weights are dequantized to float on load"}
         else:
             stored = _stored_dtype(files)
             if stored:

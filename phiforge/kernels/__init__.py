@@ -32,6 +32,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +41,7 @@ SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 MAX_ROWS = 16  # above this many activation rows (prefill), torch's batched kernels win
 ISA_NAMES = {3: "AVX-512 VNNI", 2: "AVX-512BW", 1: "AVX2", 0: "portable C"}
+Q4_ISA_NAMES = {**ISA_NAMES, 4: "AVX-VNNI"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -113,6 +115,9 @@ def _load() -> ctypes.CDLL | None:
                                                   ctypes.c_void_p, ctypes.c_void_p]
                     lib.decode_layers.restype = ctypes.c_int64
                     lib.q8_isa.restype = ctypes.c_int
+                    lib.q4_linear.argtypes = lib.q8_linear.argtypes
+                    lib.q4_linear.restype = ctypes.c_int
+                    lib.q4_isa.restype = ctypes.c_int
                     _lib = lib
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = f"{type(e).__name__}: {e}"
@@ -130,14 +135,17 @@ def available() -> bool:
 def describe() -> str:
     """One line for reports: which instruction set the kernel uses, or why it is not in use."""
     lib = _load()
-    return f"native int8 kernel ({ISA_NAMES.get(lib.q8_isa(), '?')})" if lib else f"torch kernels ({_why_not})"
+    if lib is None:
+        return f"torch kernels ({_why_not})"
+    return f"native int8 kernel ({ISA_NAMES.get(lib.q8_isa(), '?')}), int4 ({Q4_ISA_NAMES.get(lib.q4_isa(), '?')})"
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor | None:
     """x (M, K) -> (M, N) = x @ (q * scale[:, None])^T + bias in `out_dtype` (fp32 or bf16), for CPU int8 `q`
     (N, K), fp32 `scale` (N,) and fp32 `bias` (N,) or None, all contiguous. None where the kernel cannot serve
-    the call (not built, more than MAX_ROWS rows, another dtype or device, inf/NaN in x): use torch instead."""
+    the call (not built, more than MAX_ROWS rows where the build has no prefill tiles (VNNI and plain-C builds
+    have none), another dtype or device, inf/NaN in x): use torch instead."""
     fn = q8_matmul(q, scale, bias, out_dtype)
     return None if fn is None else fn(x)
 
@@ -158,10 +166,11 @@ def q8_matmul(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     ptrs = (q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
     bf16 = int(out_dtype == torch.bfloat16)
     keep = (q, scale, bias)  # the pointers' owners live as long as fn
+    many = lib.q8_isa() in (1, 2)  # AVX2 / AVX-512BW builds: prefill's many rows in tiles (decode.c, q8_tile)
 
     def fn(x: torch.Tensor) -> torch.Tensor | None:
         M = x.shape[0]
-        if M > MAX_ROWS or x.device.type != "cpu":
+        if M > MAX_ROWS and not many or x.device.type != "cpu":
             return None
         if x.shape[1] != K:
             raise ValueError(f"q8_linear: x has {x.shape[1]} columns, the weights {K}")
@@ -170,6 +179,136 @@ def q8_matmul(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
         rc = lib.q8_linear(x.data_ptr(), M, K, ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), N, bf16)
         if rc == -1:
             raise MemoryError("q8_linear: out of memory for the quantized activations")
+        return y if rc == 0 else None
+
+    fn.keep = keep  # type: ignore[attr-defined]
+    return fn
+
+
+# ---- int4 ("q4"): symmetric 4-bit groups of 32 with an fp16 scale, in the layout decode.c's loop wants ----------
+
+class Q4Weight(NamedTuple):
+    """An (N, K) weight in the q4 format (decode.c explains the layout): `packed` uint8 (N, Kp / 2) codes, two a
+    byte (Kp = K rounded up to 64), `scales` float16 (N, 8 super-blocks); w = scale (code - 8)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    K: int
+
+
+Q4_GROUP = 32  # weights per scale (fewer only in a row's last, partial super-block of 256)
+
+
+def _q4_groups(Kp: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Per super-block size class: (first position, vectors per super-block, index) where the index (Kp,) lists
+    the row's positions group by group: for each super-block of `v` vectors, group 0's 8v positions, then group
+    1's, ... (position o of a super-block is in group (o % 32) // 4)."""
+    nv = Kp // 64
+    o = torch.arange(256).view(4, 2, 8, 4)  # (vector t, half h, group i, byte j): o = 64t + 32h + 4i + j
+    out = []
+    full = nv // 4 * 256
+    if full:
+        idx = o.permute(2, 0, 1, 3).reshape(8, 32)  # (group, its 32 positions)
+        out.append((0, 4, (torch.arange(0, full, 256)[:, None, None] + idx).reshape(-1)))
+    if nv % 4:
+        v = nv % 4
+        idx = o[:v].permute(2, 0, 1, 3).reshape(8, 8 * v)
+        out.append((full, v, full + idx.reshape(-1)))
+    return out
+
+
+def quantize_q4(w: torch.Tensor) -> Q4Weight:
+    """(N, K) float weight -> Q4Weight on the CPU: per group, scale = the group's signed extreme / -8 (rounded to
+    fp16) and q = round(w / scale) clamped to [-8, 7], Q4_0's rule. Pure torch (no compiled kernel needed); holds
+    one fp32 copy of w at a time."""
+    N, K = w.shape
+    Kp = (K + 63) // 64 * 64
+    wf = w.detach().to("cpu", torch.float32)
+    if Kp != K:
+        wf = torch.nn.functional.pad(wf, (0, Kp - K))
+    codes = torch.empty(N, Kp, dtype=torch.uint8)
+    scales = []
+    for _, v, idx in _q4_groups(Kp):
+        g = wf[:, idx].view(N, -1, 8, 8 * v)  # (N, super-blocks, group, members)
+        ext = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # the signed extreme
+        d = (ext / -8).to(torch.float16)
+        df = d.float()
+        q = torch.where(df == 0, 0.0, g / df).round_().clamp_(-8, 7).add_(8).to(torch.uint8)
+        codes[:, idx] = q.view(N, -1)
+        scales.append(d.view(N, -1))
+    del wf
+    c = codes.view(N, Kp // 64, 2, 32)
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
+    return Q4Weight(packed.contiguous(), torch.cat(scales, 1).contiguous(), K)
+
+
+def dequantize_q4(wq: Q4Weight) -> torch.Tensor:
+    """The (N, K) fp32 weight a Q4Weight stands for (exactly: scale (code - 8) in fp32)."""
+    N = wq.packed.shape[0]
+    Kp = wq.packed.shape[1] * 2
+    p = wq.packed.view(N, Kp // 64, 1, 32)
+    codes = torch.cat([p & 15, p >> 4], 2).view(N, Kp).float() - 8
+    gid = torch.empty(Kp, dtype=torch.long)  # the scale column of each position
+    for start, v, idx in _q4_groups(Kp):
+        gid[idx] = start // 32 + torch.arange(idx.numel()) // (8 * v)
+    return (codes * wq.scales.float()[:, gid])[:, :wq.K].contiguous()
+
+
+def q4_cat(parts: list[Q4Weight]) -> Q4Weight:
+    """Q4Weights of the same K stacked along the output dim (exact: every row has its own scales)."""
+    if not parts or any(p.K != parts[0].K for p in parts):
+        raise ValueError("q4_cat: needs one or more Q4Weights of the same K")
+    if len(parts) == 1:
+        return parts[0]
+    return Q4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]), parts[0].K)
+
+
+def _q4_check(wq: Q4Weight, bias: torch.Tensor | None) -> None:
+    packed, scales, K = wq
+    N = packed.shape[0] if packed.ndim == 2 else -1
+    nv = (K + 63) // 64
+    if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != 32 * nv \
+            or scales.dtype != torch.float16 or tuple(scales.shape) != (N, 8 * ((nv + 3) // 4)) \
+            or bias is not None and (bias.dtype != torch.float32 or bias.shape != (N,)) \
+            or not (packed.is_contiguous() and scales.is_contiguous() and (bias is None or bias.is_contiguous())) \
+            or packed.device.type != "cpu" or scales.device.type != "cpu":
+        raise ValueError("q4_linear: needs a contiguous CPU Q4Weight (quantize_q4's) and fp32 bias (N,) or None")
+
+
+def q4_linear(x: torch.Tensor, wq: Q4Weight, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor | None:
+    """x (M, K) -> (M, N) = x @ W^T + bias in `out_dtype` (fp32 or bf16) for a Q4Weight W (N, K) and fp32 `bias`
+    (N,) or None, any M: decoding's few rows, and prefill's many (a cache-blocked matmul on the same exact integer
+    products, faster than dequantizing for torch). None where the kernel cannot serve the call (not built,
+    another dtype or device, inf/NaN in x): use torch instead, e.g. F.linear(x, dequantize_q4(wq)) + bias."""
+    fn = q4_matmul(wq, bias, out_dtype)
+    return None if fn is None else fn(x)
+
+
+def q4_matmul(wq: Q4Weight, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """`q4_linear` with the weight side checked once: x -> y or None (as q4_linear), or None when the kernel is
+    not built. The tensors must not be resized while `fn` lives (it holds their pointers)."""
+    lib = _load()
+    if lib is None or out_dtype not in (torch.float32, torch.bfloat16):
+        return None
+    _q4_check(wq, bias)
+    N, K = wq.packed.shape[0], wq.K
+    ptrs = (wq.packed.data_ptr(), wq.scales.data_ptr(), None if bias is None else bias.data_ptr())
+    bf16 = int(out_dtype == torch.bfloat16)
+    keep = (wq, bias)
+
+    def fn(x: torch.Tensor) -> torch.Tensor | None:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if x.ndim != 2 or x.shape[1] != K:
+            raise ValueError(f"q4_linear: x has shape {tuple(x.shape)}, the weights {K} columns")
+        M = x.shape[0]
+        x = x.float().contiguous()
+        y = torch.empty(M, N, dtype=out_dtype)
+        rc = lib.q4_linear(x.data_ptr(), M, K, ptrs[0], ptrs[1], ptrs[2], y.data_ptr(), N, bf16)
+        if rc == -1:
+            raise MemoryError("q4_linear: out of memory for the quantized activations")
         return y if rc == 0 else None
 
     fn.keep = keep  # type: ignore[attr-defined]

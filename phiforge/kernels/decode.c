@@ -249,6 +249,20 @@ static int absmax_range(const float *x, int64_t k0, int64_t k1, float *mx) {
     if (bad) return -2;
     float vm = _mm512_reduce_max_ps(vmx);
     m = vm > m ? vm : m;
+#elif defined(__AVX2__)
+    __m256 vmx = _mm256_setzero_ps(), bad = vmx;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.0e38f);
+    for (; k + 8 <= k1; k += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ)); /* inf or NaN */
+        vmx = _mm256_max_ps(vmx, v);
+    }
+    if (_mm256_movemask_ps(bad)) return -2;
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float vm = _mm_cvtss_f32(h);
+    m = vm > m ? vm : m;
 #endif
     for (; k < k1; k++) {
         float v = fabsf(x[k]);
@@ -324,10 +338,77 @@ static inline float q8_out(const acts_t *a, int64_t m, const int8_t *q, const fl
     return acts_dot(a, m, q + r * a->K) * scale[r] + (bias ? bias[r] : 0.0f);
 }
 
-/* y (M, N) = the quantized rows times (q scale)^T + bias, rows of q split over threads */
+#if defined(__AVX2__) && !defined(VNNI)
+/* out[r] = activation rows m0..m0+R-1 . weight row qn (R <= 4), in x's units: dot_i16_i8's AVX2 numbers for each
+   row (the same int32 lanes per KB block: integer sums, exact in any order; the same fp32 steps after them), with
+   the weights widened once for the R rows instead of once a row: prefill's many rows (q8_rows) */
+static inline __attribute__((always_inline)) void q8_tile(const acts_t *a, int64_t m0, const int R, const int8_t *qn,
+                                                         float *out) {
+    const int64_t K = a->K;
+    __m256 facc[4];
+    for (int r = 0; r < R; r++) facc[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    while (k + 32 <= K) {
+        int64_t end = k + KB < K ? k + KB : K;
+        __m256i acc[4];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+        for (; k + 32 <= end; k += 32) {
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qn + k)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qn + k + 16)));
+            for (int r = 0; r < R; r++) {
+                const int16_t *x = a->xq + (m0 + r) * K + k;
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x), w0),
+                    _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(x + 16)), w1)));
+            }
+        }
+        for (int r = 0; r < R; r++) facc[r] = _mm256_add_ps(facc[r], _mm256_cvtepi32_ps(acc[r]));
+    }
+    for (int r = 0; r < R; r++) {
+        float t[8], total = 0;
+        _mm256_storeu_ps(t, facc[r]);
+        for (int i = 0; i < 8; i++) total += t[i];
+        out[r] = (total + dot_tail(a->xq + (m0 + r) * K, qn, k, K)) * a->sx[m0 + r];
+    }
+}
+
+static void q8_dot_rows(const acts_t *a, int64_t m0, int R, const int8_t *qn, float *out) {
+    switch (R) { /* R a constant in each: registers */
+    case 1: q8_tile(a, m0, 1, qn, out); return;
+    case 2: q8_tile(a, m0, 2, qn, out); return;
+    case 3: q8_tile(a, m0, 3, qn, out); return;
+    default: q8_tile(a, m0, 4, qn, out); return;
+    }
+}
+#endif
+
+/* y (M, N) = the quantized rows times (q scale)^T + bias, rows of q split over threads. More than Q8_FEW rows
+   (prefill; AVX2 builds), 4 rows at a time per weight row (q8_tile), weight rows in blocks of Q8_NB (<= 160 KB at
+   K = 10240: L2) that meet every activation tile before the next block is read, as q4_rows does. */
+#define Q8_FEW 16
+#define Q8_NB 16
 static void q8_rows(const acts_t *a, const int8_t *q, const float *scale, const float *bias, void *y, int64_t N,
                     int out_bf16) {
     int64_t M = a->M, K = a->K;
+#if defined(__AVX2__) && !defined(VNNI)
+    if (M > Q8_FEW) {
+        int64_t nblocks = (N + Q8_NB - 1) / Q8_NB;
+#pragma omp parallel for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            int64_t n0 = blk * Q8_NB, n1 = n0 + Q8_NB < N ? n0 + Q8_NB : N;
+            float o[4];
+            for (int64_t m = 0; m < M; m += 4) {
+                int R = M - m < 4 ? (int)(M - m) : 4;
+                for (int64_t n = n0; n < n1; n++) {
+                    q8_dot_rows(a, m, R, q + n * K, o);
+                    for (int r = 0; r < R; r++)
+                        store(y, (m + r) * N + n, o[r], scale[n], bias ? bias[n] : 0.0f, out_bf16);
+                }
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) if (M * N * K > 65536) /* else the fork costs more */
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
@@ -341,6 +422,286 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const float
     if (rc) return rc;
     q8_rows(&a, q, scale, bias, y, N, out_bf16);
     acts_free(&a);
+    return 0;
+}
+
+/* ---- int4 weights (format "q4"): y = x @ W^T + bias, W in symmetric 4-bit groups of 32 with an fp16 scale ---
+ * Why this layout: Q4_0's (groups of 32 contiguous inputs, codes then a scale per group) makes every group a float
+ * step of its own: llama.cpp's AVX2 loop spends ~15 instructions on 32 weights, which is compute-bound on two
+ * cores. Here a group is not a contiguous run but one int32 lane of the vector multiply-adds, so the integer
+ * products of all eight groups of a block are finished by the same few vector instructions and the float work is
+ * one convert and multiply-add per 64 weights and eight groups (~6.5 instructions per 32 weights with AVX2).
+ *
+ * Weights: row n is Kp / 2 bytes (Kp = K rounded up to 64; the padding codes stand for 0) in vectors of 32 bytes:
+ * byte p of vector t holds input 64t + p in its low nibble and input 64t + 32 + p in its high nibble, as
+ * u = q + 8, q in [-8, 7]. Vectors come in super-blocks of four (256 inputs; the last may have fewer, v < 4);
+ * group i (0..7) of a super-block is every input whose position o in it has (o % 32) / 4 == i: the bytes 4i..4i+3
+ * of each vector, both nibbles, 8v inputs (32 in a whole super-block). Scales: fp16, 8 a super-block, row n at
+ * s + n 8 nsb (nsb = super-blocks a row), group i of super-block b at 8b + i; w = scale (u - 8).
+ * Activations: each row quantized to int8 per block of 64 inputs (one vector's; xq = round(x / sx),
+ * sx = max|x_block| / 127, so |x - sx xq| <= sx / 2 = max|x_block| / 254). Per block and group the dot product
+ * sum (u - 8) xq = sum u xq - 8 sum xq is exact in int32: AVX2 vpmaddubsw (u unsigned, xq signed: pairs of
+ * products, |.| <= 2 15 127, no saturation) and vpmaddwd (int16 pairs -> int32 lanes: lane i is group i), or
+ * AVX-512 VNNI / AVX-VNNI vpdpbusd (four products a lane at once), or plain C; the 8 sum xq of each group comes
+ * from the activation alone (once per call). Then, in fp32 lanes, acc_i += (int sum) sx scale_i, and the eight
+ * lanes are summed at the end of the row. All integer sums are exactly representable in fp32 (< 2^24).
+ * Layout of the call: x fp32 (M, K); q uint8 (N, Kp / 2); s fp16 bits (N, 8 nsb); bias fp32 (N,) or NULL;
+ * y (M, N) fp32 or bf16. Returns 0; -1 out of memory; -2 inf or NaN in x. */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q4_VNNI 1
+#define Q4_DPBUSD(acc, u, x) _mm256_dpbusd_epi32(acc, u, x)
+#elif defined(__AVXVNNI__)
+#define Q4_VNNI 1
+#define Q4_DPBUSD(acc, u, x) _mm256_dpbusd_avx_epi32(acc, u, x)
+#endif
+
+/* Which instructions the int4 path uses: 3 AVX-512 VNNI (256-bit), 4 AVX-VNNI, 1 AVX2, 0 plain C. */
+int q4_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return 3;
+#elif defined(__AVXVNNI__)
+    return 4;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff, u;
+    if (e == 31)
+        u = sign | 0x7f800000 | (m << 13); /* inf, NaN */
+    else if (e)
+        u = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m)
+        u = sign; /* zero */
+    else {        /* subnormal: normalize */
+        e = 113;
+        while (!(m & 0x400)) m <<= 1, e--;
+        u = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+typedef struct {
+    int64_t M, K, Kp, nv; /* nv = Kp / 64: vectors (activation blocks) a row */
+    int8_t *xq;           /* (M, Kp), 0 past K */
+    float *sx;            /* (M, nv) block scales */
+    float *off;           /* (M, nsb, 8): the -8 offset's share per super-block and group, sum_t sx_t 8 sum xq */
+} acts4_t;
+
+static void acts4_free(acts4_t *a) {
+    free(a->xq), free(a->sx), free(a->off);
+}
+
+static int acts4_alloc(acts4_t *a, int64_t M, int64_t K) {
+    int64_t Kp = (K + 63) / 64 * 64;
+    *a = (acts4_t){M, K, Kp, Kp / 64, aligned_alloc(64, (size_t)(M * Kp) + 64), malloc(sizeof(float) * (size_t)(M * Kp / 64) + 4),
+                   malloc(sizeof(float) * (size_t)(M * (Kp + 255) / 256 * 8) + 4)};
+    if (!a->xq || !a->sx || !a->off) {
+        acts4_free(a);
+        return -1;
+    }
+    return 0;
+}
+
+/* acts4_fill's row m: 0, or -2 on inf or NaN */
+static int acts4_row(acts4_t *a, const float *xm, int64_t m) {
+    int8_t *xq = a->xq + m * a->Kp;
+    for (int64_t t = 0; t < a->nv; t++) {
+        int64_t k0 = 64 * t, k1 = k0 + 64 < a->K ? k0 + 64 : a->K, k = k0;
+        float mx = 0;
+        if (absmax_range(xm, k0, k1, &mx)) return -2;
+        float sx = mx > 0 ? mx / 127.0f : 1.0f, inv = 1.0f / sx;
+        a->sx[m * a->nv + t] = sx;
+#if defined(__AVX2__)
+        if (k1 - k0 == 64) { /* vcvtps2dq rounds to nearest even, as lrintf below */
+            const __m256 vi = _mm256_set1_ps(inv);
+            const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (; k < k1; k += 32) {
+                __m256i a0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + k), vi));
+                __m256i a1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + k + 8), vi));
+                __m256i a2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + k + 16), vi));
+                __m256i a3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + k + 24), vi));
+                __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
+                b = _mm256_max_epi8(_mm256_permutevar8x32_epi32(b, order), _mm256_set1_epi8(-127));
+                _mm256_storeu_si256((__m256i *)(xq + k), b);
+            }
+        }
+#endif
+        for (; k < k1; k++) {
+            long v = lrintf(xm[k] * inv);
+            xq[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+        }
+        for (; k < k0 + 64; k++) xq[k] = 0;
+        int32_t c[8] = {0};
+        for (int64_t o = 0; o < 64; o++) c[(o & 31) >> 2] += xq[k0 + o];
+        float *off = a->off + (m * ((a->nv + 3) / 4) + t / 4) * 8;
+        for (int i = 0; i < 8; i++) off[i] = (t % 4 ? off[i] : 0.0f) + (float)(8 * c[i]) * sx;
+    }
+    return 0;
+}
+
+/* Quantize a->M rows of a->K (row m at x + m ldx) per block of 64: 0, or -2 on inf or NaN */
+static int acts4_fill(acts4_t *a, const float *x, int64_t ldx) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (a->M * a->K > 262144) /* prefill: rows over threads */
+    for (int64_t m = 0; m < a->M; m++) {
+        if (acts4_row(a, x + m * ldx, m)) bad = 1;
+    }
+    return bad ? -2 : 0;
+}
+
+static int acts4_init(acts4_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
+    if (acts4_alloc(a, M, K)) return -1;
+    int rc = acts4_fill(a, x, ldx);
+    if (rc) acts4_free(a);
+    return rc;
+}
+
+#if defined(__AVX2__)
+#ifdef __FMA__
+#define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define FMADD(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* g[r] += sx_t (the int32 products of weight vector t with activation row r's block t, before the -8 offset)
+   for R activation rows x (stride Kp): per group (lane), exact integers, then one convert and multiply-add */
+static inline __attribute__((always_inline)) void q4_vec(const acts4_t *a, const int8_t *x, const float *sx,
+                                                        const int R, const uint8_t *qn, int64_t t, __m256 *g) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const int64_t nv = a->nv, Kp = a->Kp;
+    __m256i w = _mm256_loadu_si256((const __m256i *)(qn + 32 * t));
+    __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+    for (int r = 0; r < R; r++) {
+        const int8_t *xr = x + r * Kp + 64 * t;
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)xr), x1 = _mm256_loadu_si256((const __m256i *)(xr + 32));
+#ifdef Q4_VNNI
+        __m256i i32 = Q4_DPBUSD(Q4_DPBUSD(_mm256_setzero_si256(), lo, x0), hi, x1);
+#else
+        __m256i i32 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
+                                        _mm256_set1_epi16(1));
+#endif
+        g[r] = FMADD(_mm256_cvtepi32_ps(i32), _mm256_set1_ps(sx[r * nv + t]), g[r]);
+    }
+}
+
+/* out[r] = activation rows m0..m0+R-1 . weight row (codes qn, scales sn), R <= 4, in x's units; inlined with R a
+   constant so the accumulators live in registers. Per super-block (one set of 8 scales dw) and row:
+   acc += (sum over its vectors t of sx_t ints_t - the offsets' share, sum_t sx_t 8 sum xq) dw. With one row, even
+   and odd vectors go to separate sums: with one chain, the multiply-add's latency was the limit. */
+static inline __attribute__((always_inline)) void q4_tile(const acts4_t *a, int64_t m0, const int R,
+                                                         const uint8_t *qn, const uint16_t *sn, float *out) {
+    const int64_t nv = a->nv, nsb = (nv + 3) / 4;
+    const int8_t *x = a->xq + m0 * a->Kp;
+    const float *sx = a->sx + m0 * nv, *off = a->off + m0 * nsb * 8;
+    __m256 acc[4], g[4], g2[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t t0 = 0, b = 0; t0 < nv; t0 += 4, b++) {
+        int64_t t1 = t0 + 4 < nv ? t0 + 4 : nv, t = t0;
+        for (int r = 0; r < R; r++) g[r] = g2[r] = _mm256_setzero_ps();
+        if (R == 1)
+            for (; t + 2 <= t1; t += 2) {
+                q4_vec(a, x, sx, R, qn, t, g);
+                q4_vec(a, x, sx, R, qn, t + 1, g2);
+            }
+        for (; t < t1; t++) q4_vec(a, x, sx, R, qn, t, g);
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sn + 8 * b))); /* 8 scales: groups 0..7 */
+        for (int r = 0; r < R; r++) {
+            __m256 v = _mm256_sub_ps(R == 1 ? _mm256_add_ps(g[r], g2[r]) : g[r],
+                                     _mm256_loadu_ps(off + (r * nsb + b) * 8));
+            acc[r] = FMADD(v, dw, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]);
+}
+#else
+/* The same numbers in plain C (lane i of the vector paths is group i here) */
+static void q4_tile_c(const acts4_t *a, int64_t m0, int R, const uint8_t *qn, const uint16_t *sn, float *out) {
+    int64_t nv = a->nv, nsb = (nv + 3) / 4;
+    for (int r = 0; r < R; r++) {
+        const int8_t *x = a->xq + (m0 + r) * a->Kp;
+        const float *sx = a->sx + (m0 + r) * nv, *off = a->off + (m0 + r) * nsb * 8;
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nsb; b++) {
+            float g[8] = {0};
+            for (int64_t t = 4 * b; t < 4 * b + 4 && t < nv; t++) {
+                int32_t s[8] = {0};
+                const uint8_t *qt = qn + 32 * t;
+                const int8_t *xt = x + 64 * t;
+                for (int p = 0; p < 32; p++) s[p >> 2] += (qt[p] & 15) * xt[p] + (qt[p] >> 4) * xt[p + 32];
+                for (int i = 0; i < 8; i++) g[i] += (float)s[i] * sx[t];
+            }
+            for (int i = 0; i < 8; i++) acc[i] += (g[i] - off[8 * b + i]) * f16_to_f32(sn[8 * b + i]);
+        }
+        float total = 0;
+        for (int i = 0; i < 8; i++) total += acc[i];
+        out[r] = total;
+    }
+}
+#endif
+
+static inline void q4_dot(const acts4_t *a, int64_t m0, int R, const uint8_t *qn, const uint16_t *sn, float *out) {
+#if defined(__AVX2__)
+    switch (R) { /* R a constant in each: registers, unrolled row loops */
+    case 1: q4_tile(a, m0, 1, qn, sn, out); return;
+    case 2: q4_tile(a, m0, 2, qn, sn, out); return;
+    case 3: q4_tile(a, m0, 3, qn, sn, out); return;
+    default: q4_tile(a, m0, 4, qn, sn, out); return;
+    }
+#else
+    q4_tile_c(a, m0, R, qn, sn, out);
+#endif
+}
+
+/* Scales a row: 8 per super-block of 4 vectors */
+static inline int64_t q4_scales_per_row(int64_t nv) {
+    return 8 * ((nv + 3) / 4);
+}
+
+/* y (M, N) = the quantized rows times W^T + bias; rows of W split over threads, activation rows 4 at a time.
+   Up to Q4_FEW activation rows (decoding), each weight row is read from memory once and used for every activation
+   row while it sits in L1. More (prefill), the weight rows go in blocks of Q4_NB (<= 160 KB at K = 10240: L2),
+   and each block meets every activation tile before the next block is read, so weights stream from memory once
+   per call and activations from L2 once per block: y's columns of a block are one thread's. */
+#define Q4_FEW 16
+#define Q4_NB 32
+static void q4_rows(const acts4_t *a, const uint8_t *q, const uint16_t *s, const float *bias, void *y, int64_t N,
+                    int out_bf16) {
+    int64_t M = a->M, qs = a->Kp / 2, ss = q4_scales_per_row(a->nv);
+    int64_t nb = M <= Q4_FEW ? 1 : Q4_NB, nblocks = (N + nb - 1) / nb;
+#pragma omp parallel for schedule(static) if (M * N * a->Kp > 65536) /* else the fork costs more */
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        int64_t n0 = blk * nb, n1 = n0 + nb < N ? n0 + nb : N;
+        float o[4];
+        for (int64_t m = 0; m < M; m += 4) {
+            int R = M - m < 4 ? (int)(M - m) : 4;
+            for (int64_t n = n0; n < n1; n++) {
+                q4_dot(a, m, R, q + n * qs, s + n * ss, o);
+                for (int r = 0; r < R; r++) store(y, (m + r) * N + n, o[r], 1.0f, bias ? bias[n] : 0.0f, out_bf16);
+            }
+        }
+    }
+}
+
+int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *s, const float *bias,
+              void *y, int64_t N, int out_bf16) {
+    acts4_t a;
+    int rc = acts4_init(&a, x, M, K, K);
+    if (rc) return rc;
+    q4_rows(&a, q, s, bias, y, N, out_bf16);
+    acts4_free(&a);
     return 0;
 }
 

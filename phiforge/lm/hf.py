@@ -138,15 +138,25 @@ class HFLM(TorchLM):
 
 
 def load_hf_causal_lm(spec: str | os.PathLike | ModelSpec, *, dtype: Any = None, device: str = "cpu"):
-    """(model, tokenizer) from transformers for a local directory, a .gguf file, an alias or a hub id."""
+    """(model, tokenizer) from transformers for a local directory, a .gguf file, an alias or a hub id.
+
+    A GGUF file (and so `smollm2`) goes through phiforge's GGUF loader (`phiforge.lm.gguf_load`): parsed once,
+    dequantized with vectorised ops, the model built without random init, the tokenizer built directly; the same
+    weights, config and tokenizer as transformers' own GGUF load, in a fraction of the time. What that loader does
+    not know goes to transformers' path; `model.phiforge_gguf_load` says which loader built what."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = hf_location(spec)
-    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
+        if gguf:
+            from phiforge.lm.gguf_load import load_gguf_causal_lm
+
+            model, tok = load_gguf_causal_lm(Path(where) / gguf, dtype=dtype or torch.float32)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32)
     except OSError as e:
         raise PhiforgeError(f"{spec}: cannot load with transformers ({e})") from None
     return model.to(device).eval(), tok

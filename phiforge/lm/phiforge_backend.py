@@ -25,15 +25,23 @@ class PhiforgeLM(TorchLM):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu",
-             batch_size: int = 16) -> PhiforgeLM:
-        """Load a checkpoint directory (weights + tokenizer files)."""
+             batch_size: int = 16, quant: str | None = None, group_size: int = 128) -> PhiforgeLM:
+        """Load a checkpoint directory (weights + tokenizer files); `quant` "int8" / "int4" quantizes the linear
+        layers while loading (phiforge.checkpoint.load_checkpoint), in the decode plan's layout."""
         from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, weight_files
         from phiforge.tokenizer import load_tokenizer
 
         where = resolve_checkpoint(path)
-        model = load_checkpoint(where, dtype=dtype, device=device)
+        quant = None if quant in (None, "none") else quant
+        model = load_checkpoint(where, dtype=dtype, device=device, quant=quant, group_size=group_size,
+                                layout="decode")
         tok = load_tokenizer(where)
         ident = f"phiforge:{where.resolve()}:{files_fingerprint(list(set(weight_files(where).values())))}:{dtype}"
+        if quant is not None:  # another model as far as cached results go
+            from phiforge.serve.quant import QuantLinear
+
+            kernel = next((m.kernel for m in model.modules() if isinstance(m, QuantLinear)), "")
+            ident += f":{quant}:{kernel}:{group_size if kernel != 'q4' else 32}"
         return cls(model, tok, batch_size=batch_size, identity=ident)
 
     def tok_encode(self, text: str) -> list[int]:

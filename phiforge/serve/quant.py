@@ -11,7 +11,10 @@ keep their dtype. Kernels, by device:
   products with the activation row quantized to int16; streams at memory speed where torch's kernel is
   compute-bound; built on first use, see phiforge/kernels). More rows (prefill), or no C compiler: torch's
   `torch._weight_int8pack_mm`.
-- CPU int4: `torch._weight_int4pack_mm_for_cpu` (asymmetric groups, weight prepacked by
+- CPU int4 with the native kernel built: `kernels.q4_linear` (symmetric groups of 32 with an fp16 scale, as
+  GGUF's Q4_0, in the layout decode.c reads; activations quantized to int8 per block of 64, exact integer
+  products), MAX_ROWS rows a call (prefill too). `group_size` does not apply there.
+- CPU int4 otherwise: `torch._weight_int4pack_mm_for_cpu` (asymmetric groups, weight prepacked by
   `aten._convert_weight_to_int4pack_for_cpu`). torch's weight-only kernels stream weights ~10x faster with bf16
   activations than with fp32 ones (measured on torch 2.13, AVX-512), so their input is cast to bf16 for the
   matmul and the output cast back; the rest of the model keeps its own dtype.
@@ -20,14 +23,19 @@ keep their dtype. Kernels, by device:
 
 Quantization math:
 - int8: w ~= q * s, q in [-127, 127], s = max|w_row| / 127 per output row (symmetric).
-- int4: per group of `group_size` input channels, w ~= (q - 8) * s + z with q in [0, 15],
+- int4 (torch's kernels): per group of `group_size` input channels, w ~= (q - 8) * s + z with q in [0, 15],
   s = (max - min) / 15 and z = min + 8 s (asymmetric; the layout the int4 kernels expect).
+- int4 (native kernel): per group of 32, w ~= s q with q in [-8, 7], s = the signed extreme / -8 in fp16
+  (kernels.quantize_q4).
+Quantizing a checkpoint while loading it (`phiforge.checkpoint.load_checkpoint(path, quant=...)`) fills
+`QuantLinear.empty` layers a block of rows at a time (`load_rows`), so the float model never exists.
 `quality_report` compares a quantized model with its full-precision original on a token sequence: perplexity of
 both and greedy next-token agreement.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +49,31 @@ if TYPE_CHECKING:
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the int4 kernels accept
+# Rows are quantized a block at a time: torch's int4 packing interleaves rows in blocks of up to 32 (checked:
+# packing 64-row blocks gives the layer's own packing), and a block's float temporaries stay near BLOCK_BYTES.
+ROWS_PER_BLOCK = 64
+BLOCK_BYTES = 16 << 20
+
+
+def block_rows(in_features: int, block_bytes: int | None = None) -> int:
+    """Rows per block when quantizing (or loading) an (out, in_features) fp32 weight block by block: a multiple
+    of ROWS_PER_BLOCK whose fp32 values take about `block_bytes` (default BLOCK_BYTES)."""
+    rows = (block_bytes or BLOCK_BYTES) // (4 * max(in_features, 1))
+    return max(ROWS_PER_BLOCK, rows // ROWS_PER_BLOCK * ROWS_PER_BLOCK)
+
+
+@functools.cache
+def _int4pack_takes(N: int, K: int) -> bool:
+    """Whether torch's CPU int4 kernel takes an (N, K) weight (N a multiple of 16, K even, and its packing
+    accepts K: tried once on zeros)."""
+    if not (hasattr(torch, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")) or N % 16 or K % 2:
+        return False
+    try:
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, K, dtype=torch.int32), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,53 +104,108 @@ def pick_group_size(in_features: int, group_size: int) -> int | None:
 
 
 class QuantLinear(nn.Module):
-    """A weight-only quantized nn.Linear (int8 per-channel or int4 group-wise); bias kept in full precision."""
+    """A weight-only quantized nn.Linear (int8 per-channel or int4 group-wise); bias kept in full precision.
+
+    `QuantLinear(linear, mode)` quantizes an existing layer; `QuantLinear.empty(...)` allocates the quantized
+    buffers only, to be filled a block of rows at a time by `load_rows` (quantizing while loading: the float
+    weight never exists whole)."""
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int = 128, use_kernel: bool = True) -> None:
         super().__init__()
+        w = linear.weight.detach()
+        self._setup(linear.in_features, linear.out_features, mode, group_size, w.dtype, w.device,
+                    linear.bias is not None, use_kernel)
+        with torch.no_grad():
+            step = block_rows(self.in_features)
+            for r0 in range(0, self.out_features, step):
+                self.load_rows(r0, w[r0:r0 + step])
+            if linear.bias is not None:
+                self.bias.copy_(linear.bias.detach())
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, mode: str, *, group_size: int = 128,
+              act_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", bias: bool = True,
+              use_kernel: bool = True) -> QuantLinear:
+        """A QuantLinear with uninitialised buffers (codes, scales, bias), for `load_rows` to fill."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(in_features, out_features, mode, group_size, act_dtype, torch.device(device), bias, use_kernel)
+        return self
+
+    def _setup(self, in_features: int, out_features: int, mode: str, group_size: int, act_dtype: torch.dtype,
+               device: torch.device, bias: bool, use_kernel: bool) -> None:
+        """Pick the kernel for the device and allocate its buffers (see the module docstring for each layout)."""
         if mode not in MODES:
             raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
-        w = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.mode, self.act_dtype = mode, w.dtype
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        N, K = out_features, in_features
+        self.in_features, self.out_features = K, N
+        self.mode, self.act_dtype = mode, act_dtype
+        self.bias = None if not bias else nn.Parameter(torch.empty(N, dtype=act_dtype, device=device),
+                                                       requires_grad=False)
         self.kernel = "dequant"  # which code path forward uses, for reports
-        device = w.device
+        on_cpu = use_kernel and device.type == "cpu"
         if mode == "int8":
-            q, scale = quantize_int8(w)
-            self.register_buffer("qweight", q)
-            on_cpu = use_kernel and device.type == "cpu"
             if on_cpu and kernels.available():
                 self.kernel = "q8"  # small batches; int8pack_mm (if present) serves prefill
             elif on_cpu and hasattr(torch, "_weight_int8pack_mm"):
                 self.kernel = "int8pack_mm"
-            self.register_buffer("scales", scale if self.kernel == "q8" else scale.to(
-                torch.bfloat16 if self.kernel == "int8pack_mm" else w.dtype))
-            self.group_size = self.in_features
+            self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, device=device))
+            scale_dtype = {"q8": torch.float32, "int8pack_mm": torch.bfloat16}.get(self.kernel, act_dtype)
+            self.register_buffer("scales", torch.empty(N, dtype=scale_dtype, device=device))
+            self.group_size = K
+            return
+        if on_cpu and kernels.available():  # the native kernel's own format: Q4_0-like groups of 32
+            self.kernel, self.group_size = "q4", kernels.Q4_GROUP
+            Kp = (K + 63) // 64 * 64
+            self.register_buffer("qweight", torch.empty(N, Kp // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(N, 8 * ((Kp // 64 + 3) // 4), dtype=torch.float16,
+                                                       device=device))
+            return
+        g = pick_group_size(K, group_size)
+        if g is None:
+            raise ValueError(f"int4: in_features {K} is not divisible by any group size {INT4_GROUP_SIZES}")
+        self.group_size = g
+        if on_cpu and _int4pack_takes(N, K):
+            self.kernel = "int4pack_mm"
+            self.register_buffer("qweight", torch.empty(N, K // 2, dtype=torch.uint8, device=device))
+            # (K/g, N, 2): scale and zero interleaved, the layout of _weight_int4pack_mm_for_cpu
+            self.register_buffer("scales_zeros", torch.empty(K // g, N, 2, dtype=torch.bfloat16, device=device))
+        else:  # two 4-bit codes per byte: even input channel in the high nibble
+            self.register_buffer("qweight", torch.empty(N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(N, K // g, dtype=act_dtype, device=device))
+            self.register_buffer("zeros", torch.empty(N, K // g, dtype=act_dtype, device=device))
+
+    @torch.no_grad()
+    def load_rows(self, start: int, w: torch.Tensor) -> None:
+        """Quantize float weight rows `w` (n, in) into output rows [start, start + n) of the buffers. Every row
+        is quantized on its own (int8: its own scale; int4: its own groups), so filling a layer block by block
+        gives the same codes as quantizing it whole. int4's packed kernel layout interleaves rows in blocks:
+        `start` must be a multiple of ROWS_PER_BLOCK there, and so must `n` unless the block ends the layer."""
+        n, end = w.shape[0], start + w.shape[0]
+        if w.shape[1] != self.in_features or end > self.out_features:
+            raise ValueError(f"load_rows: rows {start}..{end} of width {w.shape[1]} do not fit a "
+                             f"({self.out_features}, {self.in_features}) weight")
+        w = w.to(self.qweight.device)
+        if self.kernel == "q4":
+            wq = kernels.quantize_q4(w)  # every row on its own: its groups of 32 and their scales
+            self.qweight[start:end] = wq.packed
+            self.scales[start:end] = wq.scales
+            return
+        if self.mode == "int8":
+            q, scale = quantize_int8(w)
+            self.qweight[start:end] = q
+            self.scales[start:end] = scale
+            return
+        q, scale, zero = quantize_int4(w, self.group_size)
+        if self.kernel == "int4pack_mm":
+            if start % ROWS_PER_BLOCK or (n % ROWS_PER_BLOCK and end != self.out_features):
+                raise ValueError(f"load_rows: int4 packed rows come in blocks of {ROWS_PER_BLOCK} (got {start}..{end})")
+            self.qweight[start:end] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.scales_zeros[:, start:end] = torch.stack([scale, zero], dim=-1).transpose(0, 1)
         else:
-            g = pick_group_size(self.in_features, group_size)
-            if g is None:
-                raise ValueError(f"int4: in_features {self.in_features} is not divisible by any group size "
-                                 f"{INT4_GROUP_SIZES}")
-            self.group_size = g
-            q, scale, zero = quantize_int4(w, g)
-            packed = None
-            if use_kernel and device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") \
-                    and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-                try:
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K/2) uint8
-                except RuntimeError:  # a shape the kernel does not take: fall back to dequantize-then-matmul
-                    packed = None
-            if packed is not None:
-                self.kernel = "int4pack_mm"
-                self.register_buffer("qweight", packed)
-                # (K/g, N, 2): scale and zero interleaved, the layout of _weight_int4pack_mm_for_cpu
-                self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1)
-                                     .contiguous().to(torch.bfloat16))
-            else:  # two 4-bit codes per byte: even input channel in the high nibble
-                self.register_buffer("qweight", (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8))  # (N, K/2)
-                self.register_buffer("scales", scale.to(w.dtype))  # (N, G)
-                self.register_buffer("zeros", zero.to(w.dtype))
+            self.qweight[start:end] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            self.scales[start:end] = scale
+            self.zeros[start:end] = zero
 
     @property
     def weight(self) -> torch.Tensor:
@@ -139,6 +227,8 @@ class QuantLinear(nn.Module):
         N, K, g = self.out_features, self.in_features, self.group_size
         if self.mode == "int8":
             return (self.qweight.float() * self.scales.float()[:, None]).to(self.act_dtype)
+        if self.kernel == "q4":
+            return kernels.dequantize_q4(self.q4()).to(self.act_dtype)
         if self.kernel == "int4pack_mm":  # let the kernel do it: W^T = eye @ W^T
             eye = torch.eye(K, dtype=torch.bfloat16, device=self.qweight.device)
             return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, g, self.scales_zeros).T.to(self.act_dtype)
@@ -146,10 +236,19 @@ class QuantLinear(nn.Module):
         w = (q.view(N, K // g, g).to(self.scales.dtype) - 8) * self.scales[..., None] + self.zeros[..., None]
         return w.reshape(N, K).to(self.act_dtype)
 
+    def q4(self) -> kernels.Q4Weight:
+        """The native int4 kernel's view of this layer's codes and scales (kernel "q4")."""
+        return kernels.Q4Weight(self.qweight, self.scales, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernels take 2-D input
-        if self.kernel == "q8":
+        if self.kernel == "q4":
+            y = self._q4_forward(x2)
+            if y is not None:  # bias included
+                return y.to(x.dtype).view(*shape[:-1], self.out_features)
+            y = F.linear(x2, self.dequantize().to(x2.dtype))
+        elif self.kernel == "q8":
             bias = None if self.bias is None else self.bias.float()
             out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
             y = kernels.q8_linear(x2, self.qweight, self.scales, bias, out_dtype)
@@ -173,6 +272,54 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(x.dtype)
         return y.view(*shape[:-1], self.out_features)
 
+    def _q4_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 (M, K) through the native int4 kernel, MAX_ROWS rows a call (prefill too: the codes stay packed,
+        where dequantizing would write the fp32 weight out at every call); None where it declines."""
+        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        bias = None if self.bias is None else self.bias.float()
+        matmul = kernels.q4_matmul(self.q4(), bias, out_dtype)
+        if matmul is None:
+            return None
+        parts = []
+        for r0 in range(0, x2.shape[0], kernels.MAX_ROWS):
+            y = matmul(x2[r0:r0 + kernels.MAX_ROWS])
+            if y is None:
+                return None
+            parts.append(y)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def linear_groups(model: Phi, include_lm_head: bool = True) -> list[list[tuple[nn.Module, str]]]:
+    """The model's linear layers as (parent module, attribute name), grouped by the input they read: per block
+    [q, k, v, fc1] (all fed by its LayerNorm), [dense], [fc2]; then [lm_head]. A decode plan fuses a group."""
+    groups: list[list[tuple[nn.Module, str]]] = []
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        groups += [[(a, "q_proj"), (a, "k_proj"), (a, "v_proj"), (m, "fc1")], [(a, "dense")], [(m, "fc2")]]
+    if include_lm_head:
+        groups.append([(model, "lm_head")])
+    return groups
+
+
+def share_rows(linears: list[QuantLinear]) -> None:
+    """Put the codes, row scales and biases of `linears` (one input width, all on the same native kernel, int8
+    or int4) in one tensor each, as consecutive rows, every layer's own buffers being views of them: the decode plan then streams
+    the group as one matrix without a copy of it (phiforge/decode/linear.py). Contents are kept. Other kinds of
+    layers are left as they are (the plan calls them one by one)."""
+    kernel = linears[0].kernel if linears else ""
+    if len(linears) < 2 or kernel not in ("q8", "q4") or any(lin.kernel != kernel or lin.in_features !=
+                                                               linears[0].in_features for lin in linears):
+        return
+    with torch.no_grad():
+        for name in ("qweight", "scales"):
+            fused = torch.cat([getattr(lin, name) for lin in linears])
+            for lin, part in zip(linears, fused.split([lin.out_features for lin in linears])):
+                setattr(lin, name, part)  # a registered buffer: replaced in place
+        if all(lin.bias is not None for lin in linears):
+            fused = torch.cat([lin.bias.detach() for lin in linears])
+            for lin, part in zip(linears, fused.split([lin.out_features for lin in linears])):
+                lin.bias = nn.Parameter(part, requires_grad=False)
+
 
 def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: bool = True,
              use_kernel: bool = True) -> Phi:
@@ -181,23 +328,25 @@ def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: b
     Quantize on the device you will run on (the CPU int4 kernel's packed layout is CPU-specific).
     `use_kernel=False` forces the portable dequantize-then-matmul path (reference / debugging).
     Returns the model, in eval mode, for chaining. The embedding stays in full precision: decoding reads one
-    row of it per token, not the whole matrix.
+    row of it per token, not the whole matrix. A layer's int8 q, k, v and fc1 share one buffer (`share_rows`).
+    To quantize a checkpoint without ever holding it in full precision, load it with
+    `phiforge.checkpoint.load_checkpoint(path, quant=mode)`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
     from phiforge.decode import release  # here: phiforge.decode imports this module
 
     release(model)  # a decode plan's prepacked fp copies would otherwise outlive the weights they copy
-    targets = [(block.self_attn, name) for block in model.model.layers for name in ("q_proj", "k_proj", "v_proj",
-                                                                                      "dense")]
-    targets += [(block.mlp, name) for block in model.model.layers for name in ("fc1", "fc2")]
-    if include_lm_head:
-        targets.append((model, "lm_head"))
     with torch.no_grad():
-        for parent, name in targets:
-            linear = getattr(parent, name)
-            if isinstance(linear, nn.Linear):
-                setattr(parent, name, QuantLinear(linear, mode, group_size, use_kernel))
+        for group in linear_groups(model, include_lm_head):
+            made = []
+            for parent, name in group:
+                linear = getattr(parent, name)
+                if isinstance(linear, nn.Linear):
+                    made.append(QuantLinear(linear, mode, group_size, use_kernel))
+                    setattr(parent, name, made[-1])
+            if len(made) == len(group):
+                share_rows(made)
     model.quant_mode = mode
     return model.eval()
 

@@ -3,9 +3,11 @@
 Output directory:
     shard-00000.jsonl ...   kept samples, one JSON record per line, with provenance
     rejects.jsonl           prompts that were answered but not kept (key + reason), and prompts the teacher
-                            refused (reason "teacher_rejected", its words in "detail"): never asked again
-    stats.json              tokens, duplicate rate, pass rate, cost, reasons (rewritten atomically per batch, and
-                            when the run stops on an error: "stopped" then names it)
+                            refused (reason "teacher_rejected", its words in "detail"): never asked again;
+                            a removed teacher passage keeps its first characters ("text") and is named on
+                            stderr as it is removed
+    stats.json              tokens, duplicate rate, pass rate, cost, reasons, passages trimmed (rewritten
+                            atomically per batch, and when the run stops on an error: "stopped" then names it)
     cache.sqlite            teacher completions by sha256(teacher + prompt + sampling) (`cache: true`)
     spend.jsonl             an OpenAI-compatible teacher's spending ledger (phiforge.lm.openai_api.SpendLedger):
                             the `budget` is for the whole run, over every session and kill
@@ -199,6 +201,97 @@ def extract_code(text: str) -> str | None:
     return code if "def " in code else None
 
 
+# ------------------------------------------------------------------------------------ teacher passages
+# A teacher's passage ends where its token budget ran out, often mid-sentence or inside a code block; a small
+# teacher also loops, echoes its instructions or writes nothing readable. Passages are trimmed back to their last
+# complete sentence or code block, then checked; what fails is removed with a named reason (`passage_problem`).
+
+_FENCE_LINE = re.compile(r"^[ \t]*```(.*)$", re.MULTILINE)
+# a sentence's end: . ! ? then closing quotes, brackets or markdown emphasis, then whitespace or the end
+_SENT_END = re.compile(r"""[.!?]["'\u201d\u2019)\]*_]*(?=\s|$)""")
+_ABBREV = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "fig", "cf"}
+PASSAGE_EXCERPT = 600  # characters of a removed passage kept in rejects.jsonl (the report shows a few)
+
+
+def _sentence_ends(text: str, start: int, end: int) -> list[int]:
+    """Offsets just past each sentence end in text[start:end] (prose only: the caller skips code blocks); a
+    list marker ("2.") or an abbreviation ("e.g.") is no sentence end."""
+    out = []
+    for m in _SENT_END.finditer(text, start, end):
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        before = text[line_start:m.start()]
+        if re.fullmatch(r"\s*[-*]?\s*\w{1,3}", before) and text[m.start()] == ".":
+            continue  # "1." / "a." / "- 2." at a line's start: a list marker
+        word = re.search(r"([\w.]+)$", before)
+        if text[m.start()] == "." and word and word.group(1).lower() in _ABBREV:
+            continue
+        out.append(m.end())
+    return out
+
+
+def trim_passage(text: str) -> str:
+    """`text` cut back to its last complete sentence or closed code block (whitespace stripped): a generation
+    stopped by its token limit loses its unfinished tail, a complete one is returned unchanged. An unclosed code
+    block at the end is dropped whole. "" when nothing complete is left."""
+    text = text.strip()
+    fences = list(_FENCE_LINE.finditer(text))
+    cut = len(text)
+    if len(fences) % 2:  # the last fence opened a block the limit cut off
+        cut = fences[-1].start()
+        fences = fences[:-1]
+    # prose regions between code blocks; each closed block's end is itself a boundary
+    boundaries: list[int] = []
+    pos = 0
+    for opener, closer in zip(fences[::2], fences[1::2]):
+        boundaries += _sentence_ends(text, pos, opener.start())
+        boundaries.append(closer.end())
+        pos = closer.end()
+    boundaries += _sentence_ends(text, pos, cut)
+    end = max(boundaries, default=0)
+    return text[:end].rstrip()
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def passage_problem(text: str, prompt: str = "", min_chars: int = 80, topic_words: tuple[str, ...] = ()) -> str | None:
+    """Why a (trimmed) teacher passage is too broken to train on, or None when it is fine:
+    empty, too_short (< `min_chars`), few_letters (under 40 % of its non-space characters are letters),
+    unbalanced_fences (an odd number of ``` or a closing fence with a language tag), repeated_lines (3 in 10 of
+    its lines are repeats), repeated_ngrams (3 in 10 of its word 4-grams are repeats), prompt_echo (it copies a
+    run of 9+ words of the prompt; the topic's own words, passed as `topic_words`, do not count)."""
+    if not text.strip():
+        return "empty"
+    if len(text) < min_chars:
+        return "too_short"
+    visible = [c for c in text if not c.isspace()]
+    if sum(c.isalpha() for c in visible) < 0.4 * len(visible):
+        return "few_letters"
+    fences = _FENCE_LINE.findall(text)
+    if text.count("```") % 2 or any(tag.strip() for tag in fences[1::2]):
+        return "unbalanced_fences"
+    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\w", ln)]
+    if len(lines) >= 4 and (len(lines) - len(set(lines))) >= 0.3 * len(lines):
+        return "repeated_lines"
+    words = _words(text)
+    grams = list(zip(words, words[1:], words[2:], words[3:]))
+    if len(grams) >= 16 and (len(grams) - len(set(grams))) >= 0.3 * len(grams):
+        return "repeated_ngrams"
+    if prompt:
+        for t in topic_words:  # a run may not span the topic: it is the passage's subject, not an echo
+            prompt = prompt.replace(t, " | ")
+        n = 8
+        runs = set()
+        for part in prompt.split("|"):
+            pw = _words(part)
+            runs |= {tuple(pw[i:i + n]) for i in range(len(pw) - n + 1)}
+        hits = sum(tuple(words[i:i + n]) in runs for i in range(len(words) - n + 1))
+        if hits >= 2:  # two overlapping 8-word runs: 9 words in a row
+            return "prompt_echo"
+    return None
+
+
 def split_tests(code: str) -> tuple[str, str]:
     """(code without top-level asserts, the top-level assert lines)."""
     keep, tests = [], []
@@ -237,10 +330,18 @@ class SynthRun:
         self.ledger: SpendLedger | None = None
         self._load_state()
         if "textbooks" in self.mix:
-            from phiforge.data.synth.prompts import PromptSampler
+            from phiforge.data.synth.prompts import PromptSampler, words_for_tokens
 
-            self.sampler = PromptSampler(cfg.seed, cfg.topics, cfg.formats or None, cfg.audiences or None)
-            inner = teacher or make_teacher(str(cfg.teacher), **self._teacher_options())
+            # ask for what the token budget can hold, so that passages end where their writer ended them
+            budget = int(full_sampling(cfg.sampling)["max_new_tokens"])
+            self.sampler = PromptSampler(cfg.seed, cfg.topics, cfg.formats or None, cfg.audiences or None,
+                                         max_words=words_for_tokens(budget))
+            if teacher is None:
+                from phiforge.progress import working
+
+                with working(f"synth: loading the teacher {cfg.teacher}"):  # a local model can take a minute
+                    teacher = make_teacher(str(cfg.teacher), **self._teacher_options())
+            inner = teacher
             self.ledger = getattr(getattr(inner, "lm", None), "ledger", None)
             self.teacher = CachedTeacher(inner, self.out / "cache.sqlite") if cfg.cache else inner
         self.sampling = full_sampling(cfg.sampling)
@@ -303,6 +404,7 @@ class SynthRun:
             c["code_passed"] += r["tests"] == "passed"
         if kept:
             c["tokens"] += int(r.get("approx_tokens", 0))
+            c["trimmed"] += bool(r.get("trimmed_chars"))
 
     # -- jobs
     def job(self, index: int) -> Job:
@@ -367,8 +469,16 @@ class SynthRun:
                     rec["_check"] = Check(body, tests)
         else:
             rec["kind"] = "text"
-            if len(rec["text"]) < int(self.cfg.min_chars):
-                rec["_reject"] = "empty" if not rec["text"] else "too_short"
+            trimmed = trim_passage(rec["text"])
+            if trimmed != rec["text"]:
+                rec["trimmed_chars"] = len(rec["text"]) - len(trimmed)
+            why = "no_complete_sentence" if rec["text"] and not trimmed else passage_problem(
+                trimmed, job.prompt, int(self.cfg.min_chars),
+                tuple(job.meta[k] for k in ("topic", "subdomain", "domain") if job.meta.get(k)))
+            if why:
+                rec["_reject"] = why
+                rec["_removed_text"] = rec["text"]
+            rec["text"] = trimmed
         return rec
 
     # -- one batch
@@ -426,6 +536,8 @@ class SynthRun:
                 r["_reject"] = why
         for r in done:
             r.pop("_check", None)
+            if "_reject" not in r:
+                r.pop("_removed_text", None)
             if "_reject" in r:
                 r["reason"] = r.pop("_reject")
             else:
@@ -462,7 +574,14 @@ class SynthRun:
                 self.writer.write(kept)  # kept first: a kill between the two writes only re-runs the rejects
                 append_lines(self.out / "rejects.jsonl", [
                     {k: r.get(k) for k in ("key", "index", "source", "reason", "tests", "teacher", "format")}
-                    | ({"detail": r["detail"]} if "detail" in r else {}) for r in rejected])
+                    | ({"detail": r["detail"]} if "detail" in r else {})
+                    | ({"text": r.get("_removed_text", r["text"])[:PASSAGE_EXCERPT]}
+                       if r["source"] == "textbooks" and r.get("text") else {}) for r in rejected])
+                for r in rejected:  # nothing lost silently: each removed teacher passage is named
+                    if r["source"] == "textbooks" and r["reason"] != "teacher_rejected":
+                        snippet = " ".join(r.get("_removed_text", r.get("text", "")).split())[:70]
+                        self.log(f"textbooks: removed passage {r['id']} (prompt {r['index']}, {r['reason']}): "
+                                 f"{snippet!r}")
                 for r in kept + rejected:
                     self.done.add(r["key"])
                     self._count(r, kept="reason" not in r)
@@ -511,6 +630,8 @@ class SynthRun:
                      "pass_rate": round(c["code_passed"] / c["code_checked"], 4) if c["code_checked"] else None,
                      "sandbox": self._sandbox_info() if c["code_checked"] else None},
             "reasons": {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("reason:")},
+            # kept teacher passages that were cut back to their last complete sentence or code block
+            "trimmed": c["trimmed"],
             "by_source": {s: {"kept": c[f"source:{s}:kept"], "rejected": c[f"source:{s}:rejected"]}
                           for s in SOURCES if c[f"source:{s}:kept"] or c[f"source:{s}:rejected"]},
             "tokens": {"kept_text_approx": c["tokens"], "teacher_prompt": u.prompt_tokens,

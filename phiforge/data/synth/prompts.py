@@ -16,6 +16,10 @@ from typing import Any
 
 from phiforge.errors import ConfigError
 
+# How many words to ask for per token of the teacher's budget (`max_new_tokens`). English runs ~1.3 BPE tokens
+# a word, and markdown, lists and numbers add more; asking for about half as many words as tokens leaves room
+# for the model to finish its last sentence instead of being cut mid-way.
+WORDS_PER_TOKEN = 0.5
 DATA_DIR = Path(__file__).parent / "data"
 PLACEHOLDERS = {"topic", "subdomain", "domain", "audience", "guidance", "words", "style", "function_name",
                 "code_constraint", "names"}
@@ -124,6 +128,12 @@ def load_constraints(path: Path | None = None) -> dict[str, list]:
     return c
 
 
+def words_for_tokens(max_new_tokens: int) -> int:
+    """The length to ask a teacher for (the prompt's "about N words") when it may write `max_new_tokens` tokens:
+    a multiple of 10, at least 10."""
+    return max(10, int(max_new_tokens * WORDS_PER_TOKEN) // 10 * 10)
+
+
 def _weighted(rng: random.Random, table: dict[str, float]) -> str:
     names = sorted(table)
     return rng.choices(names, weights=[float(table[n]) for n in names], k=1)[0]
@@ -133,11 +143,14 @@ class PromptSampler:
     """Deterministic prompts: `sampler.sample(index)` depends only on (seed, index) and the data files.
 
     `formats` / `audiences` (name -> weight) restrict or reweight the built-in tables; a weight of 0 drops one.
+    `max_words` caps the length a prompt asks for (`words_for_tokens` of the teacher's token budget), so that a
+    passage the teacher writes as asked fits its budget.
     """
 
     def __init__(self, seed: int = 0, topics: list[str | Path] | None = None, formats: dict[str, float] | None = None,
-                 audiences: dict[str, float] | None = None):
+                 audiences: dict[str, float] | None = None, max_words: int | None = None):
         self.seed = int(seed)
+        self.max_words = max_words
         self.topics = load_topics(topics)
         self.formats = load_formats()
         self.audiences = load_audiences()
@@ -161,6 +174,10 @@ class PromptSampler:
             raise ConfigError(f"synth config: every {what} has weight 0")
         return w
 
+    def _words(self, drawn: Any) -> Any:
+        # drawn first, then capped: the rest of the prompt's draws stay the same whatever the budget
+        return drawn if self.max_words is None else min(int(drawn), int(self.max_words))
+
     def sample(self, index: int) -> PromptSpec:
         rng = random.Random(f"{self.seed}:prompt:{index}")  # string seeds hash stably across runs
         fmt_name = _weighted(rng, self.format_weights)
@@ -172,7 +189,8 @@ class PromptSampler:
         style = rng.choice(c["styles"]).replace("{random_word}", rng.choice(c["random_words"]))
         values: dict[str, Any] = {
             "topic": topic.topic, "subdomain": topic.subdomain, "domain": topic.domain, "audience": audience,
-            "guidance": self.audiences[audience]["guidance"], "words": rng.choice(c["words"]), "style": style,
+            "guidance": self.audiences[audience]["guidance"], "words": self._words(rng.choice(c["words"])),
+            "style": style,
             "function_name": f"{rng.choice(c['function_verbs'])}_{rng.choice(c['function_nouns'])}",
             "code_constraint": rng.choice(c["code_constraints"]),
             "names": " and ".join(rng.sample(c["names"], 2)),
