@@ -497,18 +497,18 @@ def train_small(args):
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     held_text = "\n".join(texts[-6:])
     texts = texts[:-6]
-    out = args.workdir / f"small-trained-{args.train_steps}"
+    d, layers, T, B = (128, 2, 64, 8) if args.quick else (256, 4, 128, 16)
+    out = args.workdir / f"small-trained-d{d}-{args.train_steps}"
     if (out / "config.json").exists():
         return out, held_text
     tok = train_tokenizer(texts, 2048)
     ids = torch.tensor([t for text in texts for t in tok.encode(text) + [tok.eos_token_id]])
-    cfg = ModelConfig(vocab_size=model_vocab_size(tok), hidden_size=256, intermediate_size=1024,
-                      num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512,
+    cfg = ModelConfig(vocab_size=model_vocab_size(tok), hidden_size=d, intermediate_size=4 * d,
+                      num_hidden_layers=layers, num_attention_heads=d // 64, max_position_embeddings=512,
                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = Phi(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    T, B = 128, 16
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for step in range(args.train_steps):

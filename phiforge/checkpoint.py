@@ -13,6 +13,8 @@ a half-loaded model. Errors name the file and the tensor or field.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
@@ -238,7 +240,30 @@ def check_state_dict_shapes(expected: dict[str, tuple[int, ...]], found: dict[st
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
-READ_BLOCK_BYTES = 16 << 20  # a converted or quantized tensor is read this much at a time
+# A converted or quantized tensor is read this much at a time: small enough for a block and its temporaries to
+# stay in the CPU's caches (measured: 2 MiB blocks quantize a 350 MB checkpoint to int8 ~2x faster than 16 MiB
+# ones) and to keep the peak near the loaded model's own size.
+READ_BLOCK_BYTES = 2 << 20
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (other C libraries)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the system (glibc; elsewhere nothing). Why: a tensor's block
+    temporaries are freed into glibc's heap, and the long-lived tensors allocated between them keep it from
+    shrinking, so without this a streamed load's peak grows by blocks per layer (measured, a 350 MB fp32
+    checkpoint loaded as int8: peak growth 2.6x the int8 model with 16 MiB blocks and no trim; 1.03x with 2 MiB
+    blocks and a trim after each tensor)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _WeightReader:
@@ -380,6 +405,8 @@ def _iter_tensors(files: Iterable[Path], names: set[str], device: str, dtype: to
                 t = torch.empty(shape, dtype=dtype or stored, device=device)
                 if device != "meta":
                     reader.read_into(k, t)
+                    if t.dtype != stored:  # converted through block temporaries
+                        release_freed_memory()
                 yield k, t
 
 
@@ -509,6 +536,7 @@ def _load_quantized(model: Phi, reader: _WeightReader, source: dict[str, str], m
             if ql.bias is not None:
                 reader.read_into(source[f"{name}.bias"], ql.bias.data)
             done |= {f"{name}.weight", f"{name}.bias"}
+            release_freed_memory()  # the blocks' float temporaries (see there)
     return done
 
 
@@ -530,6 +558,7 @@ def _load_transposed(model: Phi, reader: _WeightReader, source: dict[str, str], 
             reader.read_into(source[f"{name}.weight"], weight)
             _assign(model, f"{name}.weight", weight)
             done.add(f"{name}.weight")
+        release_freed_memory()
     return done
 
 

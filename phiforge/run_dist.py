@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 FAULT_ENV = "PHIFORGE_TEST_FAULT"  # tests only: "STAGE:RANK:STEP" makes RANK fail at STEP of STAGE
 WATCH_INTERVAL = 1.0  # seconds between a watchdog's looks at the store
 WATCH_GRACE = 3.0  # seconds a rank's own code gets to stop by itself once another rank has failed
+_running: dict[str, Any] = {"stage": None, "every_rank": True}  # the stage this process is executing (run_stages)
 
 
 @dataclass
@@ -92,6 +93,9 @@ def step_hook(stage: str) -> Callable[[dict[str, Any]], None] | None:
     """What `train()` calls after each optimizer step in a run: a progress line in the rank's log on ranks > 0
     (rank 0 has the progress bar), and the test-only fault of PHIFORGE_TEST_FAULT."""
     rank, n = world()
+    if n > 1 and not _running["every_rank"]:  # training on rank 0 alone would wait forever for the others
+        raise PhiforgeError(f"stage '{_running['stage']}' trains, but plan() runs it on rank 0 alone; mark its Stage "
+                            f"every_rank=True so that every rank of the torchrun job trains")
     fault = os.environ.get(FAULT_ENV, "")
     at_step = None
     if fault:
@@ -122,14 +126,20 @@ class RankFailed(PhiforgeError):
 class Job:
     """This process's place in the torchrun job: the run's process group and the store the ranks share."""
 
-    def __init__(self, cfg: DistConfig, device: str, console: IO[str], log_file: IO[str]) -> None:
+    def __init__(self, cfg: DistConfig, device: str, console: IO[str], log_file: IO[str], logs: str) -> None:
         from datetime import timedelta
 
         import torch.distributed as td
 
         from phiforge.train.parallel import init_distributed
 
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
+        if missing:
+            raise PhiforgeError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but {', '.join(missing)} is not set: "
+                                f"launch a multi-process run with torchrun (torchrun --nproc_per_node N -m phiforge "
+                                f"run ...)")
         self.cfg = cfg
+        self.logs = logs
         self.console = console  # the terminal (stderr), even where this rank's output goes to its log
         self.log_file = log_file
         self.dist = init_distributed(device)  # the one process group; train() finds it initialised
@@ -178,7 +188,7 @@ class Job:
 
     def failure_message(self, f: dict[str, Any]) -> str:
         return (f"stage '{f['stage']}' failed on rank {f['rank']} of {self.world}: {f['message']} (rank "
-                f"{self.rank} stopped too; each rank's log is in RUN_DIR/logs/)")
+                f"{self.rank} stopped too; each rank's log is in {self.logs}/)")
 
     def _watchdog(self, store: Any) -> None:
         """Ends this process when another rank has failed and this one did not stop by itself (e.g. it is
@@ -223,7 +233,7 @@ class Job:
             waited = time.monotonic() - t0
             if waited > self.cfg.wait_timeout:
                 msg = (f"rank {self.rank} waited {waited:.0f}s for rank 0 to finish {what}, longer than dist: "
-                       f"wait_timeout ({self.cfg.wait_timeout:.0f}s); see rank 0's log (RUN_DIR/logs/rank-0.log) "
+                       f"wait_timeout ({self.cfg.wait_timeout:.0f}s); see rank 0's log ({self.logs}/rank-0.log) "
                        f"and raise wait_timeout for longer data stages")
                 self.fail(stage, msg)
                 raise RankFailed(f"stage '{stage}': {msg}")
@@ -281,6 +291,7 @@ def run_stages(runner: Runner, stages: list[Stage], job: Job) -> dict[str, dict[
         else:
             runner.hashes[st.name] = h  # rank 0's stage; its summary comes with the next go/
             continue
+        _running.update(stage=st.name, every_rank=st.every_rank)
         try:
             summary, secs = runner.execute(st, d, where=f" on rank {job.rank} of {job.world}")
         except BaseException as e:
@@ -289,6 +300,8 @@ def run_stages(runner: Runner, stages: list[Stage], job: Job) -> dict[str, dict[
                 raise RankFailed(job.failure_message(other)) from None
             job.fail(st.name, _cause(e))
             raise
+        finally:
+            _running.update(stage=None, every_rank=True)
         if job.rank == 0:
             runner.record(st, d, h, summary)
         else:
@@ -344,7 +357,7 @@ def run_ranked(runner: Runner, stages: list[Stage], cfg: DistConfig, device: str
         os.dup2(log_file.fileno(), 2)
     job = None
     try:
-        job = Job(cfg, device, console, log_file)
+        job = Job(cfg, device, console, log_file, str(logs))
         return run_stages(runner, stages, job)
     except BaseException as e:
         if job is not None and not isinstance(e, RankFailed) and not job._failed_here:

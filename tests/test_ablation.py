@@ -26,7 +26,7 @@ MICRO = {
     "finetune": {"max_steps": 2, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 2, "eval_batches": 1,
                  "save_every": 2},
     "eval": {"heldout_exercises": 2, "humaneval_limit": 1, "max_new_tokens": 8, "samples": [],
-             "bpb_stdlib_files": 1},
+             "bpb_stdlib_files": 1, "mbpp_limit": 2},
     "ablate": {"enabled": True, "seeds": 2},
 }
 
@@ -73,7 +73,9 @@ def test_ablation_stage_graph_isolates_one_factor_per_arm(tmp_path):
         assert all(names.index(d) < i for d in s.deps), s.name
     assert names[-2:] == ["ablation", "report"] and "ablation" in by["report"].deps
     # the run's own base and fine-tune are the seed-0 arms (not trained twice)
-    assert "ablate/seed-0/base-pretrain" not in by and "ablate/seed-0/finetuned-continue" not in by
+    assert not {"ablate/seed-0/base-pretrain", "ablate/seed-0/finetuned-pretrain", "ablate/seed-0/finetuned-continue",
+                "ablate/seed-0/finetuned-eval"} & set(by)
+    assert by["ablate/seed-0/base-continue"].deps == ["train", "tokens"]
     for seed in (1, 2):
         p = f"ablate/seed-{seed}"
         # every pretraining arm trains on its own data; the fine-tuned arm continues its seed's base pretraining

@@ -53,7 +53,7 @@ def test_every_instruction_set_path_is_exact(tmp_path, flags):
     lib = ctypes.CDLL(str(so))
     lib.q8_isa.restype = ctypes.c_int
     assert lib.q8_isa() < 3  # not the VNNI path this machine builds by default
-    for M, N, K in [(1, 37, 65), (3, 130, 1000), (1, 3, 70000)]:
+    for M, N, K in [(1, 37, 65), (3, 130, 1000), (1, 3, 70000), (kernels.MAX_ROWS + 5, 19, 3000)]:  # last: prefill
         x, q, s, b = _case(M, N, K)
         y = torch.empty(M, N)
         rc = lib.q8_linear(*(ctypes.c_void_p(t.data_ptr()) if isinstance(t, torch.Tensor) else ctypes.c_int64(t)

@@ -29,7 +29,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML run config (keys: out, seed, corpus, curate, synth, textbooks, "
-                                    "tokenizer, train, finetune, eval, ablate); merged over the embedded defaults")
+                                    "tokenizer, train, finetune, eval, ablate, hardware, dist); merged over the "
+                                    "embedded defaults")
     p.add_argument("--out", help="run directory (default: runs/phiforge, or runs/phiforge-fast with --fast)")
     p.add_argument("--fast", action="store_true", help="a ~2-minute smoke run of the same pipeline")
     p.add_argument("--ablate", action="store_true",

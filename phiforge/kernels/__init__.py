@@ -10,6 +10,10 @@ otherwise. Both live in decode.c (see it for the method and the error of each):
   much as the int8 weights themselves).
 - `Q8Layer` / `Q8Stack`: a whole decoder layer of an int8 model with fp32 activations (LayerNorm, the fused
   q/k/v/fc1 matmul, attend_step, GELU, dense + fc2 + residual), and all of a step's layers in one call.
+- `quantize_q4` / `q4_linear`: int4 weights (symmetric groups of 32 with an fp16 scale: GGUF Q4_0's bits, 4.5 a
+  weight, in a layout made for the loop) times activations quantized to int8 per block of 64, exact integer
+  products (AVX2 maddubs/madd, VNNI dpbusd, or C); any number of rows (prefill's are a cache-blocked matmul).
+  q8_linear serves prefill's rows too on AVX2 / AVX-512BW builds (tiles of rows sharing the widened weights).
 
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC` (CC overrides the compiler; without OpenMP support it is
 built single-threaded) into PHIFORGE_KERNEL_CACHE (default ~/.cache/phiforge/kernels), keyed by a hash of the

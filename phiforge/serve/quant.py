@@ -50,9 +50,10 @@ if TYPE_CHECKING:
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the int4 kernels accept
 # Rows are quantized a block at a time: torch's int4 packing interleaves rows in blocks of up to 32 (checked:
-# packing 64-row blocks gives the layer's own packing), and a block's float temporaries stay near BLOCK_BYTES.
+# packing 64-row blocks gives the layer's own packing), and a block's float temporaries stay near BLOCK_BYTES
+# (small enough to stay in the CPU's caches: see phiforge/checkpoint.py READ_BLOCK_BYTES).
 ROWS_PER_BLOCK = 64
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 2 << 20
 
 
 def block_rows(in_features: int, block_bytes: int | None = None) -> int:

@@ -312,11 +312,16 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False,
                 peak_refreshed = True  # the cached CPU peak was measured under load: measure again, once
                 peak = cpu_peak_flops(amp or torch.float32, refresh=True)
                 mfu = tps * flops_tok / (peak * dist.world_size)
-            if log is not None and (step % cfg.log_every == 0 or step == total_steps):
+            logged = step % cfg.log_every == 0 or step == total_steps  # the same on every rank
+            loss_tokens = None
+            if packed and logged:  # completion tokens with loss in this step, over all ranks (a collective)
+                local = torch.tensor(float(sum(int(b.loss_mask.sum()) for b in batches)), device=dist.device)
+                loss_tokens = round(float(dist.mean(local)) * dist.world_size)
+            if log is not None and logged:
                 log.write({"type": "train", "step": step, "loss": train_loss, "lr": lr,
                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
                            "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "step_s": dt,
-                           **({"loss_tokens": sum(int(b.loss_mask.sum()) for b in batches)} if packed else {})})
+                           **({"loss_tokens": loss_tokens} if packed else {})})
             if on_step is not None:
                 on_step({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu})
             if bar is not None:
