@@ -7,7 +7,8 @@
     python bench/all.py --quick                        # every bench at smoke-test size: it runs, the figures mean nothing
 
 Each bench runs as its own subprocess (a crash or a timeout costs that bench's rows, not the table), with
-`--quick` passed through; its output goes to --logs/<bench>.log, and every RESULT line to --logs/results.json.
+`--quick` passed through; its output goes to --logs/<bench>.log, and its RESULT lines to --logs/results.json
+(each bench's latest run).
 The table is made of the benches' `ROW {json}` lines (bench/rows.py); their `held equal:` lines and the rows'
 notes are listed under it, then one line per bench saying when, on what machine and by which command its rows
 were measured. The machine is measured here, before the first bench: CPU model, cores, read bandwidth (a 1 GiB
@@ -43,12 +44,12 @@ BENCHES = ("dedup", "train", "sandbox", "classifier", "synth", "eval", "eval_fai
            "decode", "finetune", "serve", "laptop")
 # arguments a bench always gets from here: eval also times what a user waits for (model load + scoring)
 EXTRA_ARGS = {"eval": ["--end-to-end"]}
-# Expected minutes of each bench at full size on a quiet 2-core machine. Estimates, from the workload of the full
-# settings against the quick ones (quick runs on a busy machine, scaled) and the model sizes involved; `--plan`
-# shows instead the time of the bench's last full-size run recorded in the --merge file, when there is one.
-FULL_MINUTES = {"dedup": 2, "train": 5, "sandbox": 2, "classifier": 4, "synth": 10, "eval": 10,
-                "eval_faithfulness": 15, "promptbase": 25, "grow": 35, "decode": 6, "finetune": 10, "serve": 40,
-                "laptop": 75}
+# Expected minutes of each bench at full size on a quiet 2-core machine: estimates (good to about 2x) from the
+# quick runs' times on a busy machine scaled by the full settings' work (items, steps, tokens, model FLOPs, rounds).
+# `--plan` shows instead the time of a bench's last full-size run recorded in the --merge file, when there is one.
+FULL_MINUTES = {"dedup": 2, "train": 5, "sandbox": 2, "classifier": 3, "synth": 12, "eval": 10,
+                "eval_faithfulness": 12, "promptbase": 20, "grow": 40, "decode": 5, "finetune": 15, "serve": 35,
+                "laptop": 40}
 # what a first run costs on top (caches under ~/.cache/phiforge, kept for later runs)
 FIRST_RUN = {"laptop": "llama.cpp built from source (~30 min) and the phi-2 weights written and exported (~10 GB)"}
 QUICK_TIMEOUT = {"laptop": 3600.0}  # its first quick run builds llama.cpp too
@@ -242,7 +243,7 @@ def bench_lines(run: dict, machine: dict, date: str, command: str, quick: bool) 
 
 
 def placeholder_lines(name: str) -> dict[str, list[str]]:
-    return {"rows": [cells([name, "—", "—", "—", PLACEHOLDER, "—", "—", "—", "—", "—"])], "held": [], "notes": [],
+    return {"rows": [cells([name, PLACEHOLDER, "—", "—", "—", "—", "—", "—", "—", "—"])], "held": [], "notes": [],
             "runs": []}
 
 
@@ -336,12 +337,25 @@ def plan(names: list[str], recorded: dict[str, tuple[float, str]]) -> str:
     return "\n".join(lines + [f"  {'total':<18} ~{total:4.0f} min ({total / 60:.1f} h) on a quiet 2-core machine"])
 
 
+def write_results(path: Path, runs: list[dict]) -> None:
+    """Each bench's latest run (its RESULT lines, rows, status, machine, date, command) in one JSON file: this
+    run's benches replace their own entries, the others stay, as in a merged table."""
+    try:
+        old = json.loads(path.read_text()).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    by_name = {r["name"]: r for r in old if isinstance(r, dict) and "name" in r and "machine" in r}
+    by_name.update({r["name"]: r for r in runs})
+    path.write_text(json.dumps({"runs": list(by_name.values())}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="every bench at smoke-test size (tens of minutes)")
-    ap.add_argument("--only", help="comma-separated benches to run (default: all)")
-    ap.add_argument("--skip", default="", help="comma-separated benches to leave out")
-    ap.add_argument("--merge", help="Markdown file whose table block gets this run's rows (the other benches' kept)")
+    ap.add_argument("--only", metavar="B,B", help=f"comma-separated benches to run (default: all: {','.join(BENCHES)})")
+    ap.add_argument("--skip", metavar="B,B", default="", help="comma-separated benches to leave out")
+    ap.add_argument("--merge", metavar="FILE", help="Markdown file whose table block gets this run's rows, the other "
+                                                    "benches' kept (paths: relative to the repository)")
     ap.add_argument("--plan", action="store_true", help="print each bench's expected time at full size and stop")
     ap.add_argument("--out", help="Markdown file for this run's own table, '-' for stdout only (default: "
                                   "<logs>/performance.md; with --quick <logs>/performance-quick.md)")
@@ -355,12 +369,13 @@ def main() -> int:
     unknown = [n for n in names + skip if n not in BENCHES]
     if unknown:
         ap.error(f"unknown bench {', '.join(unknown)}; the benches are {', '.join(BENCHES)}")
-    names = [n for n in names if n not in skip]
+    names = [n for n in dict.fromkeys(names) if n not in skip]
     merge_path = (ROOT / args.merge).resolve() if args.merge else None
     if merge_path and args.quick and merge_path.is_relative_to(ROOT / "docs"):
         ap.error(f"--quick figures mean nothing and are not merged into {args.merge}; merge them into a file "
                  f"outside docs/, or drop --quick")
-    recorded = recorded_minutes(merge_path.read_text()) if merge_path and merge_path.exists() else {}
+    times_from = merge_path or ROOT / "docs" / "performance.md"  # where the lead's full runs are recorded
+    recorded = recorded_minutes(times_from.read_text()) if times_from.exists() else {}
     if args.plan or not args.quick:
         print("expected at full size:\n" + plan(names, recorded), flush=True)
     if args.plan:
@@ -382,8 +397,8 @@ def main() -> int:
         runs.append(run)
         print(f"{run['status']}, {run['seconds']:.0f}s, {len(run['rows'])} rows"
               + (f" (skipped: {run['skipped']})" if run["skipped"] else ""), flush=True)
-    (logs / "results.json").write_text(json.dumps({"machine": machine, "date": date, "command": command,
-                                                   "runs": runs}, indent=1))
+    write_results(logs / "results.json", [{**r, "machine": machine, "date": date, "command": command,
+                                           "quick": args.quick} for r in runs])
     lines = {run["name"]: bench_lines(run, machine, date, command, args.quick) for run in runs}
     head = ["**Quick (smoke-test) run: sizes too small for the figures to mean anything.**\n"] if args.quick else []
     table = "\n".join(head) + render_block(lines, placeholders=False)

@@ -60,6 +60,14 @@ def subset_table(full: dict, cot: dict, tasks: list[str]) -> tuple[str, dict]:
     return "\n".join(rows), out
 
 
+def wilson_note(ours: dict, zero: dict) -> str:
+    """The 95% intervals of a row's two accuracies: at tens of items a difference inside them is noise."""
+    def ci(x: dict) -> str:
+        return f"[{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]"
+
+    return f"95% Wilson intervals: strategy {ci(ours)}, zero-shot {ci(zero)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--subjects", default=DEFAULT_SUBJECTS)
@@ -150,13 +158,13 @@ def main() -> None:
         ks = results[task]["direct"]["results"]["knn-shuffle"][task]
         row(f"promptbase {task}: knn-shuffle accuracy, {ks['n']} items", "zero-shot, same model",
             "letter answers, same items", 100 * ks["acc"], 100 * zs["acc"], "%", ">= zero-shot",
-            ratio=100 * (ks["acc"] - zs["acc"]), ratio_unit="pt", held=held)
+            ratio=100 * (ks["acc"] - zs["acc"]), ratio_unit="pt", held=held, note=wilson_note(ks, zs))
         sub = sub_rows[task]
         if "medprompt" in sub:
             mp, z = sub["medprompt"][task], sub["zero-shot"][task]
             row(f"promptbase {task}: medprompt accuracy (CoT subset), {mp['n']} items", "zero-shot, same model",
                 "letter answers, same items", 100 * mp["acc"], 100 * z["acc"], "%", ">= zero-shot",
-                ratio=100 * (mp["acc"] - z["acc"]), ratio_unit="pt", held=held)
+                ratio=100 * (mp["acc"] - z["acc"]), ratio_unit="pt", held=held, note=wilson_note(mp, z))
     if args.output:
         from phiforge.atomic import atomic_write_json
 

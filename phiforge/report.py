@@ -351,13 +351,15 @@ def _loss_tokens(log: Path, steps: Any) -> int | None:
     return int(sum(r["loss_tokens"] for r in recs))
 
 
-def _metric_rows(ex: dict[str, Any], raw_arm: bool, mbpp_used: bool | None) -> list[list[str]]:
-    """What each metric is measured on and for which model it is in- or out-of-distribution."""
+def _metric_rows(ex: dict[str, Any], raw_arm: bool, mbpp_used: str | None) -> list[list[str]]:
+    """What each metric is measured on and for which model it is in- or out-of-distribution; `mbpp_used`: the
+    decontamination step's status for MBPP (used, missing, not asked; None: no decontamination record)."""
     raw_out = "; the raw-stdlib arm (its data is the uncurated corpus)" if raw_arm else ""
     held = ", ".join(ex.get("heldout_templates", [])) or "–"
-    decont = {True: "curated data decontaminated against it",
-              False: "MBPP was missing at curation: the curated data was NOT checked against it",
-              None: "no decontamination record"}[mbpp_used]
+    decont = {"used": "curated data decontaminated against it",
+              "missing": "MBPP was missing at curation: the curated data was NOT checked against it",
+              "not asked": "MBPP was not among the decontamination sets: the curated data was not checked "
+                           "against it"}.get(mbpp_used or "", "no decontamination record")
     return [
         ["validation loss", "the first 200k tokens of the pretraining validation split",
          "the base (held-out text of its own training mix) and so, mostly, the fine-tuned model",
@@ -399,9 +401,10 @@ def _ablation(doc: Document, ab: dict[str, Any]) -> None:
         m = metrics.get(name, {})
         return f"{m.get('label', name)} ({'higher' if m.get('higher_is_better') else 'lower'} is better)"
 
-    doc.table(["arm", "saw"] + [label(m) for m in metrics],
-              [[a.get("label", a.get("name", "?")), a.get("saw", "")]
-               + [cell(a.get("summary", {}).get(m)) for m in metrics] for a in arms])
+    doc.table(["arm", "what it saw"], [[a.get("label", a.get("name", "?")), a.get("saw", "")] for a in arms])
+    doc.table(["arm"] + [label(m) for m in metrics],
+              [[a.get("label", a.get("name", "?"))] + [cell(a.get("summary", {}).get(m)) for m in metrics]
+               for a in arms])
     notes = [f"{m.get('label', k)}: {m['note']}" for k, m in metrics.items() if m.get("note")]
     if notes:
         doc.paragraph("What each metric measures. " + " ".join(notes))
@@ -409,17 +412,23 @@ def _ablation(doc: Document, ab: dict[str, Any]) -> None:
     comps = ab.get("comparisons", [])
     if comps:
         doc.heading("Which differences are significant", 3)
-        doc.table(["comparison (a vs b)", "metric", "difference a − b [95 % interval]", "verdict"], [
-            [f"{arm_label.get(c.get('a'), c.get('a'))} vs {arm_label.get(c.get('b'), c.get('b'))}",
+        doc.paragraph("Each row: arm a, then arm b, which adds one factor; the change is b − a over paired "
+                      "seeds, with its 95 % interval; \"significant\" as ablation.json's design says.")
+        doc.table(["comparison (a → b)", "metric", "change b − a [95 % interval]", "verdict"], [
+            [f"{arm_label.get(c.get('a'), c.get('a'))} → {arm_label.get(c.get('b'), c.get('b'))}",
              metrics.get(c.get("metric"), {}).get("label", c.get("metric")),
-             f"{_fmt(c.get('diff'))} [{_fmt(c.get('lo'))}, {_fmt(c.get('hi'))}]",
-             f"significant (p = {_p(c.get('p'))})" if c.get("significant")
-             else f"not significant (p = {_p(c.get('p'))})"] for c in comps])
+             f"{_fmt(c.get('diff'))} [{_fmt(c.get('lo'))}, {_fmt(c.get('hi'))}]", _verdict(c)] for c in comps])
     runs = [[a.get("label", a.get("name")), _fmt(r.get("seed")), _fmt(r.get("tokens")), _fmt(r.get("steps"))]
             + [_fmt(r.get("metrics", {}).get(m)) for m in metrics] for a in arms for r in a.get("runs", [])]
     if runs:
         doc.heading("Every run", 4)
         doc.table(["arm", "seed", "tokens", "steps"] + [metrics[m].get("label", m) for m in metrics], runs)
+
+
+def _verdict(c: dict[str, Any]) -> str:
+    if c.get("p") is None or c.get("significant") is None:
+        return "not tested (fewer than two paired seeds)"
+    return f"significant (p = {_p(c['p'])})" if c["significant"] else f"not significant (p = {_p(c['p'])})"
 
 
 def _p(p: Any) -> str:
@@ -555,7 +564,8 @@ def build_report(root: str | Path) -> dict[str, Path]:
     raw_results = arms.get("raw stdlib (ablation)")
     ablation = _read_json(root / "ablation.json")
     decontam = _decontam_rows(root, cfg)
-    mbpp_used = None if decontam is None else any(r[0] == "MBPP" and r[1] == "used" for r in decontam)
+    mbpp_row = next((r for r in decontam or [] if r[0] == "MBPP"), None)
+    mbpp_used = None if decontam is None else "not asked" if mbpp_row is None else mbpp_row[1].split()[0]
     times = _stage_times(root)
     total = sum(float((_read_json(p) or {}).get("summary", {}).get("seconds", 0))
                 for p in root.glob("*/.stage.json"))

@@ -154,3 +154,13 @@ def test_cli_plan_runs_nothing(ball, monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "dedup" in out and "laptop" in out and "llama.cpp" in out and "total" in out
     assert not (tmp_path / "logs").exists()
+
+
+def test_results_file_keeps_each_benchs_latest_run(ball, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("not json")  # a damaged file is replaced, not fatal
+    ball.write_results(path, [{"name": "dedup", "machine": MACHINE, "results": {"a": "1 x"}},
+                              {"name": "grow", "machine": MACHINE, "results": {"b": "2 x"}}])
+    ball.write_results(path, [{"name": "grow", "machine": MACHINE, "results": {"b": "3 x"}}])
+    runs = {r["name"]: r["results"] for r in json.loads(path.read_text())["runs"]}
+    assert runs == {"dedup": {"a": "1 x"}, "grow": {"b": "3 x"}}

@@ -264,3 +264,72 @@ def test_a_plan_serves_only_one_token_steps_without_autograd():
     with torch.no_grad():
         planned = decoder.step(IDS[:, 1:2], cache)
     assert not planned.requires_grad and planned.shape == (1, 1, VOCAB)
+
+
+# ---- exact greedy at every thread count, ties included ----------------------------------------------------------
+TIES = """
+import sys, torch
+from phiforge.decode import Decoder
+from phiforge.serve.quant import quantize
+from tests.test_decode import greedy_vs_argmax
+from tests.test_generate import spread_model
+
+assert torch.get_num_threads() == int(sys.argv[1])
+def tied(model):  # rows 40 and 250 of the lm_head identical and on top: an exact tie, lowest id first
+    with torch.no_grad():
+        model.lm_head.weight[250] = model.lm_head.weight[40]
+        model.lm_head.bias[250] = model.lm_head.bias[40] = 40.0
+    return model
+cases = {"fp32 t": (tied(spread_model()), "t"), "fp32 plain": (tied(spread_model()), "plain"),
+         "bf16": (tied(spread_model()).to(torch.bfloat16), None), "int8": (quantize(tied(spread_model()), "int8"), None),
+         "int4": (quantize(tied(spread_model()), "int4"), None)}
+for name, (model, kernel) in cases.items():
+    decoder = Decoder.build(model, kernel)
+    assert greedy_vs_argmax(decoder, 3) == [[40, 40]] * 3, name  # asserts each step against the full argmax too
+    assert decoder.plan is not None and decoder.plan.fresh(), name
+    greedy_vs_argmax(Decoder.build(spread_model(seed=1).to(model.lm_head.weight.dtype
+                     if name in ("fp32 t", "fp32 plain", "bf16") else torch.float32), kernel), 8)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_greedy_ties_are_the_full_argmax_at_every_thread_count(threads):
+    """The fast greedy token is torch.argmax of the step's full logits, lowest id on a tie, with torch, MKL and
+    the native kernels on 1 and on 2 threads (set before torch starts: OMP_NUM_THREADS, in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", TIES, str(threads)], capture_output=True, text=True, timeout=600,
+                         cwd=root, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind,dtype", [("int8", torch.float32), ("int8", torch.bfloat16),
+                                        ("bf16", torch.float32)])
+def test_argmax_screen_leaves_exact_ties_to_the_full_logits(kind, dtype):
+    """Its own recomputation of the candidates sums in another order than the full lm_head (another GEMM
+    blocking, another thread count), so on an fp32 tie it cannot know which one the full logits put first: it
+    declines and the plan takes the argmax of the full logits. A bf16 lm_head rounds both to the same value
+    (unless a rounding boundary lies within the summation error): then the lowest id is certain. Clear winners
+    it decides."""
+    from phiforge import kernels
+
+    if kind == "int8" and not kernels.available():
+        pytest.skip("no C compiler for the native int8 kernel")
+    if kind == "bf16" and not mkldnn_bf16():
+        pytest.skip(NO_ONEDNN_BF16)
+    g = torch.Generator().manual_seed(0)
+    V, d = 1024, 64
+    w = torch.randn(V, d, generator=g) / d ** 0.5
+    b = torch.zeros(V)
+    w[900] = w[7]  # the same row twice
+    screen = ArgmaxScreen(kind, w.to(dtype), b.to(dtype))
+    h = (w[7] * 30).to(dtype)[None]  # rows 7 and 900 on top, exactly tied
+    tok = screen.argmax(h)
+    assert tok is None if dtype == torch.float32 else tok is None or tok.tolist() == [7]
+    h2 = (w[11] * 30).to(dtype)[None]  # row 11 alone on top
+    assert screen.argmax(h2).tolist() == [11]

@@ -258,11 +258,13 @@ ABLATION = {
                   for s in (0, 1, 2)],
          "summary": {"val_loss": {"mean": 2.5, "lo": 2.45, "hi": 2.55, "n": 3},
                      "bpb_humaneval": {"mean": 1.95, "lo": 1.8, "hi": 2.1, "n": 2}}}],
-    "comparisons": [
-        {"a": "curated", "b": "raw", "metric": "val_loss", "diff": -0.6, "lo": -0.8, "hi": -0.4, "p": 0.004,
+    "comparisons": [  # b - a over paired seeds (phiforge.eval.stats.paired_diff)
+        {"a": "raw", "b": "curated", "metric": "val_loss", "diff": -0.6, "lo": -0.8, "hi": -0.4, "p": 0.004,
          "significant": True},
-        {"a": "curated", "b": "raw", "metric": "bpb_humaneval", "diff": -0.05, "lo": -0.2, "hi": 0.1, "p": 0.41,
-         "significant": False}]}
+        {"a": "raw", "b": "curated", "metric": "bpb_humaneval", "diff": -0.05, "lo": -0.2, "hi": 0.1, "p": 0.41,
+         "significant": False},
+        {"a": "raw", "b": "curated", "metric": "heldout", "diff": 0.1, "lo": None, "hi": None, "p": None,
+         "significant": None}]}
 
 
 def test_report_renders_the_ablation_with_intervals_and_significance(tmp_path):
@@ -272,13 +274,14 @@ def test_report_renders_the_ablation_with_intervals_and_significance(tmp_path):
     md, html = paths["markdown"].read_text(), paths["html"].read_text()
     assert "## Ablation: one factor at a time" in md and ABLATION["design"] in md
     assert "2 arms × 3 seeds (0, 1, 2)" in md and "200 steps on 819200 tokens" in md and "1234s" in md
-    assert ("| arm | saw | validation loss (lower is better) | HumanEval bits per byte (lower is better) |"
-            in md)
-    assert "| raw stdlib | the uncurated stdlib | 3.100 [2.900, 3.300] | 2.000 [1.900, 2.100] |" in md
-    assert "| curated | the curated stdlib | 2.500 [2.450, 2.550] | 1.950 [1.800, 2.100] (n = 2) |" in md
+    assert "| raw stdlib | the uncurated stdlib |" in md and "| curated | the curated stdlib |" in md
+    assert "| arm | validation loss (lower is better) | HumanEval bits per byte (lower is better) |" in md
+    assert "| raw stdlib | 3.100 [2.900, 3.300] | 2.000 [1.900, 2.100] |" in md  # one row per arm
+    assert "| curated | 2.500 [2.450, 2.550] | 1.950 [1.800, 2.100] (n = 2) |" in md
     assert "in-distribution for the curated arms only." in md  # each metric's note
-    assert ("| curated vs raw stdlib | validation loss | -0.600 [-0.800, -0.400] | significant (p = 0.004) |" in md)
-    assert ("| curated vs raw stdlib | HumanEval bits per byte | -0.050 [-0.200, 0.100] | not significant (p = 0.410) |"
+    assert "| raw stdlib → curated | validation loss | -0.600 [-0.800, -0.400] | significant (p = 0.004) |" in md
+    assert ("| raw stdlib → curated | HumanEval bits per byte | -0.050 [-0.200, 0.100] | not significant (p = 0.410) |"
             in md)
+    assert "| raw stdlib → curated | heldout | 0.100 [–, –] | not tested (fewer than two paired seeds) |" in md
     assert "| raw stdlib | 2 | 819200 | 200 | 3.200 | 2.000 |" in md  # every run, seed by seed
     assert "<td>significant (p = 0.004)</td>" in html

@@ -117,7 +117,8 @@ def test_the_heartbeat_thread_speaks_for_a_silent_block(monkeypatch, capsys):
         P.set_lines(False)
 
 
-WORDS = "the cat sat on a mat and then def foo return x print hello world python code loop list".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "def", "foo", "return", "x", "print", "hello", "world",
+         "python", "code", "loop", "list"]
 
 
 def test_training_prints_timestamped_step_lines_into_a_log(lines_mode, tmp_path, monkeypatch, capsys):
@@ -149,7 +150,7 @@ class _StubLM:
 
     def generate_until(self, reqs, on_result=None):
         out = []
-        for i, r in enumerate(reqs):
+        for i in range(len(reqs)):
             out.append("    return None\n")
             if on_result:
                 on_result(i, out[-1])

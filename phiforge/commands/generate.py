@@ -104,8 +104,15 @@ def load_line(model: Any, quant: str, seconds: float) -> str:
 
     from phiforge.checkpoint import human_bytes
 
-    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}  # views of one buffer counted once
+    held = sum(storages.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:  # Linux: this process's own high-water mark (ru_maxrss carries over a parent's size through fork)
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
     dtype = model.model.embed_tokens.weight.dtype
     what = f"{quant} linear layers, {str(dtype).removeprefix('torch.')} activations" if quant != "none" else \
         str(dtype).removeprefix("torch.")
