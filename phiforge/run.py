@@ -143,7 +143,8 @@ FAST_OVERRIDES: dict[str, Any] = {  # --fast: the same pipeline in about two min
     "train": {"max_steps": 60, "eval_every": 30, "save_every": 60, "seq_len": 128, "micro_batch": 8},
     "finetune": {"max_steps": 20, "eval_every": 10, "save_every": 20, "seq_len": 128, "micro_batch": 8,
                  "warmup": 4},
-    "eval": {"heldout_exercises": 20, "humaneval_limit": 10, "max_new_tokens": 64},
+    "eval": {"heldout_exercises": 20, "humaneval_limit": 10, "max_new_tokens": 64, "mbpp_limit": 20,
+             "bpb_stdlib_files": 5},
 }
 
 
@@ -299,9 +300,12 @@ class Runner:
 
     def execute(self, st: Stage, d: Path, where: str = "") -> tuple[dict[str, Any], float]:
         """(summary with "seconds", seconds) of running the stage; a failure names the stage (and `where`)."""
+        from phiforge.progress import working
+
         t0 = time.time()
         try:
-            summary = st.fn(d, self.summaries)
+            with working(st.name):  # a log file hears from a stage's silent parts too (every ~10 s)
+                summary = st.fn(d, self.summaries)
         except PhiforgeError as e:
             raise PhiforgeError(f"stage '{st.name}' failed{where}: {e} (finished stages are kept in {self.root}; "
                                 f"re-run to resume)") from None

@@ -6,29 +6,16 @@ import json
 import math
 
 import pytest
+from conftest import MICRO_RUN
 
 from phiforge.errors import PhiforgeError
 from phiforge.eval.stats import holm, mean_ci, paired_diff
 from phiforge.run import ABLATION_ARMS, ABLATION_METRICS, load_run_config, plan, run, write_ablation
 
-MICRO = {
-    "corpus": {"max_files": 12, "max_chars": 6000},
-    "curate": {"steps": [
-        {"type": "python"},
-        {"type": "exact_dedup"},
-        {"type": "decontaminate", "ngram": 13, "benchmarks": ["humaneval"]},
-    ]},
-    "synth": {"n": 40},
-    "textbooks": {"n": 0},
-    "tokenizer": {"vocab_size": 512, "val_fraction": 0.2},
-    "train": {"max_steps": 3, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 3, "eval_batches": 1,
-              "save_every": 3},
-    "finetune": {"max_steps": 2, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 2, "eval_batches": 1,
-                 "save_every": 2},
-    "eval": {"heldout_exercises": 2, "humaneval_limit": 1, "max_new_tokens": 8, "samples": [],
-             "bpb_stdlib_files": 1, "mbpp_limit": 2},
-    "ablate": {"enabled": True, "seeds": 2},
-}
+MICRO = {**MICRO_RUN, "ablate": {"enabled": True, "seeds": 2},
+         "train": {**MICRO_RUN["train"], "max_steps": 3, "eval_every": 3, "save_every": 3},
+         "finetune": {**MICRO_RUN["finetune"], "max_steps": 2, "eval_every": 2, "save_every": 2},
+         "eval": {**MICRO_RUN["eval"], "samples": []}}
 
 
 # ------------------------------------------------------------------------------------------- statistics

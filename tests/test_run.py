@@ -5,27 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import MICRO_RUN as MICRO
 
 from phiforge.errors import ConfigError, PhiforgeError
 from phiforge.run import load_run_config, run
-
-MICRO = {
-    "corpus": {"max_files": 12, "max_chars": 6000},
-    "curate": {"steps": [
-        {"type": "python"},
-        {"type": "exact_dedup"},
-        {"type": "minhash", "ngram": 5, "bands": 14, "rows": 8, "threshold": 0.7},
-        {"type": "decontaminate", "ngram": 13, "benchmarks": ["humaneval"]},
-    ]},
-    "synth": {"n": 40},
-    "textbooks": {"n": 0},
-    "tokenizer": {"vocab_size": 512, "val_fraction": 0.2},
-    "train": {"max_steps": 4, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 2, "eval_batches": 2,
-              "save_every": 4},
-    "finetune": {"max_steps": 3, "seq_len": 64, "micro_batch": 4, "warmup": 1, "eval_every": 3, "eval_batches": 2,
-                 "save_every": 3},
-    "eval": {"heldout_exercises": 3, "humaneval_limit": 2, "max_new_tokens": 16, "samples": ["def add(a, b):\n"]},
-}
 
 
 @pytest.fixture(scope="module")
