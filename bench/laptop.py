@@ -104,15 +104,17 @@ def llama_site() -> tuple[Path | None, str]:
 
 # ---- the weights --------------------------------------------------------------------------------------------------
 
-def bench_config(quick: bool):
+def bench_config(quick: bool, layers: int | None = None):
+    import dataclasses
+
     from phiforge.config import preset
 
     cfg = preset("phi-2")
     if quick:  # phi-2's proportions (partial rotary, head_dim 80, MLP 4x), 4 layers of d 640
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, hidden_size=640, intermediate_size=2560, num_hidden_layers=4,
                                   num_attention_heads=8, num_key_value_heads=8)
+    if layers:  # phi-2's width with fewer layers: a shorter check at the real matrix sizes
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
     return cfg
 
 
@@ -167,7 +169,7 @@ def prepare_weights(args, cfg) -> Path:
     """The random checkpoint and its q8_0 / q4_0 GGUF exports in the work directory (made once)."""
     from phiforge.serve.gguf_export import export_gguf
 
-    tag = "quick" if args.quick else "phi2"
+    tag = shape_tag(args)
     ckpt = args.workdir / f"{tag}-random"
     if not (ckpt / "config.json").exists():
         t = time.perf_counter()
@@ -180,6 +182,12 @@ def prepare_weights(args, cfg) -> Path:
             export_gguf(ckpt, gg, quant=q)
             print(f"exported {gg} in {time.perf_counter() - t:.0f}s", flush=True)
     return ckpt
+
+
+def shape_tag(args) -> str:
+    """The shape's name in file names and RESULT lines: phi2, quick, or phi2-L<layers>."""
+    base = "quick" if args.quick else "phi2"
+    return f"{base}-L{args.layers}" if args.layers else base
 
 
 def gguf_bytes_per_token(path: Path) -> int:
@@ -410,7 +418,7 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    tag = "quick" if args.quick else "phi2"
+    tag = shape_tag(args)
     rng = random.Random(0)
     vocab = min(cfg.vocab_size, 50000)
     short = [rng.randrange(vocab) for _ in range(16)]
@@ -459,7 +467,7 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
               + ", ".join(f"{b:.0f} -> {f:.2f}" for b, f in zip(bws[name], fracs, strict=True)), flush=True)
     for q in ("int8", "int4"):
         ours, theirs = f"phiforge {q}", f"llama.cpp {PEER[q]}"
-        shape = "phi-2 shape" if not args.quick else "quick shape"
+        shape = {"phi2": "phi-2 shape", "quick": "quick shape"}.get(tag, f"phi-2 width, {args.layers} layers")
         if theirs not in workers:
             row(f"batch-1 decode, {shape}, {q}", "llama.cpp (not built here)", "—", decode[ours], None, "tok/s",
                 ">= 1.3x", held=held, note=f"prefill {prefill[ours]:.1f} tok/s, peak RSS {peaks[ours] / 1e9:.2f} GB")
@@ -591,6 +599,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the shape's width with this many layers (e.g. 4: phi-2's matrices, a shorter run)")
     ap.add_argument("--model", default=None, help="a trained phiforge checkpoint for the quality part")
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--quality-tokens", type=int, default=None)
@@ -620,7 +630,7 @@ def main() -> None:
     site, why = (None, "--no-llama") if args.no_llama else llama_site()
     if site is None:
         print(f"llama.cpp: not available ({why}); phiforge's figures alone", flush=True)
-    cfg = bench_config(quick)
+    cfg = bench_config(quick, args.layers)
     if "speed" not in skip:
         ckpt = prepare_weights(args, cfg)
         bench_speed(args, cfg, ckpt, site)

@@ -6,9 +6,12 @@ A checkpoint is a directory that `transformers.AutoModelForCausalLM.from_pretrai
     tokenizer.json, tokenizer_config.json (optional)
 
 Loading builds the model on the meta device (no memory), checks every file, key and shape *before* reading any
-tensor data, then reads tensors one at a time from memory-mapped safetensors, converting dtype as it goes and
-assigning them into the model: a phi-2 (5.6 GB fp16) never exists twice in memory, and a bad file never gives
-a half-loaded model. Errors name the file and the tensor or field.
+tensor data, then reads tensors one at a time straight into their final storage (at the offsets the safetensors
+header gives; a block of rows at a time where the dtype changes), so a phi-2 (5.6 GB fp16) never exists twice in
+memory, and a bad file never gives a half-loaded model. `quant="int8"|"int4"` quantizes the linear layers as they
+are read (the float weights are never held whole: the peak is the quantized model plus a block), and
+`layout="decode"` lays the weights out the way the decode plan's kernels read them (no copies later). Errors
+name the file and the tensor or field.
 """
 
 from __future__ import annotations
@@ -333,6 +336,8 @@ class _WeightReader:
 
     def _read(self, name: str, start: int, out: torch.Tensor) -> None:
         """Fill contiguous CPU `out` (in the stored dtype) with the stored rows from `start` on, in one read."""
+        if out.numel() == 0:
+            return
         file = self.files[name]
         base, header = self._header(file)
         begin = header[name]["data_offsets"][0]
@@ -342,7 +347,7 @@ class _WeightReader:
         f = self._handles[file]
         f.seek(base + begin + start * row_bytes)
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        got = f.readinto(view) if view.nbytes else 0
+        got = f.readinto(view)
         if got != view.nbytes:
             raise CheckpointError(f"{file}: truncated: tensor {name} ends past the end of the file")
 
@@ -356,8 +361,8 @@ class _WeightReader:
             raise CheckpointError(f"{self.files[name]}: tensor {name} has shape {list(shape)}, expected "
                                   f"{list(dest.shape)}")
         if dest.dim() == 0:
-            block = self.read_rows(name, 0, 1) if self.files[name].suffix == ".bin" else self._whole(name)
-            dest.copy_(block.reshape(()))
+            block = self._whole(name)
+            dest.copy_(block)
             self.check_finite(name, block)
             return
         rows = shape[0]
@@ -376,6 +381,8 @@ class _WeightReader:
             self.check_finite(name, block)
 
     def _whole(self, name: str) -> torch.Tensor:
+        if self.files[name].suffix == ".bin":
+            return self._bin(self.files[name])[name]
         dtype, shape = self.info(name)
         out = torch.empty(shape, dtype=dtype)
         self._read(name, 0, out.reshape(1))
@@ -482,6 +489,9 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
     if tied and "lm_head.weight" not in done:
         _assign(model, "lm_head.weight", model.model.embed_tokens.weight)
     model.rotary.reset(device)
+    unread = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if unread and device != "meta":  # a file changed under us between the header check and the read
+        raise CheckpointError(f"{path}: tensors {unread[:5]} could not be read")
     if quant is not None:
         model.quant_mode = quant
     model.eval()

@@ -538,7 +538,7 @@ ABLATION_ARMS: list[tuple[str, str, str]] = [
                            "both phases"),
     ("base", "curated + textbooks", "curated code + textbook passages + math word problems (the base's data), "
                                     "both phases"),
-    ("finetuned", "base + exercise fine-tune", "the base's data, then the procedural exercises of the training "
+    ("finetuned", "base + fine-tune", "the base's data, then the procedural exercises of the training "
                                                "templates with loss on completions (phi-1's two stages)"),
 ]
 ABLATION_METRICS: dict[str, dict[str, Any]] = {

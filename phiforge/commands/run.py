@@ -117,10 +117,12 @@ def print_ablation(out: str) -> None:
 
     print(f"  ablation ({len(doc['seeds'])} seeds per arm, {doc['tokens_per_arm']:,} tokens and {doc['steps']} steps "
           f"per arm; compute {doc['total_seconds']:.0f}s):")
+    width = 42
+    print("    " + "metric (mean [95% interval])".ljust(width) + "".join(a["label"][:22].ljust(24) for a in doc["arms"]))
     for name, m in doc["metrics"].items():
-        cells = [f"{a['label']} {f(a['summary'][name]['mean'])} [{f(a['summary'][name]['lo'])}, "
-                 f"{f(a['summary'][name]['hi'])}]" for a in doc["arms"]]
-        print(f"    {m['label']}: " + " | ".join(cells))
+        cells = [f"{f(a['summary'][name]['mean'])} [{f(a['summary'][name]['lo'])}, {f(a['summary'][name]['hi'])}]"
+                 for a in doc["arms"]]
+        print("    " + m["label"][: width - 2].ljust(width) + "".join(c.ljust(24) for c in cells))
     for c in doc["comparisons"]:
         if c["significant"]:
             print(f"    significant: {c['a']} -> {c['b']} {doc['metrics'][c['metric']]['label']} {c['diff']:+.3f} "

@@ -67,7 +67,7 @@ def decode_line(engine) -> str:
     describe = getattr(engine.decoder, "describe", None)
     if engine.compiled:
         return "decode: torch.compile of the model's modules (--compile)"
-    return describe() if describe is not None else f"decode: {engine.backend} (the model's own forward)"
+    return describe() if describe is not None else f"decode: {engine.backend} backend (the model's own forward)"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,7 +7,10 @@ numerically equal to the modules (tests/test_decode.py):
   the native kernel;
 - screen.py: greedy decoding's lm_head read through a low-precision copy (ArgmaxScreen), exact argmax;
 - plan.py: DecodePlan, a step as one flat loop (the whole layer stack in one native call for int8 models);
-- decoder.py: Decoder (what callers hold) and the per-model reuse of plans.
+  `DecodePlan.copy_bytes` says what weight copies a plan would make (none for models quantized by serve/quant or
+  loaded with `load_checkpoint(..., layout="decode")`: their weights are already in the kernels' layout);
+- decoder.py: Decoder (what callers hold) and the per-model reuse of plans; `Decoder.describe()` is the one line
+  that says which path and kernels a step runs, or why the model's modules do (`generate --verbose`, `serve`).
 """
 
 from phiforge.decode.decoder import Decoder, plan_of, release

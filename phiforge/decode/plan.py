@@ -2,9 +2,10 @@
 
 Batch-1 decoding reads every weight once per token, so it is bound by how fast the matrix-vector products stream
 weights, plus the per-token Python/dispatch overhead (at ~100M parameters a step is only a few ms). A plan
-resolves every layer's tensors once, copies linear weights into the layout the fastest CPU kernel for their
-dtype streams best (decode/linear.py; measured, bench/decode.py), and runs a step with no module calls and no
-mask or position building. Int8 models (serve/quant) with fp32 activations run a step's whole layer stack in one
+resolves every layer's tensors once, reads linear weights in the layout the fastest CPU kernel for their dtype
+streams best (decode/linear.py; measured, bench/decode.py) -- the model's own tensors where the loader or
+serve/quant laid them out so, else copies -- and runs a step with no module calls and no mask or position
+building. Int8 models (serve/quant) with fp32 activations run a step's whole layer stack in one
 native call (phiforge/kernels). A plan is only valid for the weights it was built from: `fresh()` says whether
 they are unchanged (Decoder checks it once per KV cache).
 """

@@ -147,7 +147,7 @@ class QuantLinear(nn.Module):
         on_cpu = use_kernel and device.type == "cpu"
         if mode == "int8":
             if on_cpu and kernels.available():
-                self.kernel = "q8"  # small batches; int8pack_mm (if present) serves prefill
+                self.kernel = "q8"  # decoding, and prefill where the build tiles it; else int8pack_mm
             elif on_cpu and hasattr(torch, "_weight_int8pack_mm"):
                 self.kernel = "int8pack_mm"
             self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, device=device))
@@ -274,13 +274,17 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def _q4_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 (M, K) through the native int4 kernel, MAX_ROWS rows a call (prefill too: the codes stay packed,
-        where dequantizing would write the fp32 weight out at every call); None where it declines."""
+        """x2 (M, K) through the native int4 kernel; prefill too, MAX_ROWS rows a call where the kernel takes no
+        more (the codes stay packed, where dequantizing would write the fp32 weight out at every call); None where
+        it declines."""
         out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
         bias = None if self.bias is None else self.bias.float()
         matmul = kernels.q4_matmul(self.q4(), bias, out_dtype)
         if matmul is None:
             return None
+        y = matmul(x2)
+        if y is not None or x2.shape[0] <= kernels.MAX_ROWS:
+            return y
         parts = []
         for r0 in range(0, x2.shape[0], kernels.MAX_ROWS):
             y = matmul(x2[r0:r0 + kernels.MAX_ROWS])
