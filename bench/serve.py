@@ -13,8 +13,9 @@ bandwidth reached, the quality cost of quantization, and a bounded load test of 
    transformers with torch's dynamic int8 quantization (`quantize_dynamic` of every nn.Linear: the ordinary
    8-bit path for a transformers model on a CPU; llama.cpp is not built here), int4 has no peer here.
    Batch 1, 16-token prompt, greedy, through the serving Engine. Variants are measured interleaved
-   (round-robin over --rounds) so machine load affects all alike. phi-1.5 in bf16 is past generate's
-   PACK_LIMIT_BYTES (the decode plan would copy 2.6 GB), so it runs the module path: the figure says so.
+   (round-robin over --rounds) so machine load affects all alike. phi-1.5 in bf16 with oneDNN's prepacked
+   layout (AVX-512 CPUs) is past generate's PACK_LIMIT_BYTES for copies, so its plan reads the model's own
+   weights with F.linear; the decode line each variant prints says which path ran.
    Decode tok/s = (N - 1) new tokens / (fastest N-token run - fastest 1-token run), so prefill is excluded.
    Bandwidth fraction = weight bytes actually read per token (every linear layer, quantized size, + norms + one
    embedding row; KV cache excluded; phiforge's greedy lm_head counted as read: its int8 screen + the candidate

@@ -96,3 +96,20 @@ def test_endpoint_identity():
     ident = model_identity(OpenAILM("http://127.0.0.1:9/v1", "m"), "openai:m@http://127.0.0.1:9/v1")
     assert ident == {"spec": "openai:m@http://127.0.0.1:9/v1", "backend": "OpenAILM",
                      "endpoint": "http://127.0.0.1:9/v1", "model": "m"}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_identity_names_the_mode_and_counts_the_weights(tiny_model, mode):
+    from phiforge.eval.results import model_identity
+    from phiforge.serve.quant import quantize
+
+    full = sum(p.numel() for p in tiny_model.parameters())
+
+    class Held:  # what PhiforgeLM holds after --quant
+        model = quantize(tiny_model, mode)
+        identity = "x"
+
+    ident = model_identity(Held())
+    q = ident["quantization"]
+    assert q["mode"] == mode and q["layers"] == 6 * tiny_model.config.num_hidden_layers + 1  # q k v dense fc1 fc2, head
+    assert ident["dtype"] == "float32" and ident["parameters"] == full  # the codes count as the weights they stand for

@@ -388,7 +388,7 @@ class Endpoint:
         if self.throttle is not None and n == 1:
             return self.send(h, 429, {"error": {"message": "slow down"}}, [("Retry-After", str(self.throttle))])
         rng = random.Random(f"{prompt}|{body.get('seed')}")  # sampled: the seed matters
-        text = "Lesson. " + " ".join(rng.choice(WORDS) for _ in range(60))
+        text = "Lesson. " + " ".join(rng.choice(WORDS) for _ in range(60)) + "."  # a whole passage (synth trims cut ones)
         with self.lock:
             self.answered[key] += 1
         self.send(h, 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],

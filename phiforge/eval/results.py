@@ -125,14 +125,24 @@ def model_identity(lm: Any, spec: str = "") -> dict[str, Any]:
         return out
     model = getattr(inner, "model", None)
     params = list(model.parameters()) if model is not None and hasattr(model, "parameters") else []
+    quant_layers = [m for m in model.modules() if hasattr(m, "qweight")] if params else []  # serve/quant layers
     if params:
-        out["dtype"] = _dtype_name(params[0].dtype)
-        out["parameters"] = sum(p.numel() for p in params)
+        float_params = [p for p in params if p.is_floating_point()]
+        out["dtype"] = _dtype_name((float_params or params)[0].dtype)
+        # a quantized linear keeps its weight as codes in buffers: count them as the (out x in) weights they are
+        out["parameters"] = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quant_layers)
         out["device"] = str(params[0].device)
     qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
     out["quantization"] = None
     if qcfg is not None:
         out["quantization"] = qcfg.to_dict() if hasattr(qcfg, "to_dict") else str(qcfg)
+    elif quant_layers:  # phiforge's weight-only quantization (--quant int8|int4): linear weights only
+        q = quant_layers[0]
+        out["quantization"] = {"mode": getattr(model, "quant_mode", q.mode), "layers": len(quant_layers),
+                               "group_size": q.group_size, "kernel": q.kernel,
+                               "activations": _dtype_name(q.act_dtype),
+                               "note": "weight-only: linear weights as integer codes with scales, dequantized "
+                                       "inside the matmul; embeddings and LayerNorms keep the dtype above"}
     files = _weight_files(spec) if spec else []
     if files:
         out["files"] = [str(f) for f in files]

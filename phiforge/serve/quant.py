@@ -274,24 +274,12 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def _q4_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 (M, K) through the native int4 kernel; prefill too, MAX_ROWS rows a call where the kernel takes no
-        more (the codes stay packed, where dequantizing would write the fp32 weight out at every call); None where
-        it declines."""
+        """x2 (M, K) through the native int4 kernel, any M (prefill is a cache-blocked matmul on the same exact
+        integer products: the codes stay packed and are read once a call); None where it declines."""
         out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
         bias = None if self.bias is None else self.bias.float()
         matmul = kernels.q4_matmul(self.q4(), bias, out_dtype)
-        if matmul is None:
-            return None
-        y = matmul(x2)
-        if y is not None or x2.shape[0] <= kernels.MAX_ROWS:
-            return y
-        parts = []
-        for r0 in range(0, x2.shape[0], kernels.MAX_ROWS):
-            y = matmul(x2[r0:r0 + kernels.MAX_ROWS])
-            if y is None:
-                return None
-            parts.append(y)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return None if matmul is None else matmul(x2)
 
 
 def linear_groups(model: Phi, include_lm_head: bool = True) -> list[list[tuple[nn.Module, str]]]:
