@@ -22,7 +22,7 @@ from phiforge.lm.base import BudgetExceeded
 from phiforge.lm.openai_api import EndpointError
 
 CLIENT_TIMEOUT = 0.6
-VOCAB = [f"w{i}" for i in range(500)]
+VOCAB = ["w" + chr(97 + i % 26) + chr(97 + i // 26) for i in range(500)]  # letters: a passage, not noise
 
 
 def answer_for(prompt: str) -> str:
@@ -33,7 +33,7 @@ def answer_for(prompt: str) -> str:
         return (f"Here is the exercise.\n```python\ndef {f}(x):\n    \"\"\"Return x doubled.\"\"\"\n    return 2 * x\n\n"
                 f"assert {f}(1) == 2\nassert {f}(0) == 0\nassert {f}(-3) == -6\n```\n")
     rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
-    return "Lesson. " + " ".join(rng.choice(VOCAB) for _ in range(60))
+    return "Lesson. " + " ".join(rng.choice(VOCAB) for _ in range(60)) + "."  # whole: synth trims cut passages
 
 
 class FakeOpenAI:
