@@ -45,7 +45,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from rows import held_equal, row
+from rows import held_equal, measure_bandwidth, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -391,23 +391,6 @@ class Worker:
         return peak
 
 
-_BW: list = []
-
-
-def measure_bandwidth() -> float:
-    """GB/s of x.sum() over 1 GiB of fp32 (allocated once), best of 3, on the threads torch uses."""
-    import torch
-
-    if not _BW:
-        _BW.append(torch.ones(256 * 1024 * 1024))
-    x = _BW[0]
-    x.sum()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
 
 
 # ---- speed --------------------------------------------------------------------------------------------------------

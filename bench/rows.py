@@ -26,3 +26,25 @@ def row(workload: str, peer: str, peer_setting: str, ours: float | None, theirs:
          "unit": unit, "ratio": ratio, "ratio_unit": ratio_unit, "goal": goal, "held": held, "note": note}
     print("ROW " + json.dumps(r), flush=True)
     return r
+
+
+_BW_BUFFER: list = []
+
+
+def measure_bandwidth() -> float:
+    """GB/s of x.sum() over 1 GiB of fp32 (allocated once, kept), best of 3, on the threads torch uses: the read
+    bandwidth weight streaming can reach, measured beside a bench's runs (bench/serve.py, bench/laptop.py)."""
+    import time
+
+    import torch
+
+    if not _BW_BUFFER:
+        _BW_BUFFER.append(torch.ones(256 * 1024 * 1024))
+    x = _BW_BUFFER[0]
+    x.sum()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 from decode_bytes import bytes_per_token, count_screen, dynamic_int8_bytes
-from rows import held_equal, row
+from rows import held_equal, measure_bandwidth, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,23 +63,6 @@ def result(name: str, value: float, unit: str) -> None:
     print(f"RESULT {name} {value:.4g} {unit}", flush=True)
 
 
-_BW_BUFFER = []
-
-
-def measure_bandwidth() -> float:
-    """GB/s of x.sum() over 1 GiB of fp32 (allocated once), best of 3."""
-    import torch
-
-    if not _BW_BUFFER:
-        _BW_BUFFER.append(torch.ones(256 * 1024 * 1024))
-    x = _BW_BUFFER[0]
-    x.sum()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
 
 
 def decode_time(run, n: int) -> float:
