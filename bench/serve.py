@@ -310,13 +310,7 @@ def bench_load(args: argparse.Namespace, model, tok) -> None:
                     with lock:
                         failures.append(repr(e))
 
-        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t0
+        wall = _run_clients(client_loop, args.clients)
     server.batcher.close()
     n = len(latencies)
     q = statistics.quantiles(latencies, n=100) if n >= 2 else [float("nan")] * 99
@@ -376,13 +370,18 @@ def _wellbehaved_load(args: argparse.Namespace, bg, prompts: list[str]) -> tuple
                 with lock:
                     failures.append(repr(e))
 
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
+    return latencies, failures, _run_clients(client_loop, args.clients)
+
+
+def _run_clients(client_loop, n: int) -> float:
+    """Seconds to run `client_loop(c)` for c in range(n), each on its own thread, all at once."""
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(n)]
     t0 = time.perf_counter()
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return latencies, failures, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def _bad_clients(bg, stop: threading.Event, droppers: int, invalid: int) -> tuple[list[threading.Thread], dict]:

@@ -41,6 +41,24 @@ def tiny_config(**overrides):
     return ModelConfig(**base)
 
 
+def tiny_checkpoint(path, texts, tokenizer_vocab: int, context: int):
+    """A tiny random Phi (noisy weights, so it says varied things) with a BPE trained on `texts`, saved at `path`."""
+    import torch
+
+    from phiforge.checkpoint import save_checkpoint
+    from phiforge.model import Phi
+    from phiforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(texts, tokenizer_vocab)
+    torch.manual_seed(0)
+    model = Phi(tiny_config(vocab_size=320, max_position_embeddings=context))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_checkpoint(model, path, tokenizer=tok)
+    return path
+
+
 @pytest.fixture
 def tiny_model():
     import torch

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import tiny_config
+from conftest import tiny_checkpoint
 
 TEXTS = ["the cat sat on the mat. the dog sat on the log.", "hello world, how are you today?",
          "Instruct: say hello\nOutput: hello there, friend."] * 10
@@ -19,22 +19,9 @@ TEXTS = ["the cat sat on the mat. the dog sat on the log.", "hello world, how ar
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    import torch
-
-    from phiforge.checkpoint import save_checkpoint
-    from phiforge.model import Phi
     from phiforge.serve.load import load_engine
-    from phiforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(TEXTS, 320)
-    torch.manual_seed(0)
-    model = Phi(tiny_config(vocab_size=320, max_position_embeddings=1024))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(model, ckpt, tokenizer=tok)
-    return load_engine(str(ckpt))
+    return load_engine(str(tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", TEXTS, 320, 1024)))
 
 
 def serve(engine, **kw):

@@ -8,7 +8,7 @@ import shutil
 import time
 
 import pytest
-from conftest import tiny_config
+from conftest import tiny_checkpoint
 
 TEXTS = ["Instruct: say hello\nOutput: hello there, friend.", "the cat sat on the mat."] * 10
 
@@ -56,22 +56,9 @@ class Slow:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    import torch
-
-    from phiforge.checkpoint import save_checkpoint
-    from phiforge.model import Phi
     from phiforge.serve.load import load_engine
-    from phiforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(TEXTS, 300)
-    torch.manual_seed(0)
-    model = Phi(tiny_config(vocab_size=320, max_position_embeddings=256))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(model, path, tokenizer=tok)
-    engine = load_engine(str(path))
+    engine = load_engine(str(tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", TEXTS, 300, 256)))
     engine.decoder = Slow(engine.decoder, 0.05)
     engine.step = engine.decoder.step
     return engine
