@@ -41,6 +41,44 @@ def tiny_config(**overrides):
     return ModelConfig(**base)
 
 
+class JSONServer:
+    """A threaded HTTP server on 127.0.0.1 for fake OpenAI-compatible endpoints: every POST's JSON body goes to
+    `self.handle(h, body)` (h: the request handler, to answer with); a client hanging up mid-answer is ignored.
+    Subclasses call `self.start()` at the end of `__init__`; `url` ends in /v1."""
+
+    def start(self) -> None:
+        import contextlib
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    owner.handle(self, body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def handle(self, h, body: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def tiny_checkpoint(path, texts, tokenizer_vocab: int, context: int):
     """A tiny random Phi (noisy weights, so it says varied things) with a BPE trained on `texts`, saved at `path`."""
     import torch

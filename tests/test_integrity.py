@@ -4,7 +4,6 @@ property tests are in test_readers.py, the corruption sweep in corruption_sweep.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -15,10 +14,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import JSONServer
 
 from phiforge.cli import main
 from phiforge.errors import CheckpointError, ConfigError, DataError
@@ -327,7 +326,7 @@ def test_training_start_removes_killed_saves_and_half_pruned_checkpoints(tokens,
 
 
 # ---- synth: a ledger, rejects, Retry-After, batching-free cache keys, stats on error ------------------------------
-class Endpoint:
+class Endpoint(JSONServer):
     """A minimal OpenAI-compatible /chat/completions server, counting requests by (prompt, seed). `refuse(prompt)`
     -> an HTTP 400 with a reason; `throttle` first answers each request with 429 + Retry-After; `status` answers
     everything with that error; `hold` blocks requests until it is set."""
@@ -340,28 +339,11 @@ class Endpoint:
         self.hold = threading.Event()
         self.hold.set()
         self.lock = threading.Lock()
-        ep = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    ep.handle(self, body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.start()
 
     def close(self):
         self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
     def send(self, h, code, obj, headers=()):
         payload = json.dumps(obj).encode()

@@ -16,11 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import JSONServer
 
 from phiforge.errors import ConfigError, PhiforgeError
 
@@ -275,7 +275,7 @@ def test_curation_on_ray_inside_the_run_matches_the_local_executor(tmp_path, mon
         assert local[name].read_bytes() == on_ray[name].read_bytes(), name
 
 
-class _Teacher:
+class _Teacher(JSONServer):
     """An OpenAI-compatible chat endpoint on 127.0.0.1 that writes prose and counts requests in flight."""
 
     TEXT = ("the list holds values and a loop visits each one before the function returns a result while "
@@ -285,48 +285,32 @@ class _Teacher:
     def __init__(self) -> None:
         self.in_flight = self.peak = self.requests = 0
         self.lock = threading.Lock()
-        teacher = self
+        self.start()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with teacher.lock:
-                    teacher.in_flight += 1
-                    teacher.requests += 1
-                    teacher.peak = max(teacher.peak, teacher.in_flight)
-                time.sleep(0.05)  # long enough for concurrent requests to overlap
-                text = teacher.answer(body["messages"][-1]["content"])
-                with teacher.lock:
-                    teacher.in_flight -= 1
-                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                      "choices": [{"index": 0, "finish_reason": "stop",
-                                                   "message": {"role": "assistant", "content": text}}],
-                                      "usage": {"prompt_tokens": 10, "completion_tokens": 60,
-                                                "total_tokens": 70}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def handle(self, h, body: dict) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.requests += 1
+            self.peak = max(self.peak, self.in_flight)
+        time.sleep(0.05)  # long enough for concurrent requests to overlap
+        text = self.answer(body["messages"][-1]["content"])
+        with self.lock:
+            self.in_flight -= 1
+        payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": text}}],
+                              "usage": {"prompt_tokens": 10, "completion_tokens": 60, "total_tokens": 70}}).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
 
     def answer(self, prompt: str) -> str:
         rng = random.Random(prompt)
         words = self.TEXT.split()
         return " ".join(" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(6))
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_textbooks_from_a_served_teacher_inside_the_run(tmp_path):

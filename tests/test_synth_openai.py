@@ -4,7 +4,6 @@ responses, slow and stalled streams."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
@@ -12,9 +11,9 @@ import re
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import JSONServer
 
 from phiforge.data.synth.pipeline import SynthConfig, read_samples, run_synth
 from phiforge.data.synth.teachers import make_teacher
@@ -36,7 +35,7 @@ def answer_for(prompt: str) -> str:
     return "Lesson. " + " ".join(rng.choice(VOCAB) for _ in range(60)) + "."  # whole: synth trims cut passages
 
 
-class FakeOpenAI:
+class FakeOpenAI(JSONServer):
     """Per prompt, attempts 0 and 1 get faults from `faults` (chosen by prompt hash); attempt 2+ succeeds."""
 
     FAULTS = ("timeout", "500", "503", "truncated_json", "cut_connection", "malformed", "no_text", "slow_ok")
@@ -47,28 +46,7 @@ class FakeOpenAI:
         self.attempts: Counter = Counter()
         self.successes: Counter = Counter()
         self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    fake.handle(self, body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start()
 
     def _send(self, h, code: int, payload: bytes, length: int | None = None):
         h.send_response(code)
