@@ -8,8 +8,8 @@ A checkpoint is a directory that `transformers.AutoModelForCausalLM.from_pretrai
 Loading builds the model on the meta device (no memory), checks every file, key and shape *before* reading any
 tensor data, then reads tensors one at a time straight into their final storage (at the offsets the safetensors
 header gives; a block of rows at a time where the dtype changes), so a phi-2 (5.6 GB fp16) never exists twice in
-memory, and a bad file never gives a half-loaded model. `quant="int8"|"int4"` quantizes the linear layers as they
-are read (the float weights are never held whole: the peak is the quantized model plus a block), and
+memory, and a bad file never gives a half-loaded model. `quant="int8"|"int4"` quantizes the linear layers and the embedding as
+they are read (the float weights are never held whole: the peak is the quantized model plus a block), and
 `layout="decode"` lays the weights out the way the decode plan's kernels read them (no copies later). Errors
 name the file and the tensor or field.
 """
@@ -434,8 +434,9 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
     """Load a Phi model from an HF-layout directory (or hub id), in `dtype` (None: as stored) on `device`.
 
     Tensors are read one at a time, straight into their final storage (converted a block of rows at a time), so
-    the model never exists twice. `quant` "int8" / "int4" quantizes the linear layers while loading (serve/quant
-    QuantLinear, from the stored values, a block of rows at a time): peak memory is the quantized model plus a
+    the model never exists twice. `quant` "int8" / "int4" quantizes the linear layers and the token embedding while
+    loading (serve/quant QuantLinear and QuantEmbedding, from the stored values, a block of rows at a time): peak
+    memory is the quantized model plus a
     block, never the float model. `layout` "decode" lays the weights out for the decode plan's kernel
     (phiforge/decode/linear.py) so that it copies nothing: int8 q/k/v/fc1 as rows of one buffer, fp32 CPU weights
     as transposed views of one (in, out) matrix per group; the modules compute the same either way. "module"
@@ -520,10 +521,22 @@ def _load_quantized(model: Phi, reader: _WeightReader, source: dict[str, str], m
                     act_dtype: torch.dtype, device: str) -> set[str]:
     """Replace every linear layer of the (meta) model with a QuantLinear filled from the stored weight a block of
     rows at a time; int8 q/k/v/fc1 share one buffer (serve/quant.share_rows). Returns the tensor names loaded."""
-    from phiforge.serve.quant import QuantLinear, block_rows, linear_groups, share_rows
+    from phiforge.serve.quant import QuantEmbedding, QuantLinear, block_rows, linear_groups, share_rows
 
     groups = linear_groups(model)
     done: set[str] = set()
+    # the token embedding too, in int8 (serve/quant.QuantEmbedding): at phi-2's shape it is 524 MB in fp32
+    meta = model.model.embed_tokens
+    emb = QuantEmbedding.empty(meta.num_embeddings, meta.embedding_dim, act_dtype=act_dtype, device=device)
+    name = source["model.embed_tokens.weight"]
+    step = block_rows(emb.embedding_dim)
+    for r0 in range(0, emb.num_embeddings, step):
+        block = reader.read_rows(name, r0, min(r0 + step, emb.num_embeddings))
+        reader.check_finite(name, block)
+        emb.load_rows(r0, block)
+    model.model.embed_tokens = emb
+    done.add("model.embed_tokens.weight")
+    release_freed_memory()
     for group, names in zip(groups, _linear_names(model, groups)):
         made = []
         for (parent, attr), name in zip(group, names):

@@ -206,8 +206,8 @@ def test_plan_runs_int8_layers_fused_and_exactly():
     # is discontinuous: an ulp can move one code by 1 (~1e-4 on these logits). Quantization itself costs ~0.1.
     native = decode_logits(model, IDS, decoder)
     torch.testing.assert_close(native, plain, rtol=0, atol=2e-3)
-    decoder.plan.native = None  # the plan's torch path
-    torch.testing.assert_close(decode_logits(model, IDS, decoder), plain, rtol=0, atol=0)  # the same integer sums
+    decoder.plan.native = None  # the plan's torch path: the same int8 kernel, attention by hand (not SDPA):
+    torch.testing.assert_close(decode_logits(model, IDS, decoder), plain, rtol=0, atol=2e-3)  # the same ulp caveat
     greedy_vs_argmax(decoder, 6)
     with torch.no_grad():  # codes changed in place: the fused copies are stale and must not be used
         model.model.layers[0].mlp.fc1.qweight.neg_()

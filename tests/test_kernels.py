@@ -278,27 +278,36 @@ def _q4_case(M, N, K, seed=0):
     return x, kernels.quantize_q4(w), b
 
 
+def _q4_blocks(t, Kp):
+    """(R, K) -> (R, Kp / 64, 64): zero-padded to Kp, in the kernel's slot order, one activation block a row."""
+    t = torch.nn.functional.pad(t, (0, Kp - t.shape[1]))
+    return t[:, kernels.q4_slot_positions(Kp)].view(t.shape[0], -1, 64)
+
+
 def _q4_bound(x, deq):
     """The float64 error bound of q4_linear against x @ deq^T: each activation row is quantized to int8 per block
-    of 64 inputs, |x - sx xq| <= sx / 2 = max|x_block| / 254, so an output's error is at most the sum over blocks
-    of max|x_block| / 254 * sum|w| over the block (x1.01 for the fp32 rounding of x / sx), plus fp32 accumulation
-    (each product and partial sum rounded to 2^-24 relative: 1e-5 of sum |w x| is ample up to K = 70000)."""
-    M, K = x.shape
-    pad = (0, (K + 63) // 64 * 64 - K)
-    xb = torch.nn.functional.pad(x.double().abs(), pad).view(M, -1, 64).amax(-1)  # (M, blocks)
-    wb = torch.nn.functional.pad(deq.double().abs(), pad).view(deq.shape[0], -1, 64).sum(-1)  # (N, blocks)
+    of 64 slots (8 consecutive inputs of each of a super-block's groups), |x - sx xq| <= sx / 2 = max|x_block| /
+    254, so an output's error is at most the sum over blocks of max|x_block| / 254 * sum|w| over the block (x1.01
+    for the fp32 rounding of x / sx), plus fp32 accumulation (each product and partial sum rounded to 2^-24
+    relative: 1e-5 of sum |w x| is ample up to K = 70000)."""
+    Kp = (x.shape[1] + 63) // 64 * 64
+    xb = _q4_blocks(x.double().abs(), Kp).amax(-1)  # (M, blocks)
+    wb = _q4_blocks(deq.double().abs(), Kp).sum(-1)  # (N, blocks)
     return (xb / 254) @ wb.t() * 1.01 + 1e-5 * (x.double().abs() @ deq.double().abs().t()) + 1e-6
 
 
 def _q4_emulated(x, deq):
-    """x @ deq^T with x quantized as the kernel does it (int8 per block of 64, fp32 scale and rounding), in
+    """x @ deq^T with x quantized as the kernel does it (int8 per block of 64 slots, fp32 scale and rounding), in
     float64: the kernel's integer products are exact, so only its fp32 accumulation differs from this."""
     M, K = x.shape
-    xp = torch.nn.functional.pad(x, (0, (K + 63) // 64 * 64 - K)).view(M, -1, 64)
+    Kp = (K + 63) // 64 * 64
+    xp = _q4_blocks(x, Kp)
     sx = xp.abs().amax(-1, keepdim=True) / 127
     sx = torch.where(sx > 0, sx, torch.ones_like(sx))
-    xq = (xp * (1 / sx)).round().clamp(-127, 127).double() * sx.double()
-    return xq.view(M, -1)[:, :K] @ deq.double().t()
+    xq = ((xp * (1 / sx)).round().clamp(-127, 127).double() * sx.double()).view(M, Kp)
+    back = torch.empty_like(xq)
+    back[:, kernels.q4_slot_positions(Kp)] = xq  # slot order -> input order
+    return back[:, :K] @ deq.double().t()
 
 
 def _q4_check_result(y, x, wq, b):
@@ -345,12 +354,23 @@ def test_quantize_q4_is_q4_0_rule_and_dequantizes_exactly():
                 ext = w[n, members][w[n, members].abs().argmax()]
                 assert deq[n, members].abs().max() == pytest.approx(abs(float(ext)), rel=1e-3)
         torch.testing.assert_close(kernels.dequantize_q4(kernels.q4_cat([wq, wq])), torch.cat([deq, deq]))
-    # a full super-block's groups are 32 weights each, the layout's lanes: positions (o % 32) // 4 == i
+    # a full super-block's groups are 32 consecutive inputs each (Q4_0's), their codes in the layout's lanes:
+    # group i in the slots o with (o % 32) // 4 == i (both nibbles of bytes 4i..4i+3 of every vector)
     w = torch.zeros(1, 256)
-    w[0, torch.arange(256) % 32 // 4 == 5] = 1.0
+    w[0, 160:192] = 1.0  # group 5
     wq = kernels.quantize_q4(w)
     assert torch.equal(wq.scales.float()[0] != 0, torch.arange(8) == 5)
     assert torch.equal(kernels.dequantize_q4(wq), w)
+    p = wq.packed.view(4, 1, 32)
+    slots = torch.cat([p & 15, p >> 4], 1).reshape(256)  # slot 64t + 32h + j: nibble h of byte j of vector t
+    assert torch.equal(slots != 8, torch.arange(256) % 32 // 4 == 5)
+    # a row's last, partial super-block (v < 4 vectors): groups of 8v consecutive inputs
+    for K, v in ((320, 1), (384, 2), (448, 3)):
+        w = torch.zeros(1, K)
+        w[0, 256 + 8 * v * 3:256 + 8 * v * 4] = 1.0  # its group 3
+        wq = kernels.quantize_q4(w)
+        assert torch.equal(wq.scales.float()[0] != 0, torch.arange(16) == 11), K
+        assert torch.equal(kernels.dequantize_q4(wq), w)
 
 
 @needs_kernel

@@ -124,6 +124,36 @@ def test_quantize_swaps_linears_and_decodes():
         assert q.new_cache(1, 8).k[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_embedding_rows(mode):
+    """QuantEmbedding (int8 in both modes): every row within half a step of the float row (its own scale), a
+    lookup equals the same rows of the whole dequantized table (prefill and decode see the same numbers), the table
+    is 4x smaller than fp32, and quantize() swaps it in (or keeps the float one when asked)."""
+    import torch
+
+    from phiforge.serve.quant import QuantEmbedding, quantize, weight_bytes_per_token
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(300, 96)
+    q = QuantEmbedding(emb)
+    table = q.dequantize()
+    assert table.shape == (300, 96) and table.dtype == torch.float32
+    w = emb.weight.detach()
+    assert ((table - w).abs() <= w.abs().amax(1, keepdim=True) / 254 * (1 + 1e-5)).all()
+    assert (table - w).abs().max() > 0  # it is quantized
+    ids = torch.tensor([[5, 0, 299], [7, 7, 42]])
+    assert torch.equal(q(ids), table[ids])
+    assert q.nbytes() <= w.numel() * 4 / 3.5
+    assert q.weight.dtype == torch.float32 and q.weight.numel() == 0  # device/dtype questions still answered
+
+    model = quantize(_model(), mode)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    kept = quantize(_model(), mode, include_embedding=False)
+    assert type(kept.model.embed_tokens) is torch.nn.Embedding
+    row = model.model.embed_tokens.nbytes() // model.config.vocab_size
+    assert weight_bytes_per_token(kept) - weight_bytes_per_token(model) == model.config.hidden_size * 4 - row
+
+
 def test_quantized_engine_agrees_with_full_precision_greedy():
     import torch
 

@@ -51,11 +51,12 @@ def quant_arg(text: str) -> str:
 
 
 def add_quant(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, group_size: bool = True) -> None:
-    """`--quant {none,int8,int4}` (weight-only quantization of the linear layers, applied while loading a phiforge
-    checkpoint) and `--group-size N` (int4 on torch's kernel)."""
+    """`--quant {none,int8,int4}` (weight-only quantization of the linear layers and the token embedding, applied
+    while loading a phiforge checkpoint) and `--group-size N` (int4 on torch's kernel)."""
     parser.add_argument("--quant", type=quant_arg, default="none", metavar="{none,int8,int4}",
-                        help="weight-only quantization of the linear layers, applied while loading (the float "
-                             "model never exists): int8 per output row, int4 in groups; phiforge checkpoints only")
+                        help="weight-only quantization of the linear layers and the token embedding, applied while "
+                             "loading (the float model never exists): int8 per output row, int4 in groups; "
+                             "phiforge checkpoints only")
     if group_size:
         parser.add_argument("--group-size", type=int, default=128, metavar="N",
                             help="int4 input channels per scale on torch's int4 kernel (the native int4 kernel, "

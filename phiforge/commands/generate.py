@@ -114,7 +114,7 @@ def load_line(model: Any, quant: str, seconds: float) -> str:
     except (OSError, StopIteration, ValueError):
         pass
     dtype = model.model.embed_tokens.weight.dtype
-    what = f"{quant} linear layers, {str(dtype).removeprefix('torch.')} activations" if quant != "none" else \
+    what = f"{quant} linear layers and embedding, {str(dtype).removeprefix('torch.')} activations" if quant != "none" else \
         str(dtype).removeprefix("torch.")
     return f"load: {what}, {human_bytes(held)} of weights in {seconds:.1f}s (peak RSS {human_bytes(peak)})"
 

@@ -93,7 +93,8 @@ class DecodePlan:
         if kernel in ("t", "mkldnn") and type(model.lm_head) is nn.Linear:
             self.screen = ArgmaxScreen.build(model.lm_head)
         emb, fln = model.model.embed_tokens, model.model.final_layernorm
-        self.embed, self.final_ln = emb.weight, (fln.weight, fln.bias, fln.eps)
+        # the module itself: a quantized embedding (serve/quant.QuantEmbedding) dequantizes the rows it looks up
+        self.embed, self.final_ln = emb, (fln.weight, fln.bias, fln.eps)
         self.modules += [(model._modules, "lm_head", model.lm_head)]
         self.modules += [(model.model._modules, n, model.model[n])
                          for n in ("layers", "embed_tokens", "final_layernorm")]
@@ -185,7 +186,7 @@ class DecodePlan:
         B = input_ids.shape[0]
         H, KV, hd = self.H, self.KV, self.hd
         L = cache.length
-        x = F.embedding(input_ids[:, 0], self.embed)  # (B, d)
+        x = self.embed(input_ids[:, 0])  # (B, d)
         d = x.shape[-1]
         cos, sin = self.cos[L], self.sin_signed[L]  # (rotary_dim,), broadcast over rows and heads
         # layers the native stack ran (x updated in place, k and v cached): all, or up to one that declined

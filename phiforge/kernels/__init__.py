@@ -26,6 +26,7 @@ Nothing here is imported by `import phiforge`; the build runs on the first call 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -203,45 +204,55 @@ class Q4Weight(NamedTuple):
 Q4_GROUP = 32  # weights per scale (fewer only in a row's last, partial super-block of 256)
 
 
-def _q4_groups(Kp: int) -> list[tuple[int, int, torch.Tensor]]:
-    """Per super-block size class: (first position, vectors per super-block, index) where the index (Kp,) lists
-    the row's positions group by group: for each super-block of `v` vectors, group 0's 8v positions, then group
-    1's, ... (position o of a super-block is in group (o % 32) // 4)."""
+@functools.cache
+def q4_slot_positions(Kp: int) -> torch.Tensor:
+    """The input position each code slot of a q4 row holds (Kp,): slot s = 256 b + 64 t + 32 h + 4 i + j of a
+    super-block b of v vectors (v = 4, fewer in a row's last) holds input 256 b + 8 v i + 8 t + 4 h + j, so that
+    group i (lane i of the kernel's vector multiply-adds: slots with (s % 32) // 4 == i) is the 8 v consecutive
+    inputs 256 b + 8 v i ... (32 in a whole super-block), as in Q4_0, and the kernel's activation block t (slots
+    64 t ...) holds 8 consecutive inputs of each group. decode.c's acts4_row gathers activations by the same rule."""
     nv = Kp // 64
-    o = torch.arange(256).view(4, 2, 8, 4)  # (vector t, half h, group i, byte j): o = 64t + 32h + 4i + j
-    out = []
-    full = nv // 4 * 256
-    if full:
-        idx = o.permute(2, 0, 1, 3).reshape(8, 32)  # (group, its 32 positions)
-        out.append((0, 4, (torch.arange(0, full, 256)[:, None, None] + idx).reshape(-1)))
-    if nv % 4:
-        v = nv % 4
-        idx = o[:v].permute(2, 0, 1, 3).reshape(8, 8 * v)
-        out.append((full, v, full + idx.reshape(-1)))
-    return out
+    s = torch.arange(Kp)
+    b, o = s // 256, s % 256
+    v = torch.clamp(nv - 4 * b, max=4)
+    t, h, i, j = o // 64, o % 64 // 32, o % 32 // 4, o % 4
+    return 256 * b + 8 * v * i + 8 * t + 4 * h + j
+
+
+@functools.cache
+def _q4_scale_columns(Kp: int) -> torch.Tensor:
+    """The scale column of each of a row's Kp input positions: super-block b's group i, 8 b + i."""
+    p = torch.arange(Kp)
+    b = p // 256
+    v = torch.clamp(Kp // 64 - 4 * b, max=4)
+    return 8 * b + (p % 256) // (8 * v)
 
 
 def quantize_q4(w: torch.Tensor) -> Q4Weight:
-    """(N, K) float weight -> Q4Weight on the CPU: per group, scale = the group's signed extreme / -8 (rounded to
-    fp16) and q = round(w / scale) clamped to [-8, 7], Q4_0's rule. Pure torch (no compiled kernel needed); holds
-    one fp32 copy of w at a time."""
+    """(N, K) float weight -> Q4Weight on the CPU: per group of 32 consecutive inputs (8 v in a row's last,
+    partial super-block), scale = the group's signed extreme / -8 (rounded to fp16) and q = round(w / scale)
+    clamped to [-8, 7], Q4_0's rule; codes then placed in the kernel's slots (q4_slot_positions). Pure torch (no
+    compiled kernel needed); holds one fp32 copy of w at a time."""
     N, K = w.shape
     Kp = (K + 63) // 64 * 64
     wf = w.detach().to("cpu", torch.float32)
     if Kp != K:
         wf = torch.nn.functional.pad(wf, (0, Kp - K))
-    codes = torch.empty(N, Kp, dtype=torch.uint8)
+    codes = torch.empty(N, Kp, dtype=torch.uint8)  # by input position
     scales = []
-    for _, v, idx in _q4_groups(Kp):
-        g = wf[:, idx].view(N, -1, 8, 8 * v)  # (N, super-blocks, group, members)
+    full = Kp // 256 * 256
+    for start, end, members in ((0, full, 32), (full, Kp, (Kp - full) // 8)):
+        if end == start:
+            continue
+        g = wf[:, start:end].view(N, -1, members)  # (N, groups, members): consecutive inputs
         ext = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # the signed extreme
         d = (ext / -8).to(torch.float16)
         df = d.float()
         q = torch.where(df == 0, 0.0, g / df).round_().clamp_(-8, 7).add_(8).to(torch.uint8)
-        codes[:, idx] = q.view(N, -1)
+        codes[:, start:end] = q.view(N, -1)
         scales.append(d.view(N, -1))
     del wf
-    c = codes.view(N, Kp // 64, 2, 32)
+    c = codes[:, q4_slot_positions(Kp)].view(N, Kp // 64, 2, 32)  # by slot
     packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
     return Q4Weight(packed.contiguous(), torch.cat(scales, 1).contiguous(), K)
 
@@ -251,11 +262,10 @@ def dequantize_q4(wq: Q4Weight) -> torch.Tensor:
     N = wq.packed.shape[0]
     Kp = wq.packed.shape[1] * 2
     p = wq.packed.view(N, Kp // 64, 1, 32)
-    codes = torch.cat([p & 15, p >> 4], 2).view(N, Kp).float() - 8
-    gid = torch.empty(Kp, dtype=torch.long)  # the scale column of each position
-    for start, v, idx in _q4_groups(Kp):
-        gid[idx] = start // 32 + torch.arange(idx.numel()) // (8 * v)
-    return (codes * wq.scales.float()[:, gid])[:, :wq.K].contiguous()
+    slots = torch.cat([p & 15, p >> 4], 2).view(N, Kp)
+    codes = torch.empty_like(slots)
+    codes[:, q4_slot_positions(Kp)] = slots  # by input position
+    return ((codes.float() - 8) * wq.scales.float()[:, _q4_scale_columns(Kp)])[:, :wq.K].contiguous()
 
 
 def q4_cat(parts: list[Q4Weight]) -> Q4Weight:

@@ -4,8 +4,9 @@ Batch-1 decoding reads every weight once per token, so its speed is bytes-of-wei
 Storing weights in 8 (4) bits and dequantizing inside the matmul reads 4x (8x) fewer bytes than fp32.
 
 `quantize(model, "int8" | "int4", group_size=128)` swaps every nn.Linear of the blocks and the lm_head for a
-`QuantLinear` from outside the model (model.py is untouched); activations, LayerNorms, embeddings and biases
-keep their dtype. Kernels, by device:
+`QuantLinear` from outside the model (model.py is untouched), and the token embedding for an int8
+`QuantEmbedding` (rows dequantized as they are looked up); activations, LayerNorms and biases keep their dtype.
+Kernels, by device:
 
 - CPU int8, up to kernels.MAX_ROWS rows (decoding): phiforge's native kernel `kernels.q8_linear` (exact integer
   products with the activation row quantized to int16; streams at memory speed where torch's kernel is
@@ -282,6 +283,70 @@ class QuantLinear(nn.Module):
         return None if matmul is None else matmul(x2)
 
 
+class QuantEmbedding(nn.Module):
+    """A token embedding stored in int8, every row with its own scale (QuantLinear's int8 rule), in both
+    quantization modes. A lookup dequantizes only the rows it reads, into the activation dtype, so a decode step
+    reads one row; the prefill and the decode plan call the same lookup, so every path sees the same numbers.
+    Why: at phi-2's shape the fp32 table is 524 MB, as much as 5 of its 32 int8 layers (laptop memory). Why int8
+    under int4 too: on bench/laptop.py's trained Phi the int4 model's perplexity rose +0.37 % with a 4-bit table
+    (the q4 rule), +0.11 % with the fp32 one and +0.10 % with this one; 4 bits would save 57 MB at phi-2's shape.
+
+    `QuantEmbedding.empty(...)` allocates the buffers for `load_rows` (quantizing while loading);
+    `QuantEmbedding(embedding)` quantizes an existing nn.Embedding."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        w = embedding.weight.detach()
+        self._setup(w.shape[0], w.shape[1], w.dtype, w.device)
+        step = block_rows(self.embedding_dim)
+        for r0 in range(0, self.num_embeddings, step):
+            self.load_rows(r0, w[r0:r0 + step])
+
+    @classmethod
+    def empty(cls, num_embeddings: int, embedding_dim: int, *, act_dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> QuantEmbedding:
+        """A QuantEmbedding with uninitialised buffers, for `load_rows` to fill."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(num_embeddings, embedding_dim, act_dtype, torch.device(device))
+        return self
+
+    def _setup(self, num_embeddings: int, embedding_dim: int, act_dtype: torch.dtype, device: torch.device) -> None:
+        self.num_embeddings, self.embedding_dim, self.act_dtype = num_embeddings, embedding_dim, act_dtype
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+
+    @torch.no_grad()
+    def load_rows(self, start: int, w: torch.Tensor) -> None:
+        """Quantize float rows `w` (n, d) into rows [start, start + n)."""
+        end = start + w.shape[0]
+        if w.shape[1] != self.embedding_dim or end > self.num_embeddings:
+            raise ValueError(f"load_rows: rows {start}..{end} of width {w.shape[1]} do not fit a "
+                             f"({self.num_embeddings}, {self.embedding_dim}) embedding")
+        q, scale = quantize_int8(w.to(self.qweight.device))
+        self.qweight[start:end], self.scales[start:end] = q, scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty (0, d) tensor in the activation dtype on the table's device (as QuantLinear.weight): code that
+        asks the embedding for the model's device or dtype gets the right answer."""
+        return torch.empty(0, self.embedding_dim, dtype=self.act_dtype, device=self.qweight.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[input_ids].float() * self.scales[input_ids, None]  # (..., d)
+        return rows.to(self.act_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (V, d) table these codes stand for, in the activation dtype."""
+        return self(torch.arange(self.num_embeddings, device=self.qweight.device))
+
+
 def linear_groups(model: Phi, include_lm_head: bool = True) -> list[list[tuple[nn.Module, str]]]:
     """The model's linear layers as (parent module, attribute name), grouped by the input they read: per block
     [q, k, v, fc1] (all fed by its LayerNorm), [dense], [fc2]; then [lm_head]. A decode plan fuses a group."""
@@ -315,13 +380,14 @@ def share_rows(linears: list[QuantLinear]) -> None:
 
 
 def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: bool = True,
-             use_kernel: bool = True) -> Phi:
-    """Replace the model's linear layers (q/k/v/dense, fc1/fc2, and the lm_head) with QuantLinear, in place.
+             include_embedding: bool = True, use_kernel: bool = True) -> Phi:
+    """Replace the model's linear layers (q/k/v/dense, fc1/fc2, and the lm_head) with QuantLinear and its token
+    embedding with an int8 QuantEmbedding (`include_embedding=False` keeps it in full precision), in place.
 
     Quantize on the device you will run on (the CPU int4 kernel's packed layout is CPU-specific).
     `use_kernel=False` forces the portable dequantize-then-matmul path (reference / debugging).
-    Returns the model, in eval mode, for chaining. The embedding stays in full precision: decoding reads one
-    row of it per token, not the whole matrix. A layer's int8 q, k, v and fc1 share one buffer (`share_rows`).
+    Returns the model, in eval mode, for chaining. Decoding reads one embedding row per token, so quantizing the
+    table saves memory, not time. A layer's int8 q, k, v and fc1 share one buffer (`share_rows`).
     To quantize a checkpoint without ever holding it in full precision, load it with
     `phiforge.checkpoint.load_checkpoint(path, quant=mode)`.
     """
@@ -340,6 +406,9 @@ def quantize(model: Phi, mode: str, group_size: int = 128, *, include_lm_head: b
                     setattr(parent, name, made[-1])
             if len(made) == len(group):
                 share_rows(made)
+        emb = model.model.embed_tokens
+        if include_embedding and isinstance(emb, nn.Embedding):
+            model.model.embed_tokens = QuantEmbedding(emb)
     model.quant_mode = mode
     return model.eval()
 
@@ -359,6 +428,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
             total += sum(p.numel() * p.element_size() for p in m.parameters())
         elif isinstance(m, nn.Embedding):
             total += m.weight.shape[1] * m.weight.element_size()
+        elif isinstance(m, QuantEmbedding):
+            total += m.nbytes() // m.num_embeddings
     return total
 
 
