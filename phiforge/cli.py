@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import sys
 import textwrap
+from typing import NoReturn
 
 # name -> (module, one-line summary). Listed in the order of the loop: model, data, train, eval, run, serve.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,6 +67,16 @@ def _top_help(cmds: dict[str, tuple[str, str]]) -> str:
     ).format(cmds="\n".join(lines))
 
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: a usage mistake (an unknown flag, a bad choice) is one line,
+    `phiforge: error: COMMAND: what (see phiforge COMMAND --help)`, exit 2; --help still prints the usage. Sub-
+    commands' parsers (export gguf) are of this class too (argparse makes them like their parent)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"phiforge: error: {self.prog.removeprefix('phiforge ')}: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `phiforge` console script."""
     from phiforge import __version__
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phiforge: error: unknown command {name!r}", file=sys.stderr)
         return 2
     module = importlib.import_module(cmds[name][0])
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"phiforge {name}",
         description=(module.__doc__ or cmds[name][1]).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

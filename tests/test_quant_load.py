@@ -284,8 +284,8 @@ def test_export_quant_int8_int4_mean_the_gguf_types(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve", "eval", "export"])
 def test_bad_quant_is_one_clear_line(command, ckpt, capsys):
-    """`--quant int3` is refused by the flag's own parser (usage line + one error line, exit 2) and names the
-    choices; export's --quant names GGUF types and says that int8 / int4 mean q8_0 / q4_0."""
+    """`--quant int3` is refused by the flag's own parser in one line (`phiforge: error: ...`, exit 2, no usage
+    dump) that names the choices; export's --quant names GGUF types and says that int8 / int4 mean q8_0 / q4_0."""
     from phiforge.cli import main
 
     argv = {"generate": ["--model", str(ckpt), "x"], "chat": ["--model", str(ckpt)],
@@ -295,8 +295,9 @@ def test_bad_quant_is_one_clear_line(command, ckpt, capsys):
         main([command, *argv, "--quant", "int3"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    errors = [x for x in err.splitlines() if "error:" in x]
-    assert len(errors) == 1 and "--quant: invalid choice: 'int3'" in errors[0], err
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("phiforge: error: "), err
+    assert "--quant: invalid choice: 'int3'" in errors[0], err
     assert ("int8 = q8_0" in errors[0]) if command == "export" else ("none, int8, int4" in errors[0])
 
 
