@@ -20,7 +20,8 @@ What it measures (`RESULT <name> <value> <unit>` lines and `ROW {json}` rows for
    - prefill tok/s: a --prompt-len (512) token prompt from an empty cache to its first token, fastest run;
    - peak RSS: the process's own high-water mark at the end (VmHWM, loading included; ru_maxrss would carry the
      parent's RSS at fork), and its RSS before loading (the runtime: Python + torch for phiforge, Python +
-     libllama for llama.cpp) to show what the weights cost;
+     libllama for llama.cpp) to show what the weights cost. llama.cpp reads its weights in (--no-mmap): mapped,
+     the clean file pages its Q4_0 repacking leaves resident would count (see LlamaRunner);
    - fraction of measured read bandwidth: weight bytes a decode step reads x decode tok/s / the read bandwidth
      measured (a 1 GiB sum, all threads) right before and after that variant's runs, per round; median of rounds.
 4. Quality: a trained small Phi (--model DIR, else one trained here on the standard library's source for
@@ -289,6 +290,15 @@ class LlamaRunner:
         L.llama_backend_init()
         self.base_rss = rss("VmRSS")  # the runtime: Python, numpy, libllama
         mp = L.llama_model_default_params()
+        # Weights read into the process's own memory (--no-mmap), not mapped from the file: with a mapping, the
+        # AVX2 build's Q4_0 repacking (its default "extra buffer types") leaves the mapped file's clean pages
+        # resident beside the repacked copy, and peak RSS (VmHWM) counted them: 3.42 GB for phi-2 Q4_0, of which
+        # 1.59 GB were reclaimable file pages; read in, 1.93 GB, what the model really needs. Speed is the same
+        # either way (the weights are in memory both times).
+        if hasattr(L, "LLAMA_LOAD_MODE_NONE"):
+            mp.load_mode = L.LLAMA_LOAD_MODE_NONE
+        else:  # older bindings
+            mp.use_mmap = False
         self.model = L.llama_model_load_from_file(str(args.model).encode(), mp)
         if not self.model:
             raise SystemExit(f"llama.cpp could not load {args.model}")
@@ -417,7 +427,8 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
     held = held_equal(f"the same random {tag} weights (phiforge's bf16 checkpoint, and its own q8_0 / q4_0 GGUF "
                       f"export for llama.cpp), {args.threads} threads, batch 1, greedy, {n} new tokens after a "
                       f"16-token prompt; prefill of {args.prompt_len} tokens; a warm-up each, then {args.rounds} "
-                      f"round-robin rounds (fastest runs); each variant in its own process")
+                      f"round-robin rounds (fastest runs); each variant in its own process; weights read into memory on both "
+                      f"sides (llama.cpp with --no-mmap, phiforge quantizing while loading), peak RSS of each")
     for w in workers.values():  # warm-up
         w.call("generate", short, 4)
         w.call("generate", long_prompt, 1)
