@@ -51,7 +51,8 @@ FULL_MINUTES = {"dedup": 2, "train": 5, "sandbox": 2, "classifier": 3, "synth": 
                 "eval_faithfulness": 12, "promptbase": 20, "grow": 40, "decode": 5, "finetune": 15, "serve": 35,
                 "laptop": 40}
 # what a first run costs on top (caches under ~/.cache/phiforge, kept for later runs)
-FIRST_RUN = {"laptop": "llama.cpp built from source (~30 min) and the phi-2 weights written and exported (~10 GB)"}
+FIRST_RUN = {"laptop": "llama.cpp built from source (~60 min on 2 cores) and the phi-2 weights written and exported "
+                        "(~2 min, 10 GB)"}
 QUICK_TIMEOUT = {"laptop": 3600.0}  # its first quick run builds llama.cpp too
 
 BEGIN = "<!-- bench/all.py table: begin (python bench/all.py --merge FILE replaces the lines of the benches it ran) -->"
