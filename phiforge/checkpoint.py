@@ -8,8 +8,9 @@ A checkpoint is a directory that `transformers.AutoModelForCausalLM.from_pretrai
 Loading builds the model on the meta device (no memory), checks every file, key and shape *before* reading any
 tensor data, then reads tensors one at a time straight into their final storage (at the offsets the safetensors
 header gives; a block of rows at a time where the dtype changes), so a phi-2 (5.6 GB fp16) never exists twice in
-memory, and a bad file never gives a half-loaded model. `quant="int8"|"int4"` quantizes the linear layers and the embedding as
-they are read (the float weights are never held whole: the peak is the quantized model plus a block), and
+memory, and a bad file never gives a half-loaded model. `quant="int8"|"int4"` quantizes the linear layers and
+the embedding as they are read (the float weights are never held whole: the peak is the quantized model plus a
+block), and
 `layout="decode"` lays the weights out the way the decode plan's kernels read them (no copies later). Errors
 name the file and the tensor or field.
 """
@@ -436,8 +437,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | torch.dtype | None 
     Tensors are read one at a time, straight into their final storage (converted a block of rows at a time), so
     the model never exists twice. `quant` "int8" / "int4" quantizes the linear layers and the token embedding while
     loading (serve/quant QuantLinear and QuantEmbedding, from the stored values, a block of rows at a time): peak
-    memory is the quantized model plus a
-    block, never the float model. `layout` "decode" lays the weights out for the decode plan's kernel
+    memory is the quantized model plus a block, never the float model. `layout` "decode" lays the weights out for the decode plan's kernel
     (phiforge/decode/linear.py) so that it copies nothing: int8 q/k/v/fc1 as rows of one buffer, fp32 CPU weights
     as transposed views of one (in, out) matrix per group; the modules compute the same either way. "module"
     (default) gives plain contiguous parameters (what training and conversion want; quantized layers always
@@ -519,21 +519,17 @@ def _linear_names(model: Phi, groups: list[list[tuple[torch.nn.Module, str]]]) -
 
 def _load_quantized(model: Phi, reader: _WeightReader, source: dict[str, str], mode: str, group_size: int,
                     act_dtype: torch.dtype, device: str) -> set[str]:
-    """Replace every linear layer of the (meta) model with a QuantLinear filled from the stored weight a block of
-    rows at a time; int8 q/k/v/fc1 share one buffer (serve/quant.share_rows). Returns the tensor names loaded."""
-    from phiforge.serve.quant import QuantEmbedding, QuantLinear, block_rows, linear_groups, share_rows
+    """Replace every linear layer of the (meta) model with a QuantLinear, and its token embedding with an int8
+    QuantEmbedding, each filled from the stored weight a block of rows at a time; int8 q/k/v/fc1 share one buffer
+    (serve/quant.share_rows). Returns the tensor names loaded."""
+    from phiforge.serve.quant import QuantEmbedding, QuantLinear, linear_groups, share_rows
 
     groups = linear_groups(model)
     done: set[str] = set()
     # the token embedding too, in int8 (serve/quant.QuantEmbedding): at phi-2's shape it is 524 MB in fp32
     meta = model.model.embed_tokens
     emb = QuantEmbedding.empty(meta.num_embeddings, meta.embedding_dim, act_dtype=act_dtype, device=device)
-    name = source["model.embed_tokens.weight"]
-    step = block_rows(emb.embedding_dim)
-    for r0 in range(0, emb.num_embeddings, step):
-        block = reader.read_rows(name, r0, min(r0 + step, emb.num_embeddings))
-        reader.check_finite(name, block)
-        emb.load_rows(r0, block)
+    _fill_rows(reader, source["model.embed_tokens.weight"], emb, emb.num_embeddings, emb.embedding_dim)
     model.model.embed_tokens = emb
     done.add("model.embed_tokens.weight")
     release_freed_memory()
@@ -550,17 +546,24 @@ def _load_quantized(model: Phi, reader: _WeightReader, source: dict[str, str], m
             made.append(ql)
         share_rows(made)  # before filling: it moves the empty buffers, so nothing is copied twice
         for ql, name in zip(made, names):
-            w = source[f"{name}.weight"]
-            step = block_rows(ql.in_features)
-            for r0 in range(0, ql.out_features, step):
-                block = reader.read_rows(w, r0, min(r0 + step, ql.out_features))
-                reader.check_finite(w, block)
-                ql.load_rows(r0, block)
+            _fill_rows(reader, source[f"{name}.weight"], ql, ql.out_features, ql.in_features)
             if ql.bias is not None:
                 reader.read_into(source[f"{name}.bias"], ql.bias.data)
             done |= {f"{name}.weight", f"{name}.bias"}
             release_freed_memory()  # the blocks' float temporaries (see there)
     return done
+
+
+def _fill_rows(reader: _WeightReader, name: str, module: Any, rows: int, width: int) -> None:
+    """Fill a quantized module (QuantLinear / QuantEmbedding: `load_rows(start, block)`) from stored tensor `name`
+    (rows, width), a block of rows at a time, each block checked for inf and NaN."""
+    from phiforge.serve.quant import block_rows
+
+    step = block_rows(width)
+    for r0 in range(0, rows, step):
+        block = reader.read_rows(name, r0, min(r0 + step, rows))
+        reader.check_finite(name, block)
+        module.load_rows(r0, block)
 
 
 def _load_transposed(model: Phi, reader: _WeightReader, source: dict[str, str], tied: bool) -> set[str]:

@@ -113,3 +113,4 @@ def test_quantized_identity_names_the_mode_and_counts_the_weights(tiny_model, mo
     q = ident["quantization"]
     assert q["mode"] == mode and q["layers"] == 6 * tiny_model.config.num_hidden_layers + 1  # q k v dense fc1 fc2, head
     assert ident["dtype"] == "float32" and ident["parameters"] == full  # the codes count as the weights they stand for
+    assert q["embedding"] == "int8 per row"

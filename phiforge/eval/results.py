@@ -125,12 +125,16 @@ def model_identity(lm: Any, spec: str = "") -> dict[str, Any]:
         return out
     model = getattr(inner, "model", None)
     params = list(model.parameters()) if model is not None and hasattr(model, "parameters") else []
-    quant_layers = [m for m in model.modules() if hasattr(m, "qweight")] if params else []  # serve/quant layers
+    # serve/quant's layers: QuantLinear (in_features) and the int8 QuantEmbedding (num_embeddings)
+    quant_layers = [m for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "in_features")] if params else []
+    quant_tables = [m for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "num_embeddings")] \
+        if params else []
     if params:
         float_params = [p for p in params if p.is_floating_point()]
         out["dtype"] = _dtype_name((float_params or params)[0].dtype)
         # a quantized linear keeps its weight as codes in buffers: count them as the (out x in) weights they are
-        out["parameters"] = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quant_layers)
+        out["parameters"] = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quant_layers) \
+            + sum(m.num_embeddings * m.embedding_dim for m in quant_tables)
         out["device"] = str(params[0].device)
     qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
     out["quantization"] = None
@@ -141,8 +145,10 @@ def model_identity(lm: Any, spec: str = "") -> dict[str, Any]:
         out["quantization"] = {"mode": getattr(model, "quant_mode", q.mode), "layers": len(quant_layers),
                                "group_size": q.group_size, "kernel": q.kernel,
                                "activations": _dtype_name(q.act_dtype),
+                               "embedding": "int8 per row" if quant_tables else _dtype_name(q.act_dtype),
                                "note": "weight-only: linear weights as integer codes with scales, dequantized "
-                                       "inside the matmul; embeddings and LayerNorms keep the dtype above"}
+                                       "inside the matmul; the token embedding as the line above says (rows "
+                                       "dequantized as looked up); LayerNorms and biases keep the dtype above"}
     files = _weight_files(spec) if spec else []
     if files:
         out["files"] = [str(f) for f in files]
