@@ -62,10 +62,20 @@ def _join(mount: str, root: str, path: str) -> str:
 
 
 def _probe(base: str) -> None:
-    """Raise unless we may create cgroups under `base`."""
+    """Raise unless we may create cgroups under `base`. Tried three times, 50-100 ms apart: creating or removing a
+    memory cgroup can fail for a moment (seen once in the test suite, on a busy cgroup v1 memory hierarchy, where
+    the next try passed); a lasting refusal still raises."""
     probe = os.path.join(base, f"phiforge-probe-{os.getpid()}")
-    os.mkdir(probe)
-    os.rmdir(probe)
+    for attempt in range(3):
+        try:
+            with contextlib.suppress(FileExistsError):  # left by a try whose rmdir failed
+                os.mkdir(probe)
+            os.rmdir(probe)
+            return
+        except OSError:
+            if attempt == 2:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 NEED = {"memory", "pids"}
