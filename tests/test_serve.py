@@ -214,3 +214,17 @@ def test_concurrent_requests_are_batched_and_equal_sequential(client, served):
     assert not errors
     assert [results[i] for i in range(len(prompts))] == sequential
     assert server.batcher.largest_batch > max(before, 1)  # some requests really shared a batch
+
+
+def test_a_prompt_that_fills_the_context_is_context_length_exceeded(served):
+    """A chat prompt of exactly the context's length, with no max_tokens: chat's default fills what is left,
+    nothing here, so the request cannot run; it is `context_length_exceeded` (found by the schema fuzzer, which
+    got `invalid_value` from the engine's own check)."""
+    from phiforge.serve.validate import APIError
+
+    _, server, engine = served
+    for default_max in (0, 16):
+        with pytest.raises(APIError) as e:
+            server._request({}, [1] * engine.context, default_max=default_max)
+        assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+    assert server._request({}, [1] * (engine.context - 1), default_max=1).prompt_ids == [1] * (engine.context - 1)

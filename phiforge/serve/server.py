@@ -295,6 +295,10 @@ class Server:
                  default_max: int = 16) -> Request:
         max_tokens = int_field(body, max_tokens_field, default_max, low=0)
         context = self.engine.context
+        if len(prompt_ids) >= context:  # chat's default max_tokens fills what is left, which may be nothing
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
+                                f"{len(prompt_ids)}, which leaves no room for a completion",
+                           param=max_tokens_field, code="context_length_exceeded")
         if len(prompt_ids) + max_tokens > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
                                 f"{len(prompt_ids)} and {max_tokens_field} asks for {max_tokens} more",
