@@ -125,10 +125,10 @@ def model_identity(lm: Any, spec: str = "") -> dict[str, Any]:
         return out
     model = getattr(inner, "model", None)
     params = list(model.parameters()) if model is not None and hasattr(model, "parameters") else []
-    # serve/quant's layers: QuantLinear (in_features) and the int8 QuantEmbedding (num_embeddings)
-    quant_layers = [m for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "in_features")] if params else []
-    quant_tables = [m for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "num_embeddings")] \
-        if params else []
+    # serve/quant's modules: QuantLinear (in_features) and the int8 QuantEmbedding (num_embeddings)
+    quant = [m for m in model.modules() if hasattr(m, "qweight")] if params else []
+    quant_layers = [m for m in quant if hasattr(m, "in_features")]
+    quant_tables = [m for m in quant if hasattr(m, "num_embeddings")]
     if params:
         float_params = [p for p in params if p.is_floating_point()]
         out["dtype"] = _dtype_name((float_params or params)[0].dtype)

@@ -583,14 +583,17 @@ static int acts4_row(acts4_t *a, const float *xrow, int64_t m, float *xs) {
 
 /* Quantize a->M rows of a->K (row m at x + m ldx) per block of 64 slots: 0, -1 out of memory, -2 inf or NaN */
 static int acts4_fill(acts4_t *a, const float *x, int64_t ldx) {
-    int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (a->M * a->K > 262144) /* prefill: rows over threads */
-    for (int64_t m = 0; m < a->M; m++) {
-        float *xs = malloc(sizeof(float) * (size_t)a->Kp);
-        if (!xs || acts4_row(a, x + m * ldx, m, xs)) bad = xs ? bad | 2 : bad | 1;
+    int bad = 0, oom = 0;
+#pragma omp parallel reduction(| : bad, oom) if (a->M * a->K > 262144) /* prefill: rows over threads */
+    {
+        float *xs = malloc(sizeof(float) * (size_t)a->Kp); /* one gather buffer a thread, not a row */
+        oom = !xs;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < a->M; m++)
+            if (xs && acts4_row(a, x + m * ldx, m, xs)) bad = 1;
         free(xs);
     }
-    return bad & 1 ? -1 : bad ? -2 : 0;
+    return oom ? -1 : bad ? -2 : 0;
 }
 
 static int acts4_init(acts4_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
