@@ -221,7 +221,8 @@ def worker_main(args) -> None:
     t0 = time.perf_counter()
     runner = (PhiforgeRunner if args.worker == "phiforge" else LlamaRunner)(args)
     reply({"ready": True, "load_s": time.perf_counter() - t0, "base_rss": runner.base_rss,
-           "describe": runner.describe, "bytes_per_token": runner.bytes_per_token})
+           "describe": runner.describe, "bytes_per_token": runner.bytes_per_token,
+           "huge_pages": huge_page_bytes()})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
@@ -273,6 +274,17 @@ class PhiforgeRunner:
 
     def tokenize(self, text: str) -> list[int]:
         return []
+
+
+def huge_page_bytes() -> int:
+    """Bytes of this process's memory in transparent huge pages (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class LlamaRunner:
@@ -377,6 +389,13 @@ class Worker:
         if site is not None:
             cmd += ["--llama-site", str(site)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if kind == "llama.cpp":
+            # Huge pages for both: phiforge asks for them on the weights it streams (kernels.empty_streamed);
+            # llama.cpp has no option of its own, but glibc (2.35+) advises them on its large malloc'd blocks with
+            # this tunable, which covers llama.cpp's weights read in (--no-mmap, below) and its KV cache. Each
+            # worker reports how much of its memory is in huge pages (an older glibc ignores the tunable).
+            tun = "glibc.malloc.hugetlb=1"
+            env["GLIBC_TUNABLES"] = f"{env['GLIBC_TUNABLES']}:{tun}" if env.get("GLIBC_TUNABLES") else tun
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      stderr=subprocess.DEVNULL if kind == "llama.cpp" else None)
         self.info = self._read()
@@ -422,13 +441,16 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
         model = ckpt if kind == "phiforge" else args.workdir / f"{tag}-{q}.gguf"
         w = Worker(kind, q, model, args, site)
         workers[f"{kind} {q}"] = w
-        print(f"{kind} {q}: loaded in {w.info['load_s']:.1f}s; {w.info['describe']}", flush=True)
+        print(f"{kind} {q}: loaded in {w.info['load_s']:.1f}s; {w.info['describe']}; "
+              f"{w.info['huge_pages'] / 1e9:.2f} GB in huge pages", flush=True)
     n = args.new_tokens
     held = held_equal(f"the same random {tag} weights (phiforge's bf16 checkpoint, and its own q8_0 / q4_0 GGUF "
                       f"export for llama.cpp), {args.threads} threads, batch 1, greedy, {n} new tokens after a "
                       f"16-token prompt; prefill of {args.prompt_len} tokens; a warm-up each, then {args.rounds} "
                       f"round-robin rounds (fastest runs); each variant in its own process; weights read into memory on both "
-                      f"sides (llama.cpp with --no-mmap, phiforge quantizing while loading), peak RSS of each")
+                      f"sides (llama.cpp with --no-mmap, phiforge quantizing while loading), transparent huge pages "
+                      f"on both where the OS gives them (GB: " + ", ".join(
+                          f"{k} {w.info['huge_pages'] / 1e9:.2f}" for k, w in workers.items()) + "), peak RSS of each")
     for w in workers.values():  # warm-up
         w.call("generate", short, 4)
         w.call("generate", long_prompt, 1)

@@ -37,6 +37,21 @@
 
 #define KB 2048 /* inputs per int32 flush: each lane then sums <= 256 products of |32767 * 127|, < 2^31 */
 
+#if defined(__AVX2__) /* explicit multiply-adds (FMA3 where the CPU has it) and a horizontal sum */
+#ifdef __FMA__
+#define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define FMADD(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#endif
+
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -604,18 +619,6 @@ static int acts4_init(acts4_t *a, const float *x, int64_t M, int64_t K, int64_t 
 }
 
 #if defined(__AVX2__)
-#ifdef __FMA__
-#define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
-#else
-#define FMADD(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
-#endif
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* g[r] += sx_t (the int32 products of weight vector t with activation row r's block t, before the -8 offset)
    for R activation rows x (stride Kp): per group (lane), exact integers, then one convert and multiply-add */
 static inline __attribute__((always_inline)) void q4_vec(const acts4_t *a, const int8_t *x, const float *sx,
@@ -770,6 +773,25 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
+#elif defined(__AVX2__)
+/* exp16's method for 8 lanes; 2^n built in the exponent bits: x <= -88 gives 0 (expf: a denormal below 1.2e-38,
+   which softmax and GELU cannot tell from 0), x >= 88.8 gives inf as expf does */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.8f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* in [-127, 128] */
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693145752f))); /* exact: n has <= 8 bits */
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(1.42860677e-6f)));
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = FMADD(p, r, _mm256_set1_ps(1.0f / 120));
+    p = FMADD(p, r, _mm256_set1_ps(1.0f / 24));
+    p = FMADD(p, r, _mm256_set1_ps(1.0f / 6));
+    p = FMADD(p, r, _mm256_set1_ps(0.5f));
+    p = FMADD(p, r, _mm256_set1_ps(1.0f));
+    p = FMADD(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e)); /* n = -127: 0; n = 128: the bits of inf */
+}
 #endif
 
 /* s[t] = exp(s[t] - max) / sum, t < T */
@@ -785,6 +807,14 @@ static void softmax_row(float *s, int64_t T) {
         acc = _mm512_add_ps(acc, e);
     }
     sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
+    for (; t + 8 <= T; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
 #endif
     for (; t < T; t++) {
         s[t] = expf(s[t] - mx);
@@ -804,6 +834,28 @@ static void scores_row(const float *q, const float *K_, int64_t T, int64_t hd, f
             for (int64_t d = 16; d < hd; d += 16)
                 acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
             s[t] = _mm512_reduce_add_ps(acc);
+        }
+        return;
+    }
+#elif defined(__AVX2__)
+    if (hd % 8 == 0) { /* four keys at a time: four independent multiply-add chains */
+        int64_t t = 0;
+        for (; t + 4 <= T; t += 4) {
+            const float *k = K_ + t * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < hd; d += 8) {
+                __m256 qd = _mm256_loadu_ps(q + d);
+                a0 = FMADD(qd, _mm256_loadu_ps(k + d), a0);
+                a1 = FMADD(qd, _mm256_loadu_ps(k + hd + d), a1);
+                a2 = FMADD(qd, _mm256_loadu_ps(k + 2 * hd + d), a2);
+                a3 = FMADD(qd, _mm256_loadu_ps(k + 3 * hd + d), a3);
+            }
+            s[t] = hsum8(a0), s[t + 1] = hsum8(a1), s[t + 2] = hsum8(a2), s[t + 3] = hsum8(a3);
+        }
+        for (; t < T; t++) {
+            __m256 a0 = _mm256_setzero_ps();
+            for (int64_t d = 0; d < hd; d += 8) a0 = FMADD(_mm256_loadu_ps(q + d), _mm256_loadu_ps(K_ + t * hd + d), a0);
+            s[t] = hsum8(a0);
         }
         return;
     }
@@ -828,6 +880,17 @@ static void mix_row(const float *s, const float *V_, int64_t T, int64_t hd, floa
         }
         if (t < T) a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(V_ + t * hd + d), a0);
         _mm512_storeu_ps(out + d, _mm512_add_ps(a0, a1));
+    }
+#elif defined(__AVX2__)
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        int64_t t = 0;
+        for (; t + 2 <= T; t += 2) {
+            a0 = FMADD(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V_ + t * hd + d), a0);
+            a1 = FMADD(_mm256_set1_ps(s[t + 1]), _mm256_loadu_ps(V_ + (t + 1) * hd + d), a1);
+        }
+        if (t < T) a0 = FMADD(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V_ + t * hd + d), a0);
+        _mm256_storeu_ps(out + d, _mm256_add_ps(a0, a1));
     }
 #endif
     for (; d < hd; d++) {
@@ -883,8 +946,9 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
                 float scale, float *y) {
     int64_t T = L + 1;
     int failed = 0;
-    /* kv heads over threads only for long contexts: below ~256K multiply-adds a fork and join cost more */
-#pragma omp parallel if (B * H * T * hd > 262144)
+    /* kv heads over threads unless the work is tiny: the caches come from memory (a step's weights evicted them),
+       which one core reads at a fraction of what two do (phi-2, 48 positions: 150 us a layer on one thread) */
+#pragma omp parallel if (B * H * T * hd > 16384)
     {
         int t = 0, nt = 1;
 #ifdef _OPENMP
@@ -942,6 +1006,15 @@ static void gelu_inplace(float *g, int64_t n, int tanh_approx) {
                                                                        _mm512_mul_ps(x, _mm512_mul_ps(x, x)))));
             __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_mul_ps(two, u)), one)));
             _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t)));
+        }
+#elif defined(__AVX2__)
+        const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+        for (; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i);
+            __m256 u = _mm256_mul_ps(_mm256_set1_ps(c), _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(kappa),
+                                                                       _mm256_mul_ps(x, _mm256_mul_ps(x, x)))));
+            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, u)), one)));
+            _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)));
         }
 #endif
         for (; i < n; i++) {

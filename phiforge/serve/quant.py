@@ -151,7 +151,9 @@ class QuantLinear(nn.Module):
                 self.kernel = "q8"  # decoding, and prefill where the build tiles it; else int8pack_mm
             elif on_cpu and hasattr(torch, "_weight_int8pack_mm"):
                 self.kernel = "int8pack_mm"
-            self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, device=device))
+            streamed = self.kernel == "q8"  # the native kernel streams it every token: huge pages where possible
+            self.register_buffer("qweight", kernels.empty_streamed((N, K), torch.int8) if streamed else
+                                 torch.empty(N, K, dtype=torch.int8, device=device))
             scale_dtype = {"q8": torch.float32, "int8pack_mm": torch.bfloat16}.get(self.kernel, act_dtype)
             self.register_buffer("scales", torch.empty(N, dtype=scale_dtype, device=device))
             self.group_size = K
@@ -159,7 +161,7 @@ class QuantLinear(nn.Module):
         if on_cpu and kernels.available():  # the native kernel's own format: Q4_0-like groups of 32
             self.kernel, self.group_size = "q4", kernels.Q4_GROUP
             Kp = (K + 63) // 64 * 64
-            self.register_buffer("qweight", torch.empty(N, Kp // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("qweight", kernels.empty_streamed((N, Kp // 2), torch.uint8))
             self.register_buffer("scales", torch.empty(N, 8 * ((Kp // 64 + 3) // 4), dtype=torch.float16,
                                                        device=device))
             return
@@ -370,7 +372,11 @@ def share_rows(linears: list[QuantLinear]) -> None:
         return
     with torch.no_grad():
         for name in ("qweight", "scales"):
-            fused = torch.cat([getattr(lin, name) for lin in linears])
+            parts = [getattr(lin, name) for lin in linears]
+            shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+            fused = kernels.empty_streamed(shape, parts[0].dtype) if name == "qweight" else \
+                torch.empty(shape, dtype=parts[0].dtype)
+            torch.cat(parts, out=fused)
             for lin, part in zip(linears, fused.split([lin.out_features for lin in linears])):
                 setattr(lin, name, part)  # a registered buffer: replaced in place
         if all(lin.bias is not None for lin in linears):
