@@ -190,24 +190,28 @@ def test_argmax_screen_is_exact_even_for_near_ties(kind, dtype):
     assert flat.argmax(torch.ones(1, d, dtype=dtype)) is None  # every row is a candidate: not worth screening
 
 
-def test_plan_runs_int8_layers_fused_and_exactly():
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_plan_runs_quantized_layers_fused_and_exactly(mode):
     from phiforge import kernels
     from phiforge.serve.quant import quantize
 
     if not kernels.available():
-        pytest.skip("no C compiler for the native int8 kernel")
-    model = quantize(spread_model(), "int8")
+        pytest.skip("no C compiler for the native kernels")
+    model = quantize(spread_model(), mode)
     plain = decode_logits(model, IDS)
     decoder = Decoder.build(model)
-    assert decoder.plan.layers[0][5] is None  # fc1 fused with q, k, v into one int8 matmul
-    assert decoder.plan.screen is None  # the lm_head is int8 already: its argmax is read directly
-    assert decoder.plan.native.n == len(model.model.layers)  # every layer native, all in one call (Q8Stack)
-    # LayerNorm, GELU and softmax agree with torch's to a few ulp, but the int16 rounding of each activation row
-    # is discontinuous: an ulp can move one code by 1 (~1e-4 on these logits). Quantization itself costs ~0.1.
+    assert decoder.plan.layers[0][5] is None  # fc1 fused with q, k, v into one quantized matmul
+    assert decoder.plan.screen is None  # the lm_head is quantized already: its argmax is read directly
+    assert decoder.plan.native.n == len(model.model.layers)  # every layer native, all in one call (NativeStack)
+    assert f"native {mode} stack" in decoder.plan.describe()
+    # LayerNorm, GELU and softmax agree with torch's to a few ulp, but the rounding of each activation row to
+    # integers is discontinuous: an ulp can move one code by 1 (int8 weights, int16 codes: ~1e-4 on these logits;
+    # int4 weights, int8 codes per block of 64: ~1e-3). Quantization itself costs ~0.1.
+    atol = 2e-3 if mode == "int8" else 1e-2
     native = decode_logits(model, IDS, decoder)
-    torch.testing.assert_close(native, plain, rtol=0, atol=2e-3)
-    decoder.plan.native = None  # the plan's torch path: the same int8 kernel, attention by hand (not SDPA):
-    torch.testing.assert_close(decode_logits(model, IDS, decoder), plain, rtol=0, atol=2e-3)  # the same ulp caveat
+    torch.testing.assert_close(native, plain, rtol=0, atol=atol)
+    decoder.plan.native = None  # the plan's torch path: the same kernels, attention by hand (not SDPA):
+    torch.testing.assert_close(decode_logits(model, IDS, decoder), plain, rtol=0, atol=atol)  # the same caveat
     greedy_vs_argmax(decoder, 6)
     with torch.no_grad():  # codes changed in place: the fused copies are stale and must not be used
         model.model.layers[0].mlp.fc1.qweight.neg_()

@@ -132,13 +132,45 @@ def test_kernel_is_built_once_and_reused(tmp_path):
     assert second.stdout == first.stdout and so.stat().st_mtime_ns == stamp
 
 
+def _vm_flags(addr: int) -> list[str]:
+    """VmFlags of the mapping of this process holding `addr` (Linux /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
+
+
+def test_streamed_buffers_sit_on_advised_huge_pages_and_live_while_a_view_does():
+    import gc
+    import mmap
+
+    t = kernels.empty_streamed((3, 1 << 20), torch.int8)  # 3 MiB: one whole huge page and a tail
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.int8
+    base = t.data_ptr()
+    view = t[1:]
+    del t
+    gc.collect()
+    view.fill_(7)  # the mapping outlives the tensor it was made for while a view of it lives
+    assert int(view.sum()) == 7 * view.numel()
+    assert kernels.empty_streamed((10,), torch.float32).shape == (10,)  # small: plain torch.empty
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages on this OS: plain torch.empty")
+    assert base % kernels.HUGE_PAGE == 0 and "hg" in _vm_flags(base)  # aligned, advised MADV_HUGEPAGE
+
+
 @needs_kernel
-@pytest.mark.parametrize("B,H,KV,L", [(1, 4, 4, 0), (2, 8, 2, 40), (3, 6, 3, 129)])
-def test_attend_step_matches_torch(B, H, KV, L):
+@pytest.mark.parametrize("B,H,KV,L,spread", [(1, 4, 4, 0, 2), (2, 8, 2, 40, 2), (3, 6, 3, 129, 2),
+                                             (1, 2, 1, 70, 12)])  # scores far apart: exp underflows to 0
+def test_attend_step_matches_torch(B, H, KV, L, spread):
     """Rotary in place, cache write at L, softmax attention over 0..L: as the decode plan's torch code does it."""
     hd, rd, max_len = 16, 8, 160
     g = torch.Generator().manual_seed(L)
-    qkv = torch.randn(B, (H + 2 * KV) * hd + 24, generator=g) * 2  # wider rows: fc1's part rides along
+    qkv = torch.randn(B, (H + 2 * KV) * hd + 24, generator=g) * spread  # wider rows: fc1's part rides along
     cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
     ck, cv = torch.randn(2, B, KV, max_len, hd, generator=g)
     ref_qkv, ref_k, ref_v = qkv.clone(), ck.clone(), cv.clone()
@@ -161,12 +193,14 @@ def test_attend_step_matches_torch(B, H, KV, L):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("B,d,H,KV,hd,rd,inter", [(2, 64, 4, 2, 16, 8, 96),  # small: one thread runs it
-                                                  (2, 256, 8, 4, 32, 16, 1000)])  # split over threads; fc1 rows
-def test_q8_layer_matches_float64_layer_and_declines_bad_input(B, d, H, KV, hd, rd, inter):  # not whole chunks
-    """A one-layer Q8Stack = Phi's parallel block on int8 weights: LayerNorm, q/k/v/fc1, rotary, cache, attention,
-    GELU, dense + fc2 + residual; compared with the same block in float64 on the dequantized weights, and the same
-    numbers whatever the number of threads."""
+                                                  (2, 256, 8, 4, 32, 16, 1000),  # split over threads; fc1 rows
+                                                  (5, 320, 5, 5, 64, 32, 1300)])  # not whole chunks; int4: tiles
+def test_native_layer_matches_float64_layer_and_declines_bad_input(fmt, B, d, H, KV, hd, rd, inter):  # of 4 + 1
+    """A one-layer NativeStack = Phi's parallel block on int8 or int4 weights: LayerNorm, q/k/v/fc1, rotary, cache,
+    attention, GELU, dense + fc2 + residual; compared with the same block in float64 on the dequantized weights,
+    and the same numbers whatever the number of threads."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
@@ -176,15 +210,23 @@ def test_q8_layer_matches_float64_layer_and_declines_bad_input(B, d, H, KV, hd, 
         return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g) / 200,
                 torch.randn(n, generator=g) / 10)
 
-    proj, dense, fc2 = q8((H + 2 * KV) * hd + inter, d), q8(d, H * hd), q8(d, inter)
+    def q4(n, k):
+        return kernels.quantize_q4(torch.randn(n, k, generator=g) * 0.35), torch.randn(n, generator=g) / 10
+
+    def lin(a, p):  # float64 reference on the dequantized weights
+        w = kernels.dequantize_q4(p[0]).double() if fmt == "int4" else p[0].double() * p[1].double()[:, None]
+        return a @ w.t() + p[-1].double()
+
+    make = q4 if fmt == "int4" else q8
+    proj, dense, fc2 = make((H + 2 * KV) * hd + inter, d), make(d, H * hd), make(d, inter)
     ln_w, ln_b = 1 + torch.randn(d, generator=g) / 10, torch.randn(d, generator=g) / 10
-    layer = kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter, eps=1e-5,
+    layer = kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter, eps=1e-5,
                             scale=hd ** -0.5, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)
     x = torch.randn(B, d, generator=g)
     cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
     kc, vc = torch.randn(2, B, KV, max_len, hd, generator=g)
     x0, k0, v0 = x.clone(), kc.clone(), vc.clone()
-    stack = kernels.Q8Stack([layer])
+    stack = kernels.NativeStack([layer])
     x1, k1, v1 = x.clone(), kc.clone(), vc.clone()
     n = torch.get_num_threads()
     try:
@@ -195,25 +237,30 @@ def test_q8_layer_matches_float64_layer_and_declines_bad_input(B, d, H, KV, hd, 
     finally:
         torch.set_num_threads(n)
     assert torch.equal(x, x1) and torch.equal(kc, k1) and torch.equal(vc, v1)
+    def block(lin, dt):  # the layer in torch ops: x after it, and the cache with its new k
+        h = F.layer_norm(x0.to(dt), (d,), ln_w.to(dt), ln_b.to(dt), 1e-5)
+        qkv = lin(h, proj)
+        qk = qkv[:, :(H + KV) * hd].view(B, H + KV, hd)
+        r = qk[..., :rd].clone()
+        qk[..., :rd] = r * cos.to(dt) + r.roll(rd // 2, -1) * sin.to(dt)
+        k_all, v_all = k0.to(dt, copy=True), v0.to(dt, copy=True)
+        k_all[:, :, L], v_all[:, :, L] = qk[:, H:], qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
+        q = qk[:, :H].reshape(B, KV, H // KV, hd) * hd ** -0.5
+        att = (q @ k_all[:, :, :L + 1].transpose(-1, -2)).softmax(-1)
+        y = (att @ v_all[:, :, :L + 1]).reshape(B, H * hd)
+        ff = F.gelu(qkv[:, (H + 2 * KV) * hd:], approximate="tanh")
+        return lin(y, dense) + lin(ff, fc2) + x0.to(dt), k_all
 
-    def lin(a, p):
-        return a @ (p[0].double() * p[1].double()[:, None]).t() + p[2].double()
-
-    h = F.layer_norm(x0.double(), (d,), ln_w.double(), ln_b.double(), 1e-5)
-    qkv = lin(h, proj)
-    qk = qkv[:, :(H + KV) * hd].view(B, H + KV, hd)
-    r = qk[..., :rd].clone()
-    qk[..., :rd] = r * cos.double() + r.roll(rd // 2, -1) * sin.double()
-    k_all, v_all = k0.double(), v0.double()
-    k_all[:, :, L], v_all[:, :, L] = qk[:, H:], qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd)
-    q = qk[:, :H].reshape(B, KV, H // KV, hd) * hd ** -0.5
-    att = (q @ k_all[:, :, :L + 1].transpose(-1, -2)).softmax(-1)
-    y = (att @ v_all[:, :, :L + 1]).reshape(B, H * hd)
-    ff = F.gelu(qkv[:, (H + 2 * KV) * hd:], approximate="tanh")
-    ref = lin(y, dense) + lin(ff, fc2) + x0.double()
-    # int16 activation rounding, 3 matmuls deep: seen ~5e-5 of the largest output (and ~2e-5 for k)
-    torch.testing.assert_close(x.double(), ref, rtol=0, atol=2e-4 * float(ref.abs().max()))
-    torch.testing.assert_close(kc[:, :, L].double(), k_all[:, :, L], rtol=0, atol=1e-4 * float(k_all.abs().max()))
+    ref, k_all = block(lin, torch.float64)
+    # int8: int16 activation rounding, 3 matmuls deep: seen ~1e-4 of the largest output (and ~3e-5 for k).
+    # int4: activations in int8 per block of 64 (|error| <= max|block| / 254 an element), the weights' spread
+    # here makes them large: seen up to 4.3e-2 (and 7e-3 for k), as the same layer in torch ops on q4_linear gives.
+    tol_x, tol_k = (4e-4, 1e-4) if fmt == "int8" else (8e-2, 1.5e-2)
+    torch.testing.assert_close(x.double(), ref, rtol=0, atol=tol_x * float(ref.abs().max()))
+    torch.testing.assert_close(kc[:, :, L].double(), k_all[:, :, L], rtol=0, atol=tol_k * float(k_all.abs().max()))
+    if fmt == "int4":  # the stack = q4_linear and torch ops between, to float rounding (seen 8e-7 of the largest)
+        ops, _ = block(lambda a, p: kernels.q4_linear(a.contiguous(), p[0], p[1], torch.float32), torch.float32)
+        torch.testing.assert_close(x, ops, rtol=0, atol=1e-5 * float(ops.abs().max()))
     assert torch.equal(kc[:, :, :L], k0[:, :, :L]) and torch.equal(vc[:, :, L + 1:], v0[:, :, L + 1:])
     # declines, leaving x as it was: inf/NaN activations, too many rows, another dtype
     bad = x.clone()
@@ -225,8 +272,12 @@ def test_q8_layer_matches_float64_layer_and_declines_bad_input(B, d, H, KV, hd, 
     assert stack(x.double(), L, cos, sin, [kc], [vc]) == 0
     assert stack(x, L, cos, sin, [kc.transpose(0, 1).contiguous().transpose(0, 1)], [vc]) == 0  # another layout
     with pytest.raises(ValueError):
-        kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter + 1, eps=1e-5,
-                        scale=1.0, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)
+        kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter + 1,
+                            eps=1e-5, scale=1.0, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)
+    with pytest.raises(ValueError):  # one format per layer
+        kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter, eps=1e-5,
+                            scale=1.0, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense,
+                            fc2=(q8 if fmt == "int4" else q4)(d, inter))
 
 
 @needs_kernel
@@ -241,7 +292,7 @@ def test_q8_stack_runs_layers_in_order_and_stops_where_one_declines():
             return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                     torch.rand(n, generator=g) / 300, torch.randn(n, generator=g) / 10)
 
-        return kernels.Q8Layer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter,
+        return kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter,
                                eps=1e-5, scale=hd ** -0.5, gelu_tanh=True, ln_w=torch.ones(d),
                                ln_b=torch.zeros(d) if ln_b is None else ln_b, proj=q8((H + 2 * KV) * hd + inter, d),
                                dense=q8(d, H * hd), fc2=q8(d, inter))
@@ -253,18 +304,18 @@ def test_q8_stack_runs_layers_in_order_and_stops_where_one_declines():
     one = x.clone()
     one_caches = caches.clone()
     for i, lay in enumerate(layers):
-        assert kernels.Q8Stack([lay])(one, L, cos, sin, [one_caches[0, i]], [one_caches[1, i]]) == 1
-    assert kernels.Q8Stack(layers)(x, L, cos, sin, list(caches[0]), list(caches[1])) == 3
+        assert kernels.NativeStack([lay])(one, L, cos, sin, [one_caches[0, i]], [one_caches[1, i]]) == 1
+    assert kernels.NativeStack(layers)(x, L, cos, sin, list(caches[0]), list(caches[1])) == 3
     assert torch.equal(x, one) and torch.equal(caches, one_caches)
     inf_bias = torch.zeros(d)
     inf_bias[5] = float("inf")
-    stack = kernels.Q8Stack([layers[0], layer(inf_bias), layers[2]])
+    stack = kernels.NativeStack([layers[0], layer(inf_bias), layers[2]])
     y, after_first = x.clone(), x.clone()
-    assert kernels.Q8Stack([layers[0]])(after_first, L + 1, cos, sin, [caches[0, 0].clone()], [caches[1, 0].clone()])
+    assert kernels.NativeStack([layers[0]])(after_first, L + 1, cos, sin, [caches[0, 0].clone()], [caches[1, 0].clone()])
     assert stack(y, L + 1, cos, sin, list(caches[0]), list(caches[1])) == 1  # the second layer declined
     assert torch.equal(y, after_first)
     with pytest.raises(ValueError):
-        kernels.Q8Stack([])
+        kernels.NativeStack([])
 
 
 # ---- int4 ("q4") ---------------------------------------------------------------------------------------------------

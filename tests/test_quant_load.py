@@ -213,8 +213,7 @@ def test_generate_quant_verbose_says_what_runs(ckpt, mode, capsys):
     assert f"load: {mode} linear layers" in err and "peak RSS" in err
     line = next(x for x in err.splitlines() if x.startswith(("decode:", "module path:")))
     if native():
-        assert line.startswith("decode: native int8 stack" if mode == "int8" else "decode: flat loop")
-        assert mode == "int8" or "native int4 kernel" in line
+        assert line.startswith(f"decode: native {mode} stack (")  # which instruction set, in the brackets
 
 
 def test_chat_and_serve_load_quantized(ckpt, capsys, monkeypatch):

@@ -144,7 +144,7 @@ def q8_fn(linears: list[nn.Module]) -> LinearFn:
         y = None if matmul is None else matmul(x)
         return fallback(x) if y is None else y
 
-    fn.parts = (q, scale, bias)  # type: ignore[attr-defined]  # for kernels.Q8Layer
+    fn.parts = (q, scale, bias)  # type: ignore[attr-defined]  # for kernels.NativeLayer
     return fn
 
 
@@ -170,7 +170,7 @@ def q4_fn(linears: list[nn.Module]) -> LinearFn:
         y = None if matmul is None else matmul(x)
         return fallback(x) if y is None else y
 
-    fn.parts = (wq, bias)  # type: ignore[attr-defined]
+    fn.parts = (wq, bias)  # type: ignore[attr-defined]  # for kernels.NativeLayer
     return fn
 
 

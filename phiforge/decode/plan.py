@@ -5,7 +5,7 @@ weights, plus the per-token Python/dispatch overhead (at ~100M parameters a step
 resolves every layer's tensors once, reads linear weights in the layout the fastest CPU kernel for their dtype
 streams best (decode/linear.py; measured, bench/decode.py) -- the model's own tensors where the loader or
 serve/quant laid them out so, else copies -- and runs a step with no module calls and no mask or position
-building. Int8 models (serve/quant) with fp32 activations run a step's whole layer stack in one
+building. Int8 and int4 models (serve/quant) with fp32 activations run a step's whole layer stack in one
 native call (phiforge/kernels). A plan is only valid for the weights it was built from: `fresh()` says whether
 they are unchanged (Decoder checks it once per KV cache).
 """
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phiforge import kernels
-from phiforge.decode.linear import copy_bytes, fusable, is_q8, linear_fn, mkldnn_fn
+from phiforge.decode.linear import copy_bytes, fusable, is_q4, is_q8, linear_fn, mkldnn_fn
 from phiforge.decode.screen import ArgmaxScreen
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class DecodePlan:
         # (kernels.attend_step) where the kernels are built; it reads the fp32 cache new_cache gives CPU models
         self.native_attention = dtype == torch.float32 and not cfg.qk_layernorm and kernels.available()
         self.layers = []
-        natives = []  # per layer a kernels.Q8Layer, or None
+        natives = []  # per layer a kernels.NativeLayer, or None
         # (parent's _modules, name, child) captured: the dict, not the parent, so the plan never holds the Phi
         self.modules: list[tuple[dict[str, nn.Module | None], str, nn.Module]] = []
         for block in model.model.layers:
@@ -71,10 +71,12 @@ class DecodePlan:
                 dense, fc2 = None, mkldnn_fn(packed, bias)
             else:
                 dense, fc2 = linear_fn([a.dense], kernel), linear_fn([m.fc2], kernel)
-            # int8 model, fp32 activations: the whole layer natively (kernels.Q8Layer), all layers in one call
+            # int8 or int4 model, fp32 activations: the whole layer natively (kernels.NativeLayer), all layers in
+            # one call
             native = None
-            if self.native_attention and fc1 is None and dense is not None and all(map(is_q8, [a.dense, m.fc2])):
-                native = kernels.Q8Layer(num_heads=self.H, num_kv_heads=self.KV, head_dim=self.hd, rotary_dim=rd,
+            if self.native_attention and fc1 is None and dense is not None and \
+                    (all(map(is_q8, [a.dense, m.fc2, q])) or all(map(is_q4, [a.dense, m.fc2, q]))):
+                native = kernels.NativeLayer(num_heads=self.H, num_kv_heads=self.KV, head_dim=self.hd, rotary_dim=rd,
                                          intermediate=self.intermediate, eps=ln.eps, scale=self.scale,
                                          gelu_tanh=self.approximate == "tanh", ln_w=ln.weight.detach(),
                                          ln_b=ln.bias.detach(), proj=proj.parts, dense=dense.parts, fc2=fc2.parts)
@@ -84,8 +86,10 @@ class DecodePlan:
                              for n in ("input_layernorm", "self_attn", "mlp")]
             self.modules += [(a._modules, n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "dense")]
             self.modules += [(m._modules, n, getattr(m, n)) for n in ("fc1", "fc2")]
-        # every layer int8 (as serve/quant.quantize makes them): the whole stack is one native call a step
-        self.native = kernels.Q8Stack(natives) if natives and None not in natives else None
+        # every layer int8 or every layer int4 (as serve/quant.quantize makes them): one native call a step
+        formats = {native.format for native in natives if native is not None}
+        self.native = kernels.NativeStack(natives) if natives and None not in natives and len(formats) == 1 \
+            else None
         self.lm_head = linear_fn([model.lm_head], kernel)
         # Greedy decoding needs only the argmax of the logits, and the lm_head is a third (fp32) to two fifths
         # (bf16) of the bytes a step reads: screen with a smaller copy, recompute the few candidates (ArgmaxScreen).
@@ -138,7 +142,8 @@ class DecodePlan:
         mods = [mod for _, _, mod in self.modules]
         quant = {mod.kernel for mod in mods if isinstance(mod, QuantLinear)}
         if self.native is not None:
-            what = f"native int8 stack ({isa['int8']}), {n} layers in one call a step"
+            fmt = self.native.format
+            what = f"native {fmt} stack ({isa[fmt]}), {n} layers in one call a step"
         else:
             names = {"q8": f"native int8 kernel ({isa['int8']})", "q4": f"native int4 kernel ({isa['int4']})",
                      "int8pack_mm": "torch int8pack_mm", "int4pack_mm": "torch int4pack_mm",

@@ -541,12 +541,12 @@ static int acts4_alloc(acts4_t *a, int64_t M, int64_t K) {
     return 0;
 }
 
-/* Row xm in slot order (xs, Kp floats): slot 256 b + 64 t + 32 h + 4 i + j of a super-block of v vectors holds
+/* Row xm in slot order (xs, Kp floats), super-blocks [b0, b1): slot 256 b + 64 t + 32 h + 4 i + j of a super-block of v vectors holds
    input 256 b + 8 v i + 8 t + 4 h + j (0 past K), so that group i (lane i) is 8 v consecutive inputs, as the
    weights' codes are placed (phiforge/kernels q4_slot_positions): runs of 4 consecutive inputs a copy. */
-static void acts4_gather(const acts4_t *a, const float *xm, float *xs) {
+static void acts4_gather(const acts4_t *a, const float *xm, float *xs, int64_t b0, int64_t b1) {
     const int64_t K = a->K;
-    for (int64_t b = 0; 256 * b < a->Kp; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const int64_t v = a->nv - 4 * b < 4 ? a->nv - 4 * b : 4;
         for (int64_t i = 0; i < 8; i++)
             for (int64_t t = 0; t < v; t++)
@@ -557,13 +557,13 @@ static void acts4_gather(const acts4_t *a, const float *xm, float *xs) {
     }
 }
 
-/* acts4_fill's row m (xs: scratch of Kp floats): gathered into slot order, then quantized per block of 64 slots:
-   0, or -2 on inf or NaN */
-static int acts4_row(acts4_t *a, const float *xrow, int64_t m, float *xs) {
-    acts4_gather(a, xrow, xs);
+/* Super-blocks [b0, b1) of row m (xs: scratch of Kp floats): gathered into slot order, then quantized per block
+   of 64 slots: 0, or -2 on inf or NaN. Each super-block on its own: any split of a row gives the same numbers. */
+static int acts4_part(acts4_t *a, const float *xrow, int64_t m, float *xs, int64_t b0, int64_t b1) {
+    acts4_gather(a, xrow, xs, b0, b1);
     const float *xm = xs;
     int8_t *xq = a->xq + m * a->Kp;
-    for (int64_t t = 0; t < a->nv; t++) {
+    for (int64_t t = 4 * b0; t < a->nv && t < 4 * b1; t++) {
         int64_t k0 = 64 * t, k1 = k0 + 64, k = k0;
         float mx = 0;
         if (absmax_range(xm, k0, k1, &mx)) return -2;
@@ -605,7 +605,7 @@ static int acts4_fill(acts4_t *a, const float *x, int64_t ldx) {
         oom = !xs;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < a->M; m++)
-            if (xs && acts4_row(a, x + m * ldx, m, xs)) bad = 1;
+            if (xs && acts4_part(a, x + m * ldx, m, xs, 0, (a->nv + 3) / 4)) bad = 1;
         free(xs);
     }
     return oom ? -1 : bad ? -2 : 0;
@@ -755,7 +755,9 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint
  * -ffp-contract=off), k and v written into the caches at position L, then per query head h (kv head
  * h / (H / KV)): softmax((q scale) . k_t for t <= L) weighted over v_t, into y (B, H hd). Replaces ~20 small torch
  * calls a layer, whose fixed costs weigh as much as the int8 weights at small models.
- * qkv: row b at qkv + b stride, q heads then k then v heads of hd each; kc, vc: (B, KV, max_len, hd). */
+ * qkv: row b at qkv + b stride, q heads then k then v heads of hd each; kc, vc: (B, KV, max_len, hd), fp32, or
+ * fp16 (kv16: half the cache's memory and reads, as llama.cpp's default f16 cache; k and v are rounded to fp16 when
+ * written, and attention reads them back in fp32). */
 
 #if defined(__AVX512F__)
 /* e^x for 16 lanes, ~1 ulp on the range softmax uses (x <= 0): 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial */
@@ -900,16 +902,51 @@ static void mix_row(const float *s, const float *V_, int64_t T, int64_t hd, floa
     }
 }
 
+/* fp32 -> fp16 bits, rounded to nearest even as torch's .half() (overflow to inf, subnormals, NaN kept NaN) */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7fffffff;
+    if (a >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (a > 0x7f800000 ? 0x200 : 0)); /* inf, NaN */
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* >= 65520 rounds to inf */
+    if (a < 0x38800000) { /* below 2^-14: a subnormal half, in units of 2^-24 (exact scaling, then RNE) */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 16777216.0f)); /* 1024 is the smallest normal's bits */
+    }
+    uint32_t h = a - (112u << 23); /* exponent 127 bias -> 15 */
+    return (uint16_t)(sign | ((h + 0xfff + ((h >> 13) & 1)) >> 13)); /* mantissa 23 -> 10 bits, nearest even */
+}
+
+/* n values between fp16 bits and fp32: F16C where the CPU has it (the same numbers) */
+static void f16_row_to_f32(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = f16_to_f32(h[i]);
+}
+
+static void f32_row_to_f16(const float *f, uint16_t *h, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) h[i] = f32_to_f16(f[i]);
+}
+
 /* Partition [0, N) among nt threads: thread t takes [N t / nt, N (t + 1) / nt) */
 static inline void part(int64_t N, int t, int nt, int64_t *lo, int64_t *hi) {
     *lo = N * t / nt, *hi = N * (t + 1) / nt;
 }
 
 /* attend_step for the kv heads j in [j0, j1) and their query heads, every row b: the work of one thread.
-   scores: T floats of scratch. */
+   scores: T floats of scratch; kv16: the caches hold fp16 (kvbuf: 2 T hd floats of scratch for a head's keys and
+   values in fp32), else fp32 (kvbuf unused). */
 static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
-                          const float *cos, const float *sin_signed, float *kc, float *vc, int64_t max_len, int64_t L,
-                          float scale, float *y, int64_t j0, int64_t j1, float *scores) {
+                          const float *cos, const float *sin_signed, void *kc, void *vc, int kv16, int64_t max_len,
+                          int64_t L, float scale, float *y, int64_t j0, int64_t j1, float *scores, float *kvbuf) {
     int64_t T = L + 1, G = H / KV, half = rd / 2;
     for (int64_t b = 0; b < B; b++) {
         float *row = qkv + b * stride;
@@ -927,9 +964,21 @@ static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int6
                     x[c] = u + w;
                 }
             }
-            const float *K_ = kc + (b * KV + j) * max_len * hd, *V_ = vc + (b * KV + j) * max_len * hd;
-            memcpy(kc + ((b * KV + j) * max_len + L) * hd, row + (H + j) * hd, sizeof(float) * (size_t)hd);
-            memcpy(vc + ((b * KV + j) * max_len + L) * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
+            const float *K_, *V_;
+            int64_t head = (b * KV + j) * max_len * hd;
+            if (kv16) { /* write k and v rounded to fp16, then read the head's rows 0..L back in fp32 */
+                uint16_t *kh = (uint16_t *)kc + head, *vh = (uint16_t *)vc + head;
+                f32_row_to_f16(row + (H + j) * hd, kh + L * hd, hd);
+                f32_row_to_f16(row + (H + KV + j) * hd, vh + L * hd, hd);
+                f16_row_to_f32(kh, kvbuf, T * hd);
+                f16_row_to_f32(vh, kvbuf + T * hd, T * hd);
+                K_ = kvbuf, V_ = kvbuf + T * hd;
+            } else {
+                float *kf = (float *)kc + head, *vf = (float *)vc + head;
+                memcpy(kf + L * hd, row + (H + j) * hd, sizeof(float) * (size_t)hd);
+                memcpy(vf + L * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
+                K_ = kf, V_ = vf;
+            }
             for (int64_t h = j * G; h < (j + 1) * G; h++) {
                 float qs[hd];
                 for (int64_t c = 0; c < hd; c++) qs[c] = row[h * hd + c] * scale;
@@ -942,7 +991,7 @@ static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int6
 }
 
 int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
-                const float *cos, const float *sin_signed, float *kc, float *vc, int64_t max_len, int64_t L,
+                const float *cos, const float *sin_signed, void *kc, void *vc, int kv16, int64_t max_len, int64_t L,
                 float scale, float *y) {
     int64_t T = L + 1;
     int failed = 0;
@@ -957,19 +1006,20 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
         int64_t j0, j1;
         part(KV, t, nt, &j0, &j1);
         float *scores = (float *)malloc(sizeof(float) * (size_t)T);
-        if (scores)
-            attend_groups(qkv, B, stride, H, KV, hd, rd, cos, sin_signed, kc, vc, max_len, L, scale, y, j0, j1,
-                          scores);
+        float *kvbuf = kv16 ? (float *)malloc(sizeof(float) * (size_t)(2 * T * hd)) : NULL;
+        if (scores && (kvbuf || !kv16))
+            attend_groups(qkv, B, stride, H, KV, hd, rd, cos, sin_signed, kc, vc, kv16, max_len, L, scale, y, j0,
+                          j1, scores, kvbuf);
         else {
 #pragma omp atomic write
             failed = 1;
         }
-        free(scores);
+        free(scores), free(kvbuf);
     }
     return failed ? -1 : 0;
 }
 
-/* ---- a decode step's whole stack of int8 layers (fp32 activations) ---------------------------------------------
+/* ---- a decode step's whole stack of int8 or int4 layers (fp32 activations) -------------------------------------
  * Per layer x <- x + dense(attention(rotary(q, k), v)) + fc2(gelu(fc1(h))), h = LayerNorm(x), for B rows of one
  * new token: Phi's parallel block, as DecodePlan.step does it in torch, with LayerNorm and GELU in fp32 here
  * (within a few ulp of torch's). All layers run in one parallel region, each thread on its share of every matmul
@@ -979,19 +1029,61 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
  * had cost ~10 % of a 100M model's step (this layout gained ~5 % there, nothing measurable at 1.4B). Every
  * thread computes LayerNorm and the quantized rows of h and y itself (cheaper than sharing them); the fc1 rows
  * are split in chunks of 64, so GELU and the quantization of g split with them and give the very numbers the
- * whole row would; attention is split by kv head. The result does not depend on the number of threads. */
+ * whole row would; attention is split by kv head. The result does not depend on the number of threads.
+ * int4 layers (fmt 1, the q4 format above) run the same schedule: the fc1 rows split in chunks of 256 (a q4
+ * super-block), so each thread gathers and quantizes its own part of g (q4 activation blocks are local: no row
+ * maximum to share), and h and y are quantized per block of 64 slots by every thread, as q4_linear does. */
 typedef struct {
-    int64_t d, H, KV, hd, rd, inter, max_len, gelu_tanh;
+    int64_t d, H, KV, hd, rd, inter, max_len, gelu_tanh, fmt; /* fmt 0: int8 rows, fp32 row scales; 1: q4 */
     float eps, scale;
     const float *ln_w, *ln_b;
-    const int8_t *q1; /* q, k, v and fc1 fused: ((H + 2 KV) hd + inter, d) */
-    const float *s1, *b1;
-    const int8_t *qd; /* dense: (d, H hd) */
-    const float *sd, *bd;
-    const int8_t *q2; /* fc2: (d, inter) */
-    const float *s2, *b2;
+    const void *q1; /* q, k, v and fc1 fused: ((H + 2 KV) hd + inter, d) codes */
+    const void *s1; /* their scales: fp32 a row (int8) or fp16 a group (q4) */
+    const float *b1;
+    const void *qd, *sd; /* dense: (d, H hd) */
+    const float *bd;
+    const void *q2, *s2; /* fc2: (d, inter) */
+    const float *b2;
     float *kc, *vc; /* (B, KV, max_len, hd) */
 } layer_t;
+
+/* A layer's activation rows quantized for its format (only the one it uses is allocated) */
+typedef struct {
+    int fmt;
+    acts_t a8;
+    acts4_t a4;
+} qacts_t;
+
+static int qacts_alloc(qacts_t *a, int fmt, int64_t M, int64_t K) {
+    a->fmt = fmt;
+    return fmt ? acts4_alloc(&a->a4, M, K) : acts_alloc(&a->a8, M, K);
+}
+
+static void qacts_free(qacts_t *a) {
+    if (a->fmt) acts4_free(&a->a4);
+    else acts_free(&a->a8);
+}
+
+static int qacts_fill(qacts_t *a, const float *x, int64_t ldx) {
+    return a->fmt ? acts4_fill(&a->a4, x, ldx) : acts_fill(&a->a8, x, ldx);
+}
+
+/* out[m] = output r of a linear layer (codes q, scales s, bias or NULL) for the B activation rows of a, fp32 */
+static inline void q_out(const qacts_t *a, const void *q, const void *s, const float *bias, int64_t r, int64_t B,
+                         float *out) {
+    float b = bias ? bias[r] : 0.0f;
+    if (a->fmt) {
+        const acts4_t *a4 = &a->a4;
+        const uint8_t *qn = (const uint8_t *)q + r * (a4->Kp / 2);
+        const uint16_t *sn = (const uint16_t *)s + r * q4_scales_per_row(a4->nv);
+        for (int64_t m = 0; m < B; m += 4) { /* up to 4 rows on one read of the weight row, as q4_rows */
+            int R = B - m < 4 ? (int)(B - m) : 4;
+            q4_dot(a4, m, R, qn, sn, out + m);
+            for (int i = 0; i < R; i++) out[m + i] += b;
+        }
+    } else
+        for (int64_t m = 0; m < B; m++) out[m] = q8_out(&a->a8, m, (const int8_t *)q, (const float *)s, bias, r);
+}
 
 static void gelu_inplace(float *g, int64_t n, int tanh_approx) {
     const float c = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2 / pi) */
@@ -1040,15 +1132,18 @@ static void layer_norm(const float *x, int64_t B, int64_t d, const float *w, con
     }
 }
 
-/* Layer i reads caches kc[i], vc[i] (B, KV, max_len, hd); all layers have the first one's shapes. Returns how many
-   layers ran: n, or i when layer i declined for inf/NaN in an activation (x is as layer i found it; its cache slot
-   at L may be written: the caller's torch path rewrites it); -1 out of memory. */
-int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float *const *vc, int64_t max_len,
+/* Layer i reads caches kc[i], vc[i] (B, KV, max_len, hd), fp16 if kv16 else fp32; all layers have the first one's
+   shapes and format.
+   Returns how many layers ran: n, or i when layer i declined for inf/NaN in an activation (x is as layer i found
+   it; its cache slot at L may be written: the caller's torch path rewrites it); -1 out of memory. */
+int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *const *vc, int kv16, int64_t max_len,
                       float *x, int64_t B, int64_t L, const float *cos, const float *sin_signed) {
     if (n <= 0) return 0;
     const layer_t *P0 = layers;
+    const int fmt = (int)P0->fmt;
     int64_t d = P0->d, H = P0->H, KV = P0->KV, hd = P0->hd, inter = P0->inter, Hh = H * hd;
-    int64_t qkvw = (H + 2 * KV) * hd, N1 = qkvw + inter, T = L + 1, nchunks = (inter + 63) / 64;
+    int64_t chunk = fmt ? 256 : 64; /* g's unit of work: a q4 super-block, or 64 (whole GELU vectors) */
+    int64_t qkvw = (H + 2 * KV) * hd, N1 = qkvw + inter, T = L + 1, nchunks = (inter + chunk - 1) / chunk;
     int par = B * d * (N1 + Hh + inter) > 131072; /* else one thread: a fork costs more than it saves */
     int nt = 1;
 #ifdef _OPENMP
@@ -1057,12 +1152,13 @@ int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float 
     /* shared: the projection's output (q, k, v, then g), attention output y, dense output, g quantized */
     float *qkv = malloc(sizeof(float) * (size_t)(B * N1)), *y = malloc(sizeof(float) * (size_t)(B * Hh));
     float *att = malloc(sizeof(float) * (size_t)(B * d));
-    float *gmax = calloc((size_t)(nt * B), sizeof(float)); /* per thread, per row: max |g| over its chunks */
+    float *gmax = calloc((size_t)(nt * B), sizeof(float)); /* int8, per thread, per row: max |g| over its chunks */
     int *bad = calloc((size_t)nt, sizeof(int));             /* per thread: inf/NaN in its part of g */
-    acts_t ag = {0};
-    int has_ag = qkv && y && att && gmax && bad && !acts_alloc(&ag, B, inter);
-    int32_t *hcp = has_ag ? calloc((size_t)(nt * B * ag.nb * 16) + 1, sizeof(int32_t)) : NULL; /* per thread and
-                                                                           row: its chunks' share of ag.hc */
+    qacts_t ag = {0};
+    int has_ag = qkv && y && att && gmax && bad && !qacts_alloc(&ag, fmt, B, inter);
+    int64_t nb = fmt ? 0 : ag.a8.nb;
+    int32_t *hcp = has_ag ? calloc((size_t)(nt * B * nb * 16) + 1, sizeof(int32_t)) : NULL; /* int8 (VNNI), per
+                                                                  thread and row: its chunks' share of ag's hc */
     int ok = has_ag && hcp;
     int64_t ran = n;
     int oom = !ok;
@@ -1072,17 +1168,21 @@ int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float 
 #ifdef _OPENMP
         t = omp_get_thread_num(), tn = omp_get_num_threads();
 #endif
-        /* this thread's own: h and its quantized rows, y's quantized rows, g's row scales and sign corrections */
-        acts_t ah, ay, agt = ag;
+        /* this thread's own: h and its quantized rows, y's quantized rows; int8: g's row scales and sign
+           corrections (agt: the shared codes with them); int4: a gather buffer for its part of g */
+        qacts_t ah, ay, agt = ag;
         float *h = malloc(sizeof(float) * (size_t)(B * d)), *sxg = malloc(sizeof(float) * (size_t)B);
-        int32_t *hcg = malloc(sizeof(int32_t) * (size_t)(B * ag.nb * 16) + 1);
-        float *scores = malloc(sizeof(float) * (size_t)T);
-        int mine = ok && h && sxg && hcg && scores && !acts_alloc(&ah, B, d);
-        if (mine && acts_alloc(&ay, B, Hh)) {
-            acts_free(&ah);
+        int32_t *hcg = malloc(sizeof(int32_t) * (size_t)(B * nb * 16) + 1);
+        float *scores = malloc(sizeof(float) * (size_t)T), *out = malloc(sizeof(float) * (size_t)B);
+        float *xs = fmt ? malloc(sizeof(float) * (size_t)ag.a4.Kp) : NULL;
+        float *kvbuf = kv16 ? malloc(sizeof(float) * (size_t)(2 * T * hd)) : NULL;
+        int mine = ok && h && sxg && hcg && scores && out && (xs || !fmt) && (kvbuf || !kv16) &&
+                   !qacts_alloc(&ah, fmt, B, d);
+        if (mine && qacts_alloc(&ay, fmt, B, Hh)) {
+            qacts_free(&ah);
             mine = 0;
         }
-        agt.sx = sxg, agt.hc = hcg;
+        if (!fmt) agt.a8.sx = sxg, agt.a8.hc = hcg;
         if (!mine) { /* every thread allocates before the first barrier, so a failure is known to all in time */
 #pragma omp atomic write
             oom = 1;
@@ -1093,25 +1193,33 @@ int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float 
         part(nchunks, t, tn, &c0, &c1);
         part(KV, t, tn, &j0, &j1);
         part(d, t, tn, &n0, &n1);
-        int64_t g0 = c0 * 64, g1 = c1 * 64 < inter ? c1 * 64 : inter; /* its part of g: [g0, g1) */
+        int64_t g0 = c0 * chunk, g1 = c1 * chunk < inter ? c1 * chunk : inter; /* its part of g: [g0, g1) */
         for (int64_t i = 0; i < n && !oom; i++) {
             const layer_t *P = layers + i;
             layer_norm(x, B, d, P->ln_w, P->ln_b, P->eps, h);
-            if (acts_fill(&ah, h, d)) { /* every thread sees the same h, so all stop here together */
+            if (qacts_fill(&ah, h, d)) { /* every thread sees the same h, so all stop here together */
                 if (t == 0) ran = i;
                 break;
             }
-            for (int64_t r = r0; r < r1; r++) /* its q, k, v rows */
-                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = q8_out(&ah, m, P->q1, P->s1, P->b1, r);
-            for (int64_t r = qkvw + g0; r < qkvw + g1; r++) /* its fc1 rows */
-                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = q8_out(&ah, m, P->q1, P->s1, P->b1, r);
+            for (int64_t r = r0; r < r1; r++) { /* its q, k, v rows */
+                q_out(&ah, P->q1, P->s1, P->b1, r, B, out);
+                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = out[m];
+            }
+            for (int64_t r = qkvw + g0; r < qkvw + g1; r++) { /* its fc1 rows */
+                q_out(&ah, P->q1, P->s1, P->b1, r, B, out);
+                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = out[m];
+            }
             bad[t] = 0;
             for (int64_t m = 0; m < B; m++) {
                 float *g = qkv + m * N1 + qkvw;
                 gelu_inplace(g + g0, g1 - g0, (int)P->gelu_tanh); /* chunks start at multiples of 64: the blocks of
                                                                      16 of the whole row, the same numbers */
-                gmax[t * B + m] = 0;
-                bad[t] |= absmax_range(g, g0, g1, gmax + t * B + m) != 0;
+                if (fmt) /* int4: this thread's super-blocks of g, quantized into the shared rows */
+                    bad[t] |= g0 < g1 && acts4_part(&ag.a4, g, m, xs, g0 / 256, (g1 + 255) / 256) != 0;
+                else {
+                    gmax[t * B + m] = 0;
+                    bad[t] |= absmax_range(g, g0, g1, gmax + t * B + m) != 0;
+                }
             }
 #pragma omp barrier
             int any = 0;
@@ -1120,51 +1228,52 @@ int64_t decode_layers(const layer_t *layers, int64_t n, float *const *kc, float 
                 if (t == 0) ran = i;
                 break;
             }
-            for (int64_t m = 0; m < B; m++) { /* g's row scale from every thread's max; this thread's part of g */
+            for (int64_t m = 0; m < B && !fmt; m++) { /* int8: g's row scale from every thread's max; its part */
                 float mx = 0;
                 for (int u = 0; u < tn; u++) mx = gmax[u * B + m] > mx ? gmax[u * B + m] : mx;
                 sxg[m] = row_scale(mx);
-                quantize_range(qkv + m * N1 + qkvw, g0, g1, sxg[m], ag.xq + m * inter);
+                quantize_range(qkv + m * N1 + qkvw, g0, g1, sxg[m], ag.a8.xq + m * inter);
 #ifdef VNNI
-                int64_t k1 = g1 < ag.K64 ? g1 : ag.K64; /* bytes beyond K64 are read from xq (dot_tail) */
-                int32_t *hc = hcp + (t * B + m) * ag.nb * 16;
-                memset(hc, 0, sizeof(int32_t) * (size_t)(ag.nb * 16));
+                int64_t k1 = g1 < ag.a8.K64 ? g1 : ag.a8.K64; /* bytes beyond K64 are read from xq (dot_tail) */
+                int32_t *hc = hcp + (t * B + m) * nb * 16;
+                memset(hc, 0, sizeof(int32_t) * (size_t)(nb * 16));
                 if (g0 < k1) {
-                    split_range(ag.xq + m * inter, g0, k1, ag.lo + m * ag.K64, ag.hi + m * ag.K64);
-                    hc_add(ag.hi + m * ag.K64, g0, k1, hc);
+                    split_range(ag.a8.xq + m * inter, g0, k1, ag.a8.lo + m * ag.a8.K64, ag.a8.hi + m * ag.a8.K64);
+                    hc_add(ag.a8.hi + m * ag.a8.K64, g0, k1, hc);
                 }
 #endif
             }
-            attend_groups(qkv, B, N1, H, KV, hd, P->rd, cos, sin_signed, kc[i], vc[i], max_len, L, P->scale, y, j0,
-                          j1, scores);
+            attend_groups(qkv, B, N1, H, KV, hd, P->rd, cos, sin_signed, kc[i], vc[i], kv16, max_len, L, P->scale,
+                          y, j0, j1, scores, kvbuf);
 #pragma omp barrier
 #ifdef VNNI
-            for (int64_t e = 0; e < B * ag.nb * 16; e++) { /* g's sign corrections: the threads' exact int sums */
-                int64_t m = e / (ag.nb * 16), r = e % (ag.nb * 16);
+            for (int64_t e = 0; e < B * nb * 16; e++) { /* g's sign corrections: the threads' exact int sums */
+                int64_t m = e / (nb * 16), r = e % (nb * 16);
                 int32_t c = 0;
-                for (int u = 0; u < tn; u++) c += hcp[(u * B + m) * ag.nb * 16 + r];
+                for (int u = 0; u < tn; u++) c += hcp[(u * B + m) * nb * 16 + r];
                 hcg[e] = c;
             }
 #endif
-            if (acts_fill(&ay, y, Hh)) { /* every thread sees the same y */
+            if (qacts_fill(&ay, y, Hh)) { /* every thread sees the same y */
                 if (t == 0) ran = i;
                 break;
             }
             /* dense(y), then fc2(g) + the residual, in the modules' order: one matrix at a time (a thread streaming
                one matrix ran ~3 % faster than interleaving dense and fc2 rows; up to ~10 % with separate links) */
-            for (int64_t r = n0; r < n1; r++)
-                for (int64_t m = 0; m < B; m++)
-                    att[m * d + r] = q8_out(&ay, m, P->qd, P->sd, P->bd, r);
-            for (int64_t r = n0; r < n1; r++)
-                for (int64_t m = 0; m < B; m++) {
-                    x[m * d + r] = att[m * d + r] + q8_out(&agt, m, P->q2, P->s2, P->b2, r) + x[m * d + r];
-                }
+            for (int64_t r = n0; r < n1; r++) {
+                q_out(&ay, P->qd, P->sd, P->bd, r, B, out);
+                for (int64_t m = 0; m < B; m++) att[m * d + r] = out[m];
+            }
+            for (int64_t r = n0; r < n1; r++) {
+                q_out(&agt, P->q2, P->s2, P->b2, r, B, out);
+                for (int64_t m = 0; m < B; m++) x[m * d + r] = att[m * d + r] + out[m] + x[m * d + r];
+            }
 #pragma omp barrier
         }
-        if (mine) acts_free(&ah), acts_free(&ay);
-        free(h), free(sxg), free(hcg), free(scores);
+        if (mine) qacts_free(&ah), qacts_free(&ay);
+        free(h), free(sxg), free(hcg), free(scores), free(out), free(xs), free(kvbuf);
     }
-    if (has_ag) acts_free(&ag);
+    if (has_ag) qacts_free(&ag);
     free(qkv), free(y), free(att), free(gmax), free(bad), free(hcp);
     return oom ? -1 : ran;
 }
