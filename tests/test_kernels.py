@@ -192,6 +192,97 @@ def test_attend_step_matches_torch(B, H, KV, L, spread):
     assert kernels.attend_step(qkv.double(), H, KV, hd, cos, sin, ck, cv, L, 0.25) is None  # torch's path
 
 
+def _attend_fp16_case(L: int = 21):
+    g = torch.Generator().manual_seed(7)
+    B, H, KV, hd, rd, max_len = 2, 6, 3, 24, 8, 40  # hd 24: whole F16C vectors of 8
+    qkv = torch.randn(B, (H + 2 * KV) * hd, generator=g) * 3
+    edge = torch.tensor([1e-8, -3e-6, 6.1e-5, 65519.0, -65520.0, 7e4, 1 / 3, 2049.0])  # subnormal .. inf, ties
+    qkv[0, (H + KV) * hd:(H + KV) * hd + 8] = edge  # into v (no rotary): its fp16 bits are checked
+    cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
+    ck, cv = (torch.randn(2, B, KV, max_len, hd, generator=g) * 2).half()
+    return qkv, (B, H, KV, hd, rd, L), cos, sin, ck, cv
+
+
+def _attend_fp16_reference(qkv, dims, cos, sin, ck, cv):
+    """attend_step's expected output and caches for an fp16 cache: k, v rounded as .half() when written, then
+    fp32 attention over the cache as stored."""
+    B, H, KV, hd, rd, L = dims
+    ref_qkv = qkv.clone()
+    qk = ref_qkv[:, :(H + KV) * hd].view(B, H + KV, hd)
+    x = qk[..., :rd]
+    x.copy_(x * cos + x.roll(rd // 2, -1) * sin)
+    k, v = ck.clone(), cv.clone()
+    k[:, :, L] = qk[:, H:].half()
+    v[:, :, L] = ref_qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, KV, hd).half()
+    q = qk[:, :H].reshape(B, KV, H // KV, hd) * 0.25
+    att = (q @ k[:, :, :L + 1].float().transpose(-1, -2)).softmax(-1)
+    return (att @ v[:, :, :L + 1].float()).reshape(B, H * hd), k, v
+
+
+@needs_kernel
+def test_attend_step_with_an_fp16_cache_rounds_as_torch_half():
+    qkv, dims, cos, sin, ck, cv = _attend_fp16_case()
+    B, H, KV, hd, rd, L = dims
+    ref_y, ref_k, ref_v = _attend_fp16_reference(qkv, dims, cos, sin, ck, cv)
+    y = kernels.attend_step(qkv, H, KV, hd, cos, sin, ck, cv, L, 0.25)
+    assert torch.equal(ck, ref_k) and torch.equal(cv, ref_v)  # bit for bit .half()'s rounding (edges included)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    assert kernels.attend_step(qkv, H, KV, hd, cos, sin, ck, cv.float(), L, 0.25) is None  # mixed: torch's path
+
+
+@needs_kernel
+def test_fp16_cache_conversion_in_plain_c_is_torch_half(tmp_path):
+    """The scalar fp32 <-> fp16 conversion (CPUs without F16C) rounds as .half() too: subnormals, ties, overflow."""
+    import ctypes
+
+    so = tmp_path / "k.so"
+    cc = os.environ.get("CC") or "cc"
+    subprocess.run([cc, *kernels.FLAGS, "-mno-f16c", "-mno-avx2", "-mno-avx512f", str(kernels.SOURCE), "-o", str(so),
+                    "-lm"], check=True)
+    lib = ctypes.CDLL(str(so))
+    qkv, dims, cos, sin, ck, cv = _attend_fp16_case()
+    B, H, KV, hd, rd, L = dims
+    ref_y, ref_k, ref_v = _attend_fp16_reference(qkv, dims, cos, sin, ck, cv)
+    y = torch.empty(B, H * hd)
+    ptr = ctypes.c_void_p
+    rc = lib.attend_step(ptr(qkv.data_ptr()), *map(ctypes.c_int64, (B, qkv.stride(0), H, KV, hd, rd)),
+                         ptr(cos.data_ptr()), ptr(sin.data_ptr()), ptr(ck.data_ptr()), ptr(cv.data_ptr()),
+                         ctypes.c_int(1), ctypes.c_int64(ck.shape[2]), ctypes.c_int64(L), ctypes.c_float(0.25),
+                         ptr(y.data_ptr()))
+    assert rc == 0 and torch.equal(ck, ref_k) and torch.equal(cv, ref_v)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_native_stack_with_an_fp16_cache(fmt):
+    """The stack on an fp16 cache = the stack on an fp32 cache holding the same (fp16) values, except that the new
+    k and v are stored rounded to fp16: the same numbers to fp16 rounding of one position."""
+    g = torch.Generator().manual_seed(3)
+    B, d, H, KV, hd, rd, inter, L, max_len = 2, 64, 4, 2, 16, 8, 300, 6, 10
+
+    def weights(n, k):
+        if fmt == "int4":
+            return kernels.quantize_q4(torch.randn(n, k, generator=g) * 0.1), torch.randn(n, generator=g) / 10
+        return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g) / 300,
+                torch.randn(n, generator=g) / 10)
+
+    layer = kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter,
+                                eps=1e-5, scale=hd ** -0.5, gelu_tanh=True, ln_w=torch.ones(d), ln_b=torch.zeros(d),
+                                proj=weights((H + 2 * KV) * hd + inter, d), dense=weights(d, H * hd),
+                                fc2=weights(d, inter))
+    stack = kernels.NativeStack([layer])
+    cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
+    x16 = torch.randn(B, d, generator=g)
+    x32 = x16.clone()
+    k16, v16 = torch.randn(2, B, KV, max_len, hd, generator=g).half()
+    k32, v32 = k16.float(), v16.float()
+    assert stack(x16, L, cos, sin, [k16], [v16]) == 1 and stack(x32, L, cos, sin, [k32], [v32]) == 1
+    assert torch.equal(k16[:, :, L], k32[:, :, L].half()) and torch.equal(v16[:, :, L], v32[:, :, L].half())
+    torch.testing.assert_close(x16, x32, rtol=0, atol=2e-3 * float(x32.abs().max()))
+    assert stack(x16, L, cos, sin, [k16], [v32]) == 0  # one dtype for all caches, else the caller's path
+
+
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("B,d,H,KV,hd,rd,inter", [(2, 64, 4, 2, 16, 8, 96),  # small: one thread runs it

@@ -6,7 +6,7 @@ numerically equal to the modules (tests/test_decode.py):
 - linear.py: the kernel per weight dtype and the (fused) linear layers in its layout; int8 QuantLinears fused on
   the native kernel;
 - screen.py: greedy decoding's lm_head read through a low-precision copy (ArgmaxScreen), exact argmax;
-- plan.py: DecodePlan, a step as one flat loop (the whole layer stack in one native call for int8 models);
+- plan.py: DecodePlan, a step as one flat loop (the whole layer stack in one native call for int8 and int4 models);
   `DecodePlan.copy_bytes` says what weight copies a plan would make (none for models quantized by serve/quant or
   loaded with `load_checkpoint(..., layout="decode")`: their weights are already in the kernels' layout);
 - decoder.py: Decoder (what callers hold) and the per-model reuse of plans; `Decoder.describe()` is the one line
