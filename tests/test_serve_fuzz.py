@@ -62,3 +62,37 @@ def test_fuzz_against_own_schema(case, served):
     # timeout: 64 prompts with 20 alternatives a token on a busy 2-core machine can take more than the default 10 s
     case.call_and_validate(base_url=served.url[:-3], excluded_checks=[positive_data_acceptance],
                            additional_checks=[accepted_unless_too_long], timeout=120)
+
+
+
+def test_a_null_include_usage_is_documented_as_the_server_reads_it(served):
+    """Found by the fuzz run: the server reads `stream_options.include_usage: null` as absent (as it reads every
+    null field), so the schema must allow null there; a non-boolean is still rejected."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def call(path, payload=None):  # (status, parsed JSON or None for a stream)
+        req = urllib.request.Request(served.url[:-3] + path, data=None if payload is None else
+                                     json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                data = resp.read()
+                return resp.status, json.loads(data) if path.endswith(".json") else None
+        except urllib.error.HTTPError as e:
+            return e.code, None
+
+    def found(node):  # every schema the document gives include_usage
+        if isinstance(node, dict):
+            yield from ([node["include_usage"]] if "include_usage" in node else [])
+            for v in node.values():
+                yield from found(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from found(v)
+
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 2, "stream": True}
+    schemas = list(found(call("/openapi.json")[1]))
+    assert call("/v1/completions", {**body, "stream_options": {"include_usage": None}})[0] == 200
+    assert call("/v1/completions", {**body, "stream_options": {"include_usage": "yes"}})[0] == 400
+    assert schemas and all({"type": "null"} in sch.get("anyOf", []) for sch in schemas)

@@ -38,7 +38,7 @@ def _common(model: str, context: int, max_batch: int) -> dict[str, Any]:
         "stop": _nullable(stop),
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable({"type": "object", "additionalProperties": False,
-                                     "properties": {"include_usage": {"type": "boolean"}}}),
+                                     "properties": {"include_usage": _nullable({"type": "boolean"})}}),
         "presence_penalty": _nullable({"type": "number", "enum": [0]}),
         "frequency_penalty": _nullable({"type": "number", "enum": [0]}),
         "logit_bias": _nullable({"type": "object", "maxProperties": 0}),
