@@ -158,8 +158,8 @@ def test_streamed_buffers_sit_on_advised_huge_pages_and_live_while_a_view_does()
     view.fill_(7)  # the mapping outlives the tensor it was made for while a view of it lives
     assert int(view.sum()) == 7 * view.numel()
     assert kernels.empty_streamed((10,), torch.float32).shape == (10,)  # small: plain torch.empty
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        pytest.skip("no transparent huge pages on this OS: plain torch.empty")
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/sys/kernel/mm/transparent_hugepage").is_dir():
+        pytest.skip("no transparent huge pages on this OS or kernel: plain pages")
     assert base % kernels.HUGE_PAGE == 0 and "hg" in _vm_flags(base)  # aligned, advised MADV_HUGEPAGE
 
 

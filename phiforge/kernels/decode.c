@@ -759,6 +759,49 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint
  * fp16 (kv16: half the cache's memory and reads, as llama.cpp's default f16 cache; k and v are rounded to fp16 when
  * written, and attention reads them back in fp32). */
 
+/* One vector of fp32 lanes for the attention and GELU loops below, written once for both widths: 16 lanes with
+   AVX-512F, 8 with AVX2 (each with its own e^x below); plain C loops finish what the vectors leave */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vec_t;
+#define V_LOAD(p) _mm512_loadu_ps(p)
+#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define V_SET1(x) _mm512_set1_ps(x)
+#define V_ADD(a, b) _mm512_add_ps(a, b)
+#define V_SUB(a, b) _mm512_sub_ps(a, b)
+#define V_MUL(a, b) _mm512_mul_ps(a, b)
+#define V_DIV(a, b) _mm512_div_ps(a, b)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_SUM(v) _mm512_reduce_add_ps(v)
+#define V_EXP(x) exp16(x)
+#elif defined(__AVX2__)
+#define VW 8
+typedef __m256 vec_t;
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_STORE(p, v) _mm256_storeu_ps(p, v)
+#define V_SET1(x) _mm256_set1_ps(x)
+#define V_ADD(a, b) _mm256_add_ps(a, b)
+#define V_SUB(a, b) _mm256_sub_ps(a, b)
+#define V_MUL(a, b) _mm256_mul_ps(a, b)
+#define V_DIV(a, b) _mm256_div_ps(a, b)
+#define V_FMA(a, b, c) FMADD(a, b, c)
+#define V_SUM(v) hsum8(v)
+#define V_EXP(x) exp8(x)
+#endif
+
+#ifdef VW
+/* e^r for |r| <= ln2 / 2: degree-6 Taylor polynomial, Horner's rule with multiply-adds */
+static inline vec_t exp_poly(vec_t r) {
+    vec_t p = V_SET1(1.0f / 720);
+    p = V_FMA(p, r, V_SET1(1.0f / 120));
+    p = V_FMA(p, r, V_SET1(1.0f / 24));
+    p = V_FMA(p, r, V_SET1(1.0f / 6));
+    p = V_FMA(p, r, V_SET1(0.5f));
+    p = V_FMA(p, r, V_SET1(1.0f));
+    return V_FMA(p, r, V_SET1(1.0f));
+}
+#endif
+
 #if defined(__AVX512F__)
 /* e^x for 16 lanes, ~1 ulp on the range softmax uses (x <= 0): 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial */
 static inline __m512 exp16(__m512 x) {
@@ -766,14 +809,7 @@ static inline __m512 exp16(__m512 x) {
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x); /* ln2 in two parts: r exact-ish */
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_scalef_ps(exp_poly(r), n);
 }
 #elif defined(__AVX2__)
 /* exp16's method for 8 lanes; 2^n built in the exponent bits: x <= -88 gives 0 (expf: a denormal below 1.2e-38,
@@ -784,15 +820,8 @@ static inline __m256 exp8(__m256 x) {
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* in [-127, 128] */
     __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693145752f))); /* exact: n has <= 8 bits */
     r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(1.42860677e-6f)));
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = FMADD(p, r, _mm256_set1_ps(1.0f / 120));
-    p = FMADD(p, r, _mm256_set1_ps(1.0f / 24));
-    p = FMADD(p, r, _mm256_set1_ps(1.0f / 6));
-    p = FMADD(p, r, _mm256_set1_ps(0.5f));
-    p = FMADD(p, r, _mm256_set1_ps(1.0f));
-    p = FMADD(p, r, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e)); /* n = -127: 0; n = 128: the bits of inf */
+    return _mm256_mul_ps(exp_poly(r), _mm256_castsi256_ps(e)); /* n = -127: 0; n = 128: the bits of inf */
 }
 #endif
 
@@ -801,22 +830,14 @@ static void softmax_row(float *s, int64_t T) {
     float mx = -INFINITY, sum = 0;
     for (int64_t t = 0; t < T; t++) mx = s[t] > mx ? s[t] : mx;
     int64_t t = 0;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
-    for (; t + 16 <= T; t += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
-        _mm512_storeu_ps(s + t, e);
-        acc = _mm512_add_ps(acc, e);
+#ifdef VW
+    vec_t acc = V_SET1(0.0f), m = V_SET1(mx);
+    for (; t + VW <= T; t += VW) {
+        vec_t e = V_EXP(V_SUB(V_LOAD(s + t), m));
+        V_STORE(s + t, e);
+        acc = V_ADD(acc, e);
     }
-    sum = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
-    for (; t + 8 <= T; t += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
-        _mm256_storeu_ps(s + t, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    sum = hsum8(acc);
+    sum = V_SUM(acc);
 #endif
     for (; t < T; t++) {
         s[t] = expf(s[t] - mx);
@@ -828,71 +849,48 @@ static void softmax_row(float *s, int64_t T) {
 
 /* s[t] = q . K[t] for t < T (rows of hd floats) */
 static void scores_row(const float *q, const float *K_, int64_t T, int64_t hd, float *s) {
-#if defined(__AVX512F__)
-    if (hd % 16 == 0) {
-        for (int64_t t = 0; t < T; t++) {
-            const float *k = K_ + t * hd;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-            for (int64_t d = 16; d < hd; d += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-            s[t] = _mm512_reduce_add_ps(acc);
-        }
-        return;
-    }
-#elif defined(__AVX2__)
-    if (hd % 8 == 0) { /* four keys at a time: four independent multiply-add chains */
-        int64_t t = 0;
+    int64_t t = 0;
+#ifdef VW
+    if (hd % VW == 0) { /* four keys at a time: four independent multiply-add chains */
         for (; t + 4 <= T; t += 4) {
             const float *k = K_ + t * hd;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t d = 0; d < hd; d += 8) {
-                __m256 qd = _mm256_loadu_ps(q + d);
-                a0 = FMADD(qd, _mm256_loadu_ps(k + d), a0);
-                a1 = FMADD(qd, _mm256_loadu_ps(k + hd + d), a1);
-                a2 = FMADD(qd, _mm256_loadu_ps(k + 2 * hd + d), a2);
-                a3 = FMADD(qd, _mm256_loadu_ps(k + 3 * hd + d), a3);
+            vec_t a0 = V_SET1(0.0f), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < hd; d += VW) {
+                vec_t qd = V_LOAD(q + d);
+                a0 = V_FMA(qd, V_LOAD(k + d), a0);
+                a1 = V_FMA(qd, V_LOAD(k + hd + d), a1);
+                a2 = V_FMA(qd, V_LOAD(k + 2 * hd + d), a2);
+                a3 = V_FMA(qd, V_LOAD(k + 3 * hd + d), a3);
             }
-            s[t] = hsum8(a0), s[t + 1] = hsum8(a1), s[t + 2] = hsum8(a2), s[t + 3] = hsum8(a3);
+            s[t] = V_SUM(a0), s[t + 1] = V_SUM(a1), s[t + 2] = V_SUM(a2), s[t + 3] = V_SUM(a3);
         }
         for (; t < T; t++) {
-            __m256 a0 = _mm256_setzero_ps();
-            for (int64_t d = 0; d < hd; d += 8) a0 = FMADD(_mm256_loadu_ps(q + d), _mm256_loadu_ps(K_ + t * hd + d), a0);
-            s[t] = hsum8(a0);
+            vec_t a0 = V_SET1(0.0f);
+            for (int64_t d = 0; d < hd; d += VW) a0 = V_FMA(V_LOAD(q + d), V_LOAD(K_ + t * hd + d), a0);
+            s[t] = V_SUM(a0);
         }
-        return;
     }
 #endif
-    for (int64_t t = 0; t < T; t++) {
+    for (; t < T; t++) {
         float acc = 0;
         for (int64_t d = 0; d < hd; d++) acc += q[d] * K_[t * hd + d];
         s[t] = acc;
     }
 }
 
-/* out = sum over t < T of s[t] V[t] (rows of hd floats), 16 channels at a time in registers */
+/* out = sum over t < T of s[t] V[t] (rows of hd floats), one vector of channels at a time in registers */
 static void mix_row(const float *s, const float *V_, int64_t T, int64_t hd, float *out) {
     int64_t d = 0;
-#if defined(__AVX512F__)
-    for (; d + 16 <= hd; d += 16) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0; /* two chains: the multiply-adds' latency hides */
+#ifdef VW
+    for (; d + VW <= hd; d += VW) {
+        vec_t a0 = V_SET1(0.0f), a1 = a0; /* two chains: the multiply-adds' latency hides */
         int64_t t = 0;
         for (; t + 2 <= T; t += 2) {
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(V_ + t * hd + d), a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[t + 1]), _mm512_loadu_ps(V_ + (t + 1) * hd + d), a1);
+            a0 = V_FMA(V_SET1(s[t]), V_LOAD(V_ + t * hd + d), a0);
+            a1 = V_FMA(V_SET1(s[t + 1]), V_LOAD(V_ + (t + 1) * hd + d), a1);
         }
-        if (t < T) a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(V_ + t * hd + d), a0);
-        _mm512_storeu_ps(out + d, _mm512_add_ps(a0, a1));
-    }
-#elif defined(__AVX2__)
-    for (; d + 8 <= hd; d += 8) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        int64_t t = 0;
-        for (; t + 2 <= T; t += 2) {
-            a0 = FMADD(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V_ + t * hd + d), a0);
-            a1 = FMADD(_mm256_set1_ps(s[t + 1]), _mm256_loadu_ps(V_ + (t + 1) * hd + d), a1);
-        }
-        if (t < T) a0 = FMADD(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V_ + t * hd + d), a0);
-        _mm256_storeu_ps(out + d, _mm256_add_ps(a0, a1));
+        if (t < T) a0 = V_FMA(V_SET1(s[t]), V_LOAD(V_ + t * hd + d), a0);
+        V_STORE(out + d, V_ADD(a0, a1));
     }
 #endif
     for (; d < hd; d++) {
@@ -1089,24 +1087,14 @@ static void gelu_inplace(float *g, int64_t n, int tanh_approx) {
     const float c = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2 / pi) */
     int64_t i = 0;
     if (tanh_approx) {
-#if defined(__AVX512F__)
+#ifdef VW
         /* tanh(u) = 1 - 2 / (e^{2u} + 1): exact at both tails (e^{2u} -> inf or 0) */
-        const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
-        for (; i + 16 <= n; i += 16) {
-            __m512 x = _mm512_loadu_ps(g + i);
-            __m512 u = _mm512_mul_ps(_mm512_set1_ps(c), _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(kappa),
-                                                                       _mm512_mul_ps(x, _mm512_mul_ps(x, x)))));
-            __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_mul_ps(two, u)), one)));
-            _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t)));
-        }
-#elif defined(__AVX2__)
-        const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
-        for (; i + 8 <= n; i += 8) {
-            __m256 x = _mm256_loadu_ps(g + i);
-            __m256 u = _mm256_mul_ps(_mm256_set1_ps(c), _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(kappa),
-                                                                       _mm256_mul_ps(x, _mm256_mul_ps(x, x)))));
-            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, u)), one)));
-            _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)));
+        const vec_t one = V_SET1(1.0f), two = V_SET1(2.0f), half = V_SET1(0.5f);
+        for (; i + VW <= n; i += VW) {
+            vec_t x = V_LOAD(g + i);
+            vec_t u = V_MUL(V_SET1(c), V_ADD(x, V_MUL(V_SET1(kappa), V_MUL(x, V_MUL(x, x)))));
+            vec_t t = V_SUB(one, V_DIV(two, V_ADD(V_EXP(V_MUL(two, u)), one)));
+            V_STORE(g + i, V_MUL(V_MUL(half, x), V_ADD(one, t)));
         }
 #endif
         for (; i < n; i++) {
