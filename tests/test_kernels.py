@@ -311,8 +311,9 @@ def test_native_layer_matches_float64_layer_and_declines_bad_input(fmt, B, d, H,
     make = q4 if fmt == "int4" else q8
     proj, dense, fc2 = make((H + 2 * KV) * hd + inter, d), make(d, H * hd), make(d, inter)
     ln_w, ln_b = 1 + torch.randn(d, generator=g) / 10, torch.randn(d, generator=g) / 10
-    layer = kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter, eps=1e-5,
-                            scale=hd ** -0.5, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj, dense=dense, fc2=fc2)
+    layer = kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter,
+                                eps=1e-5, scale=hd ** -0.5, gelu_tanh=True, ln_w=ln_w, ln_b=ln_b, proj=proj,
+                                dense=dense, fc2=fc2)
     x = torch.randn(B, d, generator=g)
     cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)
     kc, vc = torch.randn(2, B, KV, max_len, hd, generator=g)
@@ -372,7 +373,7 @@ def test_native_layer_matches_float64_layer_and_declines_bad_input(fmt, B, d, H,
 
 
 @needs_kernel
-def test_q8_stack_runs_layers_in_order_and_stops_where_one_declines():
+def test_native_stack_runs_layers_in_order_and_stops_where_one_declines():
     """A stack of layers in one call = the layers one call each; a layer that declines (inf in an activation)
     stops the stack there with x as that layer found it, for the caller's torch path."""
     g = torch.Generator().manual_seed(1)
@@ -384,9 +385,9 @@ def test_q8_stack_runs_layers_in_order_and_stops_where_one_declines():
                     torch.rand(n, generator=g) / 300, torch.randn(n, generator=g) / 10)
 
         return kernels.NativeLayer(num_heads=H, num_kv_heads=KV, head_dim=hd, rotary_dim=rd, intermediate=inter,
-                               eps=1e-5, scale=hd ** -0.5, gelu_tanh=True, ln_w=torch.ones(d),
-                               ln_b=torch.zeros(d) if ln_b is None else ln_b, proj=q8((H + 2 * KV) * hd + inter, d),
-                               dense=q8(d, H * hd), fc2=q8(d, inter))
+                                   eps=1e-5, scale=hd ** -0.5, gelu_tanh=True, ln_w=torch.ones(d),
+                                   ln_b=torch.zeros(d) if ln_b is None else ln_b,
+                                   proj=q8((H + 2 * KV) * hd + inter, d), dense=q8(d, H * hd), fc2=q8(d, inter))
 
     layers = [layer() for _ in range(3)]
     cos, sin = torch.randn(rd, generator=g), torch.randn(rd, generator=g)

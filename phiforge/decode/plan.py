@@ -44,8 +44,9 @@ class DecodePlan:
         sin = model.rotary.sin.to(dtype)
         self.sin_signed = torch.cat((-sin[:, : rd // 2], sin[:, rd // 2:]), dim=-1)  # (P, rotary_dim)
         self.rotary_dim = rd
-        # fp32 activations (fp32 and int8 models): rotary, cache write and attention in one native call a layer
-        # (kernels.attend_step) where the kernels are built; it reads the fp32 cache new_cache gives CPU models
+        # fp32 activations (fp32, int8 and int4 models): rotary, cache write and attention in one native call a
+        # layer (kernels.attend_step) where the kernels are built, on the cache new_cache gives CPU models (fp32;
+        # fp16 for quantized ones)
         self.native_attention = dtype == torch.float32 and not cfg.qk_layernorm and kernels.available()
         self.layers = []
         natives = []  # per layer a kernels.NativeLayer, or None
@@ -76,10 +77,11 @@ class DecodePlan:
             native = None
             if self.native_attention and fc1 is None and dense is not None and \
                     (all(map(is_q8, [a.dense, m.fc2, q])) or all(map(is_q4, [a.dense, m.fc2, q]))):
-                native = kernels.NativeLayer(num_heads=self.H, num_kv_heads=self.KV, head_dim=self.hd, rotary_dim=rd,
-                                         intermediate=self.intermediate, eps=ln.eps, scale=self.scale,
-                                         gelu_tanh=self.approximate == "tanh", ln_w=ln.weight.detach(),
-                                         ln_b=ln.bias.detach(), proj=proj.parts, dense=dense.parts, fc2=fc2.parts)
+                native = kernels.NativeLayer(num_heads=self.H, num_kv_heads=self.KV, head_dim=self.hd,
+                                             rotary_dim=rd, intermediate=self.intermediate, eps=ln.eps,
+                                             scale=self.scale, gelu_tanh=self.approximate == "tanh",
+                                             ln_w=ln.weight.detach(), ln_b=ln.bias.detach(), proj=proj.parts,
+                                             dense=dense.parts, fc2=fc2.parts)
             self.layers.append((ln.weight, ln.bias, ln.eps, proj, dense, fc1, fc2, qk_norm))
             natives.append(native)
             self.modules += [(block._modules, n, getattr(block, n))

@@ -106,7 +106,7 @@ class Engine:
         if decoder is None:  # a phiforge Phi
             self.backend = "phiforge"
             self.device = model.model.embed_tokens.weight.device
-            self.dtype = model.model.embed_tokens.weight.dtype  # activations and the KV cache
+            self.dtype = model.model.embed_tokens.weight.dtype  # activations (the KV cache: model.new_cache)
             self.context = model.config.max_position_embeddings
             self.vocab_size = model.config.vocab_size
             self.eos_ids = {self.eos}
