@@ -1,6 +1,6 @@
 /* phiforge's one hand-written CPU kernel: y = x @ (q * scale)^T + bias for int8 weights q, at small batch (and
  * prefill's rows on AVX2 builds: q8_tile); int4 weights the same way further down (format "q4", q4_linear); one
- * decode step's attention; a whole stack of int8 layers.
+ * decode step's attention (fp32 or fp16 KV cache); a whole stack of int8 or int4 layers.
  *
  * Why: batch-1 decoding of an int8 model should stream weights at memory speed, but torch's
  * _weight_int8pack_mm converts every weight to float before its FMA and tops out near 15 GB/s a core, well
