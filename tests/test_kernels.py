@@ -321,11 +321,18 @@ def test_native_layer_matches_float64_layer_and_declines_bad_input(fmt, B, d, H,
     stack = kernels.NativeStack([layer])
     x1, k1, v1 = x.clone(), kc.clone(), vc.clone()
     n = torch.get_num_threads()
+    x7, k7, v7 = x.clone(), kc.clone(), vc.clone()
     try:
         torch.set_num_threads(1)
         assert stack(x1, L, cos, sin, [k1], [v1]) == 1
         torch.set_num_threads(max(n, 2))
         assert stack(x, L, cos, sin, [kc], [vc]) == 1
+        # more threads than cores: threads lose their core mid-phase, so others take units from their shares
+        torch.set_num_threads(7)
+        for _ in range(5):
+            x7c, k7c, v7c = x7.clone(), k7.clone(), v7.clone()
+            assert stack(x7c, L, cos, sin, [k7c], [v7c]) == 1
+            assert torch.equal(x7c, x1) and torch.equal(k7c, k1) and torch.equal(v7c, v1)
     finally:
         torch.set_num_threads(n)
     assert torch.equal(x, x1) and torch.equal(kc, k1) and torch.equal(vc, v1)

@@ -416,10 +416,9 @@ def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ("d", "H", "KV", "hd", "rd", "inter", "max_len", "gelu_tanh", "fmt")] + \
+    _fields_ = [(n, ctypes.c_int64) for n in ("d", "H", "KV", "hd", "rd", "inter", "gelu_tanh", "fmt")] + \
         [("eps", ctypes.c_float), ("scale", ctypes.c_float)] + \
-        [(n, ctypes.c_void_p) for n in ("ln_w", "ln_b", "q1", "s1", "b1", "qd", "sd", "bd", "q2", "s2", "b2", "kc",
-                                        "vc")]
+        [(n, ctypes.c_void_p) for n in ("ln_w", "ln_b", "q1", "s1", "b1", "qd", "sd", "bd", "q2", "s2", "b2")]
 
 
 Q8Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # int8 codes (N, K), fp32 row scales, fp32 bias
@@ -466,7 +465,7 @@ class NativeLayer:
         self.format = ("int8", "int4")[fmt]
         (q1, s1, b1), (qd, sd, bd), (q2, s2, b2) = ptrs["proj"], ptrs["dense"], ptrs["fc2"]
         self.st = _Layer(d=d, H=num_heads, KV=num_kv_heads, hd=head_dim, rd=rotary_dim, inter=intermediate,
-                         max_len=0, gelu_tanh=int(gelu_tanh), fmt=fmt, eps=eps, scale=scale, ln_w=ln_w.data_ptr(),
+                         gelu_tanh=int(gelu_tanh), fmt=fmt, eps=eps, scale=scale, ln_w=ln_w.data_ptr(),
                          ln_b=ln_b.data_ptr(), q1=q1, s1=s1, b1=b1, qd=qd, sd=sd, bd=bd, q2=q2, s2=s2, b2=b2)
 
 

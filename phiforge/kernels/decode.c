@@ -1025,14 +1025,15 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
  * another wrote only where it must (the full activation rows each matmul needs): when the VM's two cores sit on
  * separate memory links, a core-to-core round trip takes ~0.5 us, and the serial steps between one-layer calls
  * had cost ~10 % of a 100M model's step (this layout gained ~5 % there, nothing measurable at 1.4B). Every
- * thread computes LayerNorm and the quantized rows of h and y itself (cheaper than sharing them); the fc1 rows
- * are split in chunks of 64, so GELU and the quantization of g split with them and give the very numbers the
- * whole row would; attention is split by kv head. The result does not depend on the number of threads.
- * int4 layers (fmt 1, the q4 format above) run the same schedule: the fc1 rows split in chunks of 256 (a q4
- * super-block), so each thread gathers and quantizes its own part of g (q4 activation blocks are local: no row
- * maximum to share), and h and y are quantized per block of 64 slots by every thread, as q4_linear does. */
+ * thread computes LayerNorm, the residual stream and the quantized rows of h and y itself (cheaper than sharing
+ * them). The matmuls' rows are shared out in units (see share_t below: a thread that finishes early takes work
+ * from another); GELU runs on each unit of fc1 rows as it is done (units are whole GELU vectors, so the numbers
+ * are the whole row's) and records its max |g|; after the barrier each thread quantizes a fixed part of g: int8
+ * from the row's max over all units, int4 (fmt 1, the q4 format above) its super-blocks (q4 activation blocks are
+ * local), and h and y are quantized per block of 64 slots by every thread, as q4_linear does. Attention is split
+ * by kv head. The result does not depend on the number of threads or on who ran which unit. */
 typedef struct {
-    int64_t d, H, KV, hd, rd, inter, max_len, gelu_tanh, fmt; /* fmt 0: int8 rows, fp32 row scales; 1: q4 */
+    int64_t d, H, KV, hd, rd, inter, gelu_tanh, fmt; /* fmt 0: int8 rows, fp32 row scales; 1: q4 */
     float eps, scale;
     const float *ln_w, *ln_b;
     const void *q1; /* q, k, v and fc1 fused: ((H + 2 KV) hd + inter, d) codes */
@@ -1042,8 +1043,7 @@ typedef struct {
     const float *bd;
     const void *q2, *s2; /* fc2: (d, inter) */
     const float *b2;
-    float *kc, *vc; /* (B, KV, max_len, hd) */
-} layer_t;
+} layer_t; /* the caches are decode_layers' arguments */
 
 /* A layer's activation rows quantized for its format (only the one it uses is allocated) */
 typedef struct {
@@ -1120,6 +1120,56 @@ static void layer_norm(const float *x, int64_t B, int64_t d, const float *w, con
     }
 }
 
+/* Work sharing inside decode_layers. A matmul phase (q|k|v then fc1 rows; dense then fc2 rows) is cut in units of
+   UNIT rows; each thread owns a contiguous share of the units and takes them front to back (one stream through
+   memory: its software prefetch runs on into the next unit), and a thread whose share is done takes units from
+   the back of another's. Owner and thief claim a unit with one compare-and-swap on the share's (front, back) word,
+   so every unit runs exactly once, whoever runs it, and gives the same numbers. Why: the shares are equal in
+   bytes, but on a VM two cores do not stream equally fast at every moment (another guest, a kernel thread), and
+   with fixed shares each of a layer's barriers waits for the slower one. */
+#define UNIT 16 /* rows: a multiple of GELU's vector width, so units give the numbers of the whole row */
+
+typedef struct {
+    _Alignas(64) uint64_t w; /* units [front, back) not yet taken: front in the low 32 bits, back in the high */
+    int64_t a0, na, b0; /* local unit j < na: unit a0 + j of the phase's first matrix, else b0 + j - na of its second */
+} share_t;
+
+/* Give thread t of tn its share of a phase: parts of the na units of the first matrix and the nb of the second */
+static void share_init(share_t *s, int t, int tn, int64_t na, int64_t nb) {
+    int64_t a0, a1, b0, b1;
+    part(na, t, tn, &a0, &a1);
+    part(nb, t, tn, &b0, &b1);
+    s->a0 = a0, s->na = a1 - a0, s->b0 = b0;
+    __atomic_store_n(&s->w, (uint64_t)(a1 - a0 + b1 - b0) << 32, __ATOMIC_RELAXED);
+}
+
+/* Claim a unit of share s, from its front (its owner) or its back (another thread): the local index, or -1 */
+static int64_t share_claim(share_t *s, int front) {
+    uint64_t w = __atomic_load_n(&s->w, __ATOMIC_RELAXED);
+    for (;;) {
+        uint64_t lo = w & 0xffffffffu, hi = w >> 32;
+        if (lo >= hi) return -1;
+        uint64_t nw = front ? w + 1 : w - ((uint64_t)1 << 32);
+        if (__atomic_compare_exchange_n(&s->w, &w, nw, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return (int64_t)(front ? lo : hi - 1);
+    }
+}
+
+/* Thread t's next unit of a phase: its own share first, then the others' backs. 0 when none is left, else 1 with
+   *second (which matrix) and *u (the unit in it). */
+static int next_unit(share_t *sh, int t, int tn, int *second, int64_t *u) {
+    for (int k = 0; k < tn; k++) {
+        share_t *s = sh + (t + k) % tn;
+        int64_t j = share_claim(s, k == 0);
+        if (j >= 0) {
+            *second = j >= s->na;
+            *u = *second ? s->b0 + j - s->na : s->a0 + j;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Layer i reads caches kc[i], vc[i] (B, KV, max_len, hd), fp16 if kv16 else fp32; all layers have the first one's
    shapes and format.
    Returns how many layers ran: n, or i when layer i declined for inf/NaN in an activation (x is as layer i found
@@ -1130,23 +1180,27 @@ int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *c
     const layer_t *P0 = layers;
     const int fmt = (int)P0->fmt;
     int64_t d = P0->d, H = P0->H, KV = P0->KV, hd = P0->hd, inter = P0->inter, Hh = H * hd;
-    int64_t chunk = fmt ? 256 : 64; /* g's unit of work: a q4 super-block, or 64 (whole GELU vectors) */
-    int64_t qkvw = (H + 2 * KV) * hd, N1 = qkvw + inter, T = L + 1, nchunks = (inter + chunk - 1) / chunk;
+    int64_t qkvw = (H + 2 * KV) * hd, N1 = qkvw + inter, T = L + 1;
+    int64_t nq = (qkvw + UNIT - 1) / UNIT, ng = (inter + UNIT - 1) / UNIT, nd = (d + UNIT - 1) / UNIT;
+    int64_t nsb = (inter + 255) / 256; /* int4: g's super-blocks */
     int par = B * d * (N1 + Hh + inter) > 131072; /* else one thread: a fork costs more than it saves */
     int nt = 1;
 #ifdef _OPENMP
     if (par) nt = omp_get_max_threads();
 #endif
-    /* shared: the projection's output (q, k, v, then g), attention output y, dense output, g quantized */
+    /* shared: the projection's output (q, k, v, then g), attention output y, dense and fc2 outputs, g quantized,
+       the threads' shares of the two matmul phases */
     float *qkv = malloc(sizeof(float) * (size_t)(B * N1)), *y = malloc(sizeof(float) * (size_t)(B * Hh));
-    float *att = malloc(sizeof(float) * (size_t)(B * d));
-    float *gmax = calloc((size_t)(nt * B), sizeof(float)); /* int8, per thread, per row: max |g| over its chunks */
-    int *bad = calloc((size_t)nt, sizeof(int));             /* per thread: inf/NaN in its part of g */
+    float *att = malloc(sizeof(float) * (size_t)(B * d)), *f2 = malloc(sizeof(float) * (size_t)(B * d));
+    float *gmax = calloc((size_t)(ng * B), sizeof(float)); /* per unit of g, per row: max |g| (int8's row scale) */
+    int *bad = calloc((size_t)nt, sizeof(int));             /* per thread: inf/NaN in the units of g it ran */
+    share_t *sa = aligned_alloc(64, sizeof(share_t) * (size_t)nt);
+    share_t *sb = aligned_alloc(64, sizeof(share_t) * (size_t)nt);
     qacts_t ag = {0};
-    int has_ag = qkv && y && att && gmax && bad && !qacts_alloc(&ag, fmt, B, inter);
+    int has_ag = qkv && y && att && f2 && gmax && bad && sa && sb && !qacts_alloc(&ag, fmt, B, inter);
     int64_t nb = fmt ? 0 : ag.a8.nb;
     int32_t *hcp = has_ag ? calloc((size_t)(nt * B * nb * 16) + 1, sizeof(int32_t)) : NULL; /* int8 (VNNI), per
-                                                                  thread and row: its chunks' share of ag's hc */
+                                                                  thread and row: its part's share of ag's hc */
     int ok = has_ag && hcp;
     int64_t ran = n;
     int oom = !ok;
@@ -1156,71 +1210,81 @@ int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *c
 #ifdef _OPENMP
         t = omp_get_thread_num(), tn = omp_get_num_threads();
 #endif
-        /* this thread's own: h and its quantized rows, y's quantized rows; int8: g's row scales and sign
-           corrections (agt: the shared codes with them); int4: a gather buffer for its part of g */
+        /* this thread's own: the residual stream xr (every thread keeps the same numbers: no shared writes), h and
+           its quantized rows, y's quantized rows; int8: g's row scales and sign corrections (agt: the shared codes
+           with them); int4: a gather buffer for its part of g */
         qacts_t ah, ay, agt = ag;
-        float *h = malloc(sizeof(float) * (size_t)(B * d)), *sxg = malloc(sizeof(float) * (size_t)B);
+        float *xr = malloc(sizeof(float) * (size_t)(B * d)), *h = malloc(sizeof(float) * (size_t)(B * d));
+        float *sxg = malloc(sizeof(float) * (size_t)B);
         int32_t *hcg = malloc(sizeof(int32_t) * (size_t)(B * nb * 16) + 1);
         float *scores = malloc(sizeof(float) * (size_t)T), *out = malloc(sizeof(float) * (size_t)B);
         float *xs = fmt ? malloc(sizeof(float) * (size_t)ag.a4.Kp) : NULL;
         float *kvbuf = kv16 ? malloc(sizeof(float) * (size_t)(2 * T * hd)) : NULL;
-        int mine = ok && h && sxg && hcg && scores && out && (xs || !fmt) && (kvbuf || !kv16) &&
+        int mine = ok && xr && h && sxg && hcg && scores && out && (xs || !fmt) && (kvbuf || !kv16) &&
                    !qacts_alloc(&ah, fmt, B, d);
         if (mine && qacts_alloc(&ay, fmt, B, Hh)) {
             qacts_free(&ah);
             mine = 0;
         }
         if (!fmt) agt.a8.sx = sxg, agt.a8.hc = hcg;
-        if (!mine) { /* every thread allocates before the first barrier, so a failure is known to all in time */
+        if (mine) {
+            memcpy(xr, x, sizeof(float) * (size_t)(B * d));
+            share_init(sa + t, t, tn, nq, ng);
+            share_init(sb + t, t, tn, nd, nd);
+        } else { /* every thread allocates before the first barrier, so a failure is known to all in time */
 #pragma omp atomic write
             oom = 1;
         }
 #pragma omp barrier
-        int64_t r0, r1, c0, c1, j0, j1, n0, n1; /* this thread's q/k/v rows, fc1 chunks, kv heads, output rows */
-        part(qkvw, t, tn, &r0, &r1);
-        part(nchunks, t, tn, &c0, &c1);
+        int64_t g0, g1, s0, s1, j0, j1; /* this thread's static parts: g's elements (int8; in 64s, as VNNI's sign
+                                           corrections add them) or super-blocks (int4) to quantize, kv heads */
+        part((inter + 63) / 64, t, tn, &g0, &g1);
+        g0 *= 64, g1 = g1 * 64 < inter ? g1 * 64 : inter;
+        part(nsb, t, tn, &s0, &s1);
         part(KV, t, tn, &j0, &j1);
-        part(d, t, tn, &n0, &n1);
-        int64_t g0 = c0 * chunk, g1 = c1 * chunk < inter ? c1 * chunk : inter; /* its part of g: [g0, g1) */
+        int second;
+        int64_t u;
         for (int64_t i = 0; i < n && !oom; i++) {
             const layer_t *P = layers + i;
-            layer_norm(x, B, d, P->ln_w, P->ln_b, P->eps, h);
+            layer_norm(xr, B, d, P->ln_w, P->ln_b, P->eps, h);
             if (qacts_fill(&ah, h, d)) { /* every thread sees the same h, so all stop here together */
                 if (t == 0) ran = i;
                 break;
             }
-            for (int64_t r = r0; r < r1; r++) { /* its q, k, v rows */
-                q_out(&ah, P->q1, P->s1, P->b1, r, B, out);
-                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = out[m];
-            }
-            for (int64_t r = qkvw + g0; r < qkvw + g1; r++) { /* its fc1 rows */
-                q_out(&ah, P->q1, P->s1, P->b1, r, B, out);
-                for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = out[m];
-            }
+            /* q, k, v rows, then fc1 rows with GELU and the max |g| of each unit */
             bad[t] = 0;
-            for (int64_t m = 0; m < B; m++) {
-                float *g = qkv + m * N1 + qkvw;
-                gelu_inplace(g + g0, g1 - g0, (int)P->gelu_tanh); /* chunks start at multiples of 64: the blocks of
-                                                                     16 of the whole row, the same numbers */
-                if (fmt) /* int4: this thread's super-blocks of g, quantized into the shared rows */
-                    bad[t] |= g0 < g1 && acts4_part(&ag.a4, g, m, xs, g0 / 256, (g1 + 255) / 256) != 0;
-                else {
-                    gmax[t * B + m] = 0;
-                    bad[t] |= absmax_range(g, g0, g1, gmax + t * B + m) != 0;
+            while (next_unit(sa, t, tn, &second, &u)) {
+                int64_t r0 = (second ? qkvw : 0) + u * UNIT, r1 = second ? qkvw + inter : qkvw;
+                r1 = r0 + UNIT < r1 ? r0 + UNIT : r1;
+                for (int64_t r = r0; r < r1; r++) {
+                    q_out(&ah, P->q1, P->s1, P->b1, r, B, out);
+                    for (int64_t m = 0; m < B; m++) qkv[m * N1 + r] = out[m];
+                }
+                for (int64_t m = 0; m < B && second; m++) {
+                    float *g = qkv + m * N1;
+                    gelu_inplace(g + r0, r1 - r0, (int)P->gelu_tanh);
+                    gmax[u * B + m] = 0;
+                    bad[t] |= absmax_range(g, r0, r1, gmax + u * B + m) != 0;
                 }
             }
 #pragma omp barrier
+            if (mine) share_init(sa + t, t, tn, nq, ng); /* for the next layer: nobody claims from sa until then */
             int any = 0;
-            for (int u = 0; u < tn; u++) any |= bad[u];
+            for (int v = 0; v < tn; v++) any |= bad[v];
             if (any) { /* inf/NaN in g: every thread read the same flags, so all stop here together */
                 if (t == 0) ran = i;
                 break;
             }
-            for (int64_t m = 0; m < B && !fmt; m++) { /* int8: g's row scale from every thread's max; its part */
-                float mx = 0;
-                for (int u = 0; u < tn; u++) mx = gmax[u * B + m] > mx ? gmax[u * B + m] : mx;
+            for (int64_t m = 0; m < B; m++) { /* g quantized: this thread's static part of it */
+                float *g = qkv + m * N1 + qkvw;
+                if (fmt) { /* int4: its super-blocks (finite: checked above) */
+                    if (s0 < s1) acts4_part(&ag.a4, g, m, xs, s0, s1);
+                    continue;
+                }
+                float mx = 0; /* int8: the row scale from every unit's max */
+                for (int64_t v = 0; v < ng; v++) mx = gmax[v * B + m] > mx ? gmax[v * B + m] : mx;
                 sxg[m] = row_scale(mx);
-                quantize_range(qkv + m * N1 + qkvw, g0, g1, sxg[m], ag.a8.xq + m * inter);
+                quantize_range(g, g0, g1, sxg[m], ag.a8.xq + m * inter);
 #ifdef VNNI
                 int64_t k1 = g1 < ag.a8.K64 ? g1 : ag.a8.K64; /* bytes beyond K64 are read from xq (dot_tail) */
                 int32_t *hc = hcp + (t * B + m) * nb * 16;
@@ -1238,7 +1302,7 @@ int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *c
             for (int64_t e = 0; e < B * nb * 16; e++) { /* g's sign corrections: the threads' exact int sums */
                 int64_t m = e / (nb * 16), r = e % (nb * 16);
                 int32_t c = 0;
-                for (int u = 0; u < tn; u++) c += hcp[(u * B + m) * nb * 16 + r];
+                for (int v = 0; v < tn; v++) c += hcp[(v * B + m) * nb * 16 + r];
                 hcg[e] = c;
             }
 #endif
@@ -1246,22 +1310,24 @@ int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *c
                 if (t == 0) ran = i;
                 break;
             }
-            /* dense(y), then fc2(g) + the residual, in the modules' order: one matrix at a time (a thread streaming
-               one matrix ran ~3 % faster than interleaving dense and fc2 rows; up to ~10 % with separate links) */
-            for (int64_t r = n0; r < n1; r++) {
-                q_out(&ay, P->qd, P->sd, P->bd, r, B, out);
-                for (int64_t m = 0; m < B; m++) att[m * d + r] = out[m];
-            }
-            for (int64_t r = n0; r < n1; r++) {
-                q_out(&agt, P->q2, P->s2, P->b2, r, B, out);
-                for (int64_t m = 0; m < B; m++) x[m * d + r] = att[m * d + r] + out[m] + x[m * d + r];
+            /* dense(y) rows, then fc2(g) rows (a share streams one matrix, then the other) */
+            while (next_unit(sb, t, tn, &second, &u)) {
+                int64_t r0 = u * UNIT, r1 = r0 + UNIT < d ? r0 + UNIT : d;
+                for (int64_t r = r0; r < r1; r++) {
+                    if (second) q_out(&agt, P->q2, P->s2, P->b2, r, B, out);
+                    else q_out(&ay, P->qd, P->sd, P->bd, r, B, out);
+                    for (int64_t m = 0; m < B; m++) (second ? f2 : att)[m * d + r] = out[m];
+                }
             }
 #pragma omp barrier
+            if (mine) share_init(sb + t, t, tn, nd, nd);
+            for (int64_t e = 0; e < B * d; e++) xr[e] = att[e] + f2[e] + xr[e]; /* residual, in the modules' order */
         }
+        if (t == 0 && !oom) memcpy(x, xr, sizeof(float) * (size_t)(B * d)); /* x as the last layer run left it */
         if (mine) qacts_free(&ah), qacts_free(&ay);
-        free(h), free(sxg), free(hcg), free(scores), free(out), free(xs), free(kvbuf);
+        free(xr), free(h), free(sxg), free(hcg), free(scores), free(out), free(xs), free(kvbuf);
     }
     if (has_ag) qacts_free(&ag);
-    free(qkv), free(y), free(att), free(gmax), free(bad), free(hcp);
+    free(qkv), free(y), free(att), free(f2), free(gmax), free(bad), free(sa), free(sb), free(hcp);
     return oom ? -1 : ran;
 }
