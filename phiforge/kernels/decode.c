@@ -66,7 +66,11 @@ static inline uint16_t f32_to_bf16(float f) {
 /* Prefetch distance in bytes: 8 KB. One core streams ~45 GB/s here at ~100 ns memory latency, so ~4.5 KB must
    be in flight; at 2 KB the kernel ran at ~0.85 of a plain read of the same bytes on one core, at 8 KB at ~0.98
    (6-10 KB alike, 12 KB and up worse). Two cores on one memory link hide that (the link is the limit), but when
-   the VM's two cores sit on separate links each core's own rate is the limit (measured: bench/serve.py). */
+   the VM's two cores sit on separate links each core's own rate is the limit (measured: bench/serve.py).
+   Into L2 (prefetcht1), not L1: on a 2-core Zen 4 VM (AVX-512 VNNI) phi-2's int8 decode step took 0.83x the time
+   of prefetcht0's (steps interleaved in one process; int4, whose loop shares PREFETCH below, 0.90x). Likely: one
+   into L1 holds one of L1's few miss buffers until the line arrives, so fewer lines are in flight; 4 KB ahead was
+   slower again, 16 KB the same. */
 #define PD 8192
 #define KBV_ALL KBV
 
@@ -108,8 +112,8 @@ static inline float dot_vnni(const uint8_t *lo, const int8_t *hi, const int32_t 
         __m512i alo0 = zero, alo1 = zero, ahi0 = zero, ahi1 = zero, w0, w1, l0, l1;
         if (k < stop)
             __asm__("1:\n\t"
-                    "prefetcht0 " STR(PD) "(%[q],%[k])\n\t"
-                    "prefetcht0 " STR(PD) "+64(%[q],%[k])\n\t"
+                    "prefetcht1 " STR(PD) "(%[q],%[k])\n\t"
+                    "prefetcht1 " STR(PD) "+64(%[q],%[k])\n\t"
                     "vmovdqu64 (%[q],%[k]), %[w0]\n\t"
                     "vmovdqu64 64(%[q],%[k]), %[w1]\n\t"
                     "vmovdqu64 (%[lo],%[k]), %[l0]\n\t"
@@ -149,11 +153,13 @@ static inline float dot_vnni(const uint8_t *lo, const int8_t *hi, const int32_t 
 /* Software prefetch for the AVX2 decode loops (one activation row streaming a weight matrix), PF_AHEAD bytes
    ahead of the weight read (rows are contiguous, so it runs on into the next row). Measured on a 2-core AMD EPYC
    (Zen 3, AVX2) with 420 MB of int8 weights: without it one core streamed 12.1 GB/s against 17.3 GB/s for
-   torch's sum over the same bytes; the hardware prefetcher alone keeps too few lines in flight (see PD above). */
+   torch's sum over the same bytes; the hardware prefetcher alone keeps too few lines in flight (see PD above).
+   Into L2 (T1), as PD: this AVX2 loop built and run on the Zen 4 VM over 840 MB of rows of 10240 (fc2's) streamed
+   ~30 GB/s on two cores with T1 against ~15-21 with T0 (rows of 2560: alike); not re-measured on Zen 3. */
 #ifndef PF_AHEAD
 #define PF_AHEAD 8192
 #endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_AHEAD, _MM_HINT_T0)
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_AHEAD, _MM_HINT_T1)
 
 /* sum over K64 <= k < K of xq[k] q[k] in exact int32 blocks of KB (the VNNI path's remainder) */
 static float dot_tail(const int16_t *xq, const int8_t *q, int64_t K64, int64_t K) {
