@@ -13,7 +13,7 @@ otherwise. Both live in decode.c (see it for the method and the error of each):
 - `quantize_q4` / `q4_linear`: int4 weights (symmetric groups of 32 with an fp16 scale: GGUF Q4_0's bits, 4.5 a
   weight, in a layout made for the loop) times activations quantized to int8 per block of 64, exact integer
   products (AVX2 maddubs/madd, VNNI dpbusd, or C); any number of rows (prefill's are a cache-blocked matmul).
-  q8_linear serves prefill's rows too on AVX2 / AVX-512BW builds (tiles of rows sharing the widened weights).
+  q8_linear serves prefill's rows too on AVX2 / AVX-512BW / VNNI builds (tiles of rows sharing the weights).
 
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC` (CC overrides the compiler; without OpenMP support it is
 built single-threaded) into PHIFORGE_KERNEL_CACHE (default ~/.cache/phiforge/kernels), keyed by a hash of the
@@ -152,8 +152,8 @@ def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
               out_dtype: torch.dtype) -> torch.Tensor | None:
     """x (M, K) -> (M, N) = x @ (q * scale[:, None])^T + bias in `out_dtype` (fp32 or bf16), for CPU int8 `q`
     (N, K), fp32 `scale` (N,) and fp32 `bias` (N,) or None, all contiguous. None where the kernel cannot serve
-    the call (not built, more than MAX_ROWS rows where the build has no prefill tiles (VNNI and plain-C builds
-    have none), another dtype or device, inf/NaN in x): use torch instead."""
+    the call (not built, more than MAX_ROWS rows where the build has no prefill tiles (plain-C builds have none),
+    another dtype or device, inf/NaN in x): use torch instead."""
     fn = q8_matmul(q, scale, bias, out_dtype)
     return None if fn is None else fn(x)
 
@@ -174,7 +174,7 @@ def q8_matmul(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     ptrs = (q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
     bf16 = int(out_dtype == torch.bfloat16)
     keep = (q, scale, bias)  # the pointers' owners live as long as fn
-    many = lib.q8_isa() in (1, 2)  # AVX2 / AVX-512BW builds: prefill's many rows in tiles (decode.c, q8_tile)
+    many = lib.q8_isa() in (1, 2, 3)  # AVX2 / AVX-512BW / VNNI builds: prefill's rows in tiles (decode.c, q8_tile)
 
     def fn(x: torch.Tensor) -> torch.Tensor | None:
         M = x.shape[0]

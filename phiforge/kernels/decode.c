@@ -1,6 +1,6 @@
 /* phiforge's one hand-written CPU kernel: y = x @ (q * scale)^T + bias for int8 weights q, at small batch (and
- * prefill's rows on AVX2 builds: q8_tile); int4 weights the same way further down (format "q4", q4_linear); one
- * decode step's attention (fp32 or fp16 KV cache); a whole stack of int8 or int4 layers.
+ * prefill's rows on AVX2, AVX-512BW and VNNI builds: q8_tile); int4 weights the same way further down (format
+ * "q4", q4_linear); one decode step's attention (fp32 or fp16 KV cache); a whole stack of int8 or int4 layers.
  *
  * Why: batch-1 decoding of an int8 model should stream weights at memory speed, but torch's
  * _weight_int8pack_mm converts every weight to float before its FMA and tops out near 15 GB/s a core, well
@@ -405,6 +405,43 @@ static inline __attribute__((always_inline)) void q8_tile(const acts_t *a, int64
     }
 }
 
+#define Q8_TILES 1
+#elif defined(VNNI)
+/* The same for VNNI builds: dot_vnni's numbers for each row (one chain of exact int32 lanes per KBV block where it
+   keeps two: integer sums, the same in any order; the same fp32 steps after them), each 64 weights loaded and
+   flipped once for the R rows */
+static inline __attribute__((always_inline)) void q8_tile(const acts_t *a, int64_t m0, const int R, const int8_t *qn,
+                                                         float *out) {
+    const int64_t K = a->K, K64 = a->K64;
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512 facc[4];
+    for (int r = 0; r < R; r++) facc[r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, b = 0; k0 < K64; k0 += KBV, b++) {
+        int64_t end = k0 + KBV < K64 ? k0 + KBV : K64;
+        __m512i alo[4], ahi[4];
+        for (int r = 0; r < R; r++) alo[r] = zero, ahi[r] = zero;
+        for (int64_t k = k0; k < end; k += 64) {
+            __m512i w = _mm512_loadu_si512((const void *)(qn + k)), wf = _mm512_xor_si512(w, flip);
+            for (int r = 0; r < R; r++) {
+                const int64_t o = (m0 + r) * K64 + k;
+                alo[r] = _mm512_dpbusd_epi32(alo[r], _mm512_loadu_si512((const void *)(a->lo + o)), w);
+                ahi[r] = _mm512_dpbusd_epi32(ahi[r], wf, _mm512_loadu_si512((const void *)(a->hi + o)));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const int32_t *hc = a->hc + (m0 + r) * a->nb * 16 + 16 * b;
+            __m512i wh = _mm512_sub_epi32(ahi[r], _mm512_slli_epi32(_mm512_loadu_si512((const void *)hc), 7));
+            facc[r] = _mm512_add_ps(facc[r], _mm512_fmadd_ps(_mm512_cvtepi32_ps(wh), _mm512_set1_ps(256.0f),
+                                                             _mm512_cvtepi32_ps(alo[r])));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        out[r] = (_mm512_reduce_add_ps(facc[r]) + dot_tail(a->xq + (m0 + r) * K, qn, K64, K)) * a->sx[m0 + r];
+}
+#define Q8_TILES 1
+#endif
+
+#ifdef Q8_TILES
 static void q8_dot_rows(const acts_t *a, int64_t m0, int R, const int8_t *qn, float *out) {
     switch (R) { /* R a constant in each: registers */
     case 1: q8_tile(a, m0, 1, qn, out); return;
@@ -416,14 +453,15 @@ static void q8_dot_rows(const acts_t *a, int64_t m0, int R, const int8_t *qn, fl
 #endif
 
 /* y (M, N) = the quantized rows times (q scale)^T + bias, rows of q split over threads. More than Q8_FEW rows
-   (prefill; AVX2 builds), 4 rows at a time per weight row (q8_tile), weight rows in blocks of Q8_NB (<= 160 KB at
-   K = 10240: L2) that meet every activation tile before the next block is read, as q4_rows does. */
+   (prefill; AVX2, AVX-512BW and VNNI builds), 4 rows at a time per weight row (q8_tile), weight rows in blocks of
+   Q8_NB (<= 160 KB at K = 10240: L2) that meet every activation tile before the next block is read, as q4_rows
+   does. */
 #define Q8_FEW 16
 #define Q8_NB 16
 static void q8_rows(const acts_t *a, const int8_t *q, const float *scale, const float *bias, void *y, int64_t N,
                     int out_bf16) {
     int64_t M = a->M, K = a->K;
-#if defined(__AVX2__) && !defined(VNNI)
+#ifdef Q8_TILES
     if (M > Q8_FEW) {
         int64_t nblocks = (N + Q8_NB - 1) / Q8_NB;
 #pragma omp parallel for schedule(static)
