@@ -131,8 +131,14 @@ def _report_lines(run: Path) -> list[str]:
             in_times = line.strip() == "### Stage times"
         if (in_times and line.startswith("|")) or _TIMING.search(line):
             continue
-        out.append(line.replace(str(run.resolve()), "RUN_DIR"))  # checkpoint paths are absolute
+        out.append(_own_dirs(line, run))
     return out
+
+
+def _own_dirs(text: str, run: Path) -> str:
+    """text with the run's own directories named alike: checkpoint paths are absolute, and a benchmark found
+    nowhere names where it looked (the run's working directory among them)"""
+    return text.replace(str(run.resolve()), "RUN_DIR").replace(str(run.parent.resolve()), "CWD")
 
 
 def test_two_processes_make_the_same_run_as_one(runs):
@@ -156,8 +162,8 @@ def test_two_processes_make_the_same_run_as_one(runs):
         assert start["world_size"] == 2
     # evaluation and the report: once, the same results
     for stage in ("eval-base", "eval"):
-        _close(_timeless(json.loads((single / stage / "results.json").read_text())),
-               _timeless(json.loads((two / stage / "results.json").read_text())), stage)
+        _close(*(_timeless(json.loads(_own_dirs((run / stage / "results.json").read_text(), run)))
+                 for run in (single, two)), stage)
     assert _report_lines(single) == _report_lines(two)
     # rank 0 printed the run (each stage line once); each rank has its log
     out = proc.stdout + proc.stderr
