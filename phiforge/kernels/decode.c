@@ -420,14 +420,43 @@ static inline __attribute__((always_inline)) void q8_tile(const acts_t *a, int64
         int64_t end = k0 + KBV < K64 ? k0 + KBV : K64;
         __m512i alo[4], ahi[4];
         for (int r = 0; r < R; r++) alo[r] = zero, ahi[r] = zero;
-        for (int64_t k = k0; k < end; k += 64) {
-            __m512i w = _mm512_loadu_si512((const void *)(qn + k)), wf = _mm512_xor_si512(w, flip);
-            for (int r = 0; r < R; r++) {
-                const int64_t o = (m0 + r) * K64 + k;
-                alo[r] = _mm512_dpbusd_epi32(alo[r], _mm512_loadu_si512((const void *)(a->lo + o)), w);
-                ahi[r] = _mm512_dpbusd_epi32(ahi[r], wf, _mm512_loadu_si512((const void *)(a->hi + o)));
+        if (R == 4 && k0 < end) { /* prefill's tiles: in assembly, as dot_vnni (GCC copies every accumulator an
+                                     iteration and reloads the weights for each row: 0.92x the speed) */
+            const uint8_t *l0 = a->lo + m0 * K64, *l1 = l0 + K64, *l2 = l1 + K64, *l3 = l2 + K64;
+            const int8_t *h0 = a->hi + m0 * K64, *h1 = h0 + K64, *h2 = h1 + K64, *h3 = h2 + K64;
+            int64_t k = k0;
+            __asm__("1:\n\t"
+                    "vmovdqu64 (%[q],%[k]), %%zmm29\n\t"
+                    "vpxord %[flip], %%zmm29, %%zmm30\n\t"
+                    "vmovdqu64 (%[l0],%[k]), %%zmm31\n\t"
+                    "vpdpbusd %%zmm29, %%zmm31, %[a0]\n\t"
+                    "vpdpbusd (%[h0],%[k]), %%zmm30, %[b0]\n\t"
+                    "vmovdqu64 (%[l1],%[k]), %%zmm31\n\t"
+                    "vpdpbusd %%zmm29, %%zmm31, %[a1]\n\t"
+                    "vpdpbusd (%[h1],%[k]), %%zmm30, %[b1]\n\t"
+                    "vmovdqu64 (%[l2],%[k]), %%zmm31\n\t"
+                    "vpdpbusd %%zmm29, %%zmm31, %[a2]\n\t"
+                    "vpdpbusd (%[h2],%[k]), %%zmm30, %[b2]\n\t"
+                    "vmovdqu64 (%[l3],%[k]), %%zmm31\n\t"
+                    "vpdpbusd %%zmm29, %%zmm31, %[a3]\n\t"
+                    "vpdpbusd (%[h3],%[k]), %%zmm30, %[b3]\n\t"
+                    "addq $64, %[k]\n\t"
+                    "cmpq %[end], %[k]\n\t"
+                    "jb 1b"
+                    : [k] "+r"(k), [a0] "+v"(alo[0]), [a1] "+v"(alo[1]), [a2] "+v"(alo[2]), [a3] "+v"(alo[3]),
+                      [b0] "+v"(ahi[0]), [b1] "+v"(ahi[1]), [b2] "+v"(ahi[2]), [b3] "+v"(ahi[3])
+                    : [q] "r"(qn), [l0] "r"(l0), [l1] "r"(l1), [l2] "r"(l2), [l3] "r"(l3), [h0] "r"(h0),
+                      [h1] "r"(h1), [h2] "r"(h2), [h3] "r"(h3), [end] "r"(end), [flip] "v"(flip)
+                    : "memory", "cc", "xmm29", "xmm30", "xmm31");
+        } else
+            for (int64_t k = k0; k < end; k += 64) {
+                __m512i w = _mm512_loadu_si512((const void *)(qn + k)), wf = _mm512_xor_si512(w, flip);
+                for (int r = 0; r < R; r++) {
+                    const int64_t o = (m0 + r) * K64 + k;
+                    alo[r] = _mm512_dpbusd_epi32(alo[r], _mm512_loadu_si512((const void *)(a->lo + o)), w);
+                    ahi[r] = _mm512_dpbusd_epi32(ahi[r], wf, _mm512_loadu_si512((const void *)(a->hi + o)));
+                }
             }
-        }
         for (int r = 0; r < R; r++) {
             const int32_t *hc = a->hc + (m0 + r) * a->nb * 16 + 16 * b;
             __m512i wh = _mm512_sub_epi32(ahi[r], _mm512_slli_epi32(_mm512_loadu_si512((const void *)hc), 7));
