@@ -1341,7 +1341,7 @@ int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *c
                 }
             }
 #pragma omp barrier
-            if (mine) share_init(sa + t, t, tn, nq, ng); /* for the next layer: nobody claims from sa until then */
+            share_init(sa + t, t, tn, nq, ng); /* for the next layer: nobody claims from sa until then */
             int any = 0;
             for (int v = 0; v < tn; v++) any |= bad[v];
             if (any) { /* inf/NaN in g: every thread read the same flags, so all stop here together */
@@ -1393,7 +1393,7 @@ int64_t decode_layers(const layer_t *layers, int64_t n, void *const *kc, void *c
                 }
             }
 #pragma omp barrier
-            if (mine) share_init(sb + t, t, tn, nd, nd);
+            share_init(sb + t, t, tn, nd, nd); /* (the loop runs only when every thread allocated) */
             for (int64_t e = 0; e < B * d; e++) xr[e] = att[e] + f2[e] + xr[e]; /* residual, in the modules' order */
         }
         if (t == 0 && !oom) memcpy(x, xr, sizeof(float) * (size_t)(B * d)); /* x as the last layer run left it */
