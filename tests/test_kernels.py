@@ -610,6 +610,18 @@ def test_q4_linear_thread_count_does_not_change_results():
 
 
 @needs_kernel
+def test_q4_prefill_tiles_give_each_row_the_numbers_of_four_row_tiles():
+    """Prefill takes activation rows 8 at a time where the build has 32 vector registers (AVX-512VL), else 4: a
+    row's numbers must not depend on its tile (37 rows: tiles of 8, then 4, then 1), so every row equals the same
+    row computed in a call of 4 rows (or alone, for the last)."""
+    x, wq, b = _q4_case(37, 70, 2600, seed=4)
+    whole = kernels.q4_linear(x, wq, b, torch.float32)
+    for m in range(0, 36, 4):
+        assert torch.equal(whole[m:m + 4], kernels.q4_linear(x[m:m + 4], wq, b, torch.float32)), m
+    assert torch.equal(whole[36:], kernels.q4_linear(x[36:], wq, b, torch.float32))
+
+
+@needs_kernel
 def test_q4_linear_declines_what_it_cannot_serve():
     x, wq, b = _q4_case(2, 8, 96)
     x = x.clone()
