@@ -472,7 +472,8 @@ def _q4_check_result(y, x, wq, b):
 # K: one partial vector (1), one vector (64), a tail super-block of 1-3 vectors after whole ones (300, 700, 2500),
 # whole super-blocks (2560), more than 2^16 inputs a row (70000); N small and odd; M up to MAX_ROWS, not multiples of 4
 Q4_SHAPES = [(1, 1, 1), (1, 37, 65), (5, 3, 64), (3, 130, 300), (16, 64, 700), (2, 5, 2560), (7, 9, 2500),
-             (2, 3, 70000), (37, 70, 300)]  # the last: prefill-sized, weight rows in blocks (and a partial one)
+             (2, 3, 70000), (37, 70, 300), (37, 40, 9000)]  # the last two: prefill-sized, weight rows in blocks
+# (and a partial one); the last with rows too long for L1, taken a span of inputs at a time
 
 
 def test_quantize_q4_is_q4_0_rule_and_dequantizes_exactly():
@@ -611,14 +612,16 @@ def test_q4_linear_thread_count_does_not_change_results():
 
 @needs_kernel
 def test_q4_prefill_tiles_give_each_row_the_numbers_of_four_row_tiles():
-    """Prefill takes activation rows 8 at a time where the build has 32 vector registers (AVX-512VL), else 4: a
-    row's numbers must not depend on its tile (37 rows: tiles of 8, then 4, then 1), so every row equals the same
-    row computed in a call of 4 rows (or alone, for the last)."""
-    x, wq, b = _q4_case(37, 70, 2600, seed=4)
-    whole = kernels.q4_linear(x, wq, b, torch.float32)
-    for m in range(0, 36, 4):
-        assert torch.equal(whole[m:m + 4], kernels.q4_linear(x[m:m + 4], wq, b, torch.float32)), m
-    assert torch.equal(whole[36:], kernels.q4_linear(x[36:], wq, b, torch.float32))
+    """Prefill takes activation rows 8 at a time where the build has 32 vector registers (AVX-512VL), else 4, and
+    long rows a span of inputs at a time (9000: over L1 in either): a row's numbers must depend on neither (37 rows:
+    tiles of 8, then 4, then 1), so every row equals the same row computed in a call of 4 rows (or alone, for the
+    last), which decoding's path computes whole."""
+    for K in (2600, 9000):
+        x, wq, b = _q4_case(37, 70, K, seed=4)
+        whole = kernels.q4_linear(x, wq, b, torch.float32)
+        for m in range(0, 36, 4):
+            assert torch.equal(whole[m:m + 4], kernels.q4_linear(x[m:m + 4], wq, b, torch.float32)), (K, m)
+        assert torch.equal(whole[36:], kernels.q4_linear(x[36:], wq, b, torch.float32)), K
 
 
 @needs_kernel

@@ -605,7 +605,8 @@ static void acts4_free(acts4_t *a) {
 
 static int acts4_alloc(acts4_t *a, int64_t M, int64_t K) {
     int64_t Kp = (K + 63) / 64 * 64;
-    *a = (acts4_t){M, K, Kp, Kp / 64, aligned_alloc(64, (size_t)(M * Kp) + 64), malloc(sizeof(float) * (size_t)(M * Kp / 64) + 4),
+    *a = (acts4_t){M, K, Kp, Kp / 64, aligned_alloc(64, (size_t)(M * Kp) + 64),
+                   malloc(sizeof(float) * (size_t)(M * Kp / 64) + 4),
                    malloc(sizeof(float) * (size_t)(M * (Kp + 255) / 256 * 8) + 4)};
     if (!a->xq || !a->sx || !a->off) {
         acts4_free(a);
@@ -614,8 +615,9 @@ static int acts4_alloc(acts4_t *a, int64_t M, int64_t K) {
     return 0;
 }
 
-/* Row xm in slot order (xs, Kp floats), super-blocks [b0, b1): slot 256 b + 64 t + 32 h + 4 i + j of a super-block of v vectors holds
-   input 256 b + 8 v i + 8 t + 4 h + j (0 past K), so that group i (lane i) is 8 v consecutive inputs, as the
+/* Row xm in slot order (xs, Kp floats), super-blocks [b0, b1): slot 256 b + 64 t + 32 h + 4 i + j of a super-block
+   of v vectors holds input 256 b + 8 v i + 8 t + 4 h + j (0 past K), so that group i (lane i) is 8 v consecutive
+   inputs, as the
    weights' codes are placed (phiforge/kernels q4_slot_positions): runs of 4 consecutive inputs a copy. */
 static void acts4_gather(const acts4_t *a, const float *xm, float *xs, int64_t b0, int64_t b1) {
     const int64_t K = a->K;
@@ -722,19 +724,22 @@ static inline __attribute__((always_inline)) void q4_vec(const acts4_t *a, const
     }
 }
 
-/* out[r] = activation rows m0..m0+R-1 . weight row (codes qn, scales sn), R <= Q4_ROWS, in x's units; inlined with
-   R a constant so the accumulators live in registers. Each row's numbers do not depend on R > 1. Per super-block (one set of 8 scales dw) and row:
-   acc += (sum over its vectors t of sx_t ints_t - the offsets' share, sum_t sx_t 8 sum xq) dw. With one row, even
-   and odd vectors go to separate sums: with one chain, the multiply-add's latency was the limit. */
-static inline __attribute__((always_inline)) void q4_tile(const acts4_t *a, int64_t m0, const int R,
-                                                         const uint8_t *qn, const uint16_t *sn, float *out) {
+/* acc[r] += activation rows m0..m0+R-1 . weight row (codes qn, scales sn) over super-blocks [b0, b1), R <= Q4_ROWS,
+   lane i holding group i's share, in x's units; inlined with R a constant so the accumulators live in registers.
+   Each row's numbers do not depend on R > 1, nor on how [0, nsb) is split into calls. Per super-block (one set of
+   8 scales dw) and row: acc += (sum over its vectors t of sx_t ints_t - the offsets' share, sum_t sx_t 8 sum xq) dw.
+   With one row, even and odd vectors go to separate sums: with one chain, the multiply-add's latency was the
+   limit. q4_tile: all super-blocks, summed across lanes into out[r]. */
+static inline __attribute__((always_inline)) void q4_tile_part(const acts4_t *a, int64_t m0, const int R,
+                                                              const uint8_t *qn, const uint16_t *sn, int64_t b0,
+                                                              int64_t b1, __m256 *accm) {
     const int64_t nv = a->nv, nsb = (nv + 3) / 4;
     const int8_t *x = a->xq + m0 * a->Kp;
     const float *sx = a->sx + m0 * nv, *off = a->off + m0 * nsb * 8;
     __m256 acc[Q4_ROWS], g[Q4_ROWS], g2[Q4_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t t0 = 0, b = 0; t0 < nv; t0 += 4, b++) {
-        int64_t t1 = t0 + 4 < nv ? t0 + 4 : nv, t = t0;
+    for (int r = 0; r < R; r++) acc[r] = accm[r];
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t t0 = 4 * b, t1 = t0 + 4 < nv ? t0 + 4 : nv, t = t0;
         for (int r = 0; r < R; r++) g[r] = g2[r] = _mm256_setzero_ps();
         if (R == 1)
             for (; t + 2 <= t1; t += 2) {
@@ -750,7 +755,31 @@ static inline __attribute__((always_inline)) void q4_tile(const acts4_t *a, int6
             acc[r] = FMADD(v, dw, acc[r]);
         }
     }
+    for (int r = 0; r < R; r++) accm[r] = acc[r];
+}
+
+static inline __attribute__((always_inline)) void q4_tile(const acts4_t *a, int64_t m0, const int R,
+                                                         const uint8_t *qn, const uint16_t *sn, float *out) {
+    __m256 acc[Q4_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    q4_tile_part(a, m0, R, qn, sn, 0, (a->nv + 3) / 4, acc);
     for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]);
+}
+
+/* q4_tile_part for R rows (R a constant in each case, as q4_dot) */
+static void q4_dot_part(const acts4_t *a, int64_t m0, int R, const uint8_t *qn, const uint16_t *sn, int64_t b0,
+                        int64_t b1, __m256 *accm) {
+    switch (R) {
+    case 1: q4_tile_part(a, m0, 1, qn, sn, b0, b1, accm); return;
+    case 2: q4_tile_part(a, m0, 2, qn, sn, b0, b1, accm); return;
+    case 3: q4_tile_part(a, m0, 3, qn, sn, b0, b1, accm); return;
+#if Q4_ROWS == 8
+    case 4: q4_tile_part(a, m0, 4, qn, sn, b0, b1, accm); return;
+    default: q4_tile_part(a, m0, 8, qn, sn, b0, b1, accm); return;
+#else
+    default: q4_tile_part(a, m0, 4, qn, sn, b0, b1, accm); return;
+#endif
+    }
 }
 #else
 /* The same numbers in plain C (lane i of the vector paths is group i here) */
@@ -809,9 +838,11 @@ static inline int64_t q4_scales_per_row(int64_t nv) {
    per call and activations from L2 once per block: y's columns of a block are one thread's. */
 #define Q4_FEW 16
 #define Q4_NB 32
+#define Q4_L1 16384 /* bytes of a tile's activation rows that stay in L1 while a block of weight rows passes, where
+                       all of them (over 32 KB: L1 on x86 cores) would not (A/B on Zen 4, K = 10240: 12-16 KB best) */
 static void q4_rows(const acts4_t *a, const uint8_t *q, const uint16_t *s, const float *bias, void *y, int64_t N,
                     int out_bf16) {
-    int64_t M = a->M, qs = a->Kp / 2, ss = q4_scales_per_row(a->nv);
+    int64_t M = a->M, qs = a->Kp / 2, ss = q4_scales_per_row(a->nv), nsb = (a->nv + 3) / 4;
     int64_t nb = M <= Q4_FEW ? 1 : Q4_NB, nblocks = (N + nb - 1) / nb;
 #pragma omp parallel for schedule(static) if (M * N * a->Kp > 65536) /* else the fork costs more */
     for (int64_t blk = 0; blk < nblocks; blk++) {
@@ -819,6 +850,23 @@ static void q4_rows(const acts4_t *a, const uint8_t *q, const uint16_t *s, const
         float o[Q4_ROWS];
         for (int64_t m = 0, R; m < M; m += R) {
             R = M - m >= Q4_ROWS ? Q4_ROWS : M - m >= 4 ? 4 : M - m;
+#if defined(__AVX2__)
+            /* prefill rows too long for L1 (fc2's 10240 inputs): the block's weight rows go over the tile a span of
+               super-blocks at a time, each row's sums kept between spans (the same additions in the same order) */
+            int64_t parts = (R * a->Kp + Q4_L1 - 1) / Q4_L1, span = (nsb + parts - 1) / parts;
+            if (nb > 1 && R * a->Kp > 2 * Q4_L1) {
+                __m256 acc[Q4_NB * Q4_ROWS];
+                for (int64_t i = 0; i < (n1 - n0) * R; i++) acc[i] = _mm256_setzero_ps();
+                for (int64_t b0 = 0; b0 < nsb; b0 += span)
+                    for (int64_t n = n0; n < n1; n++)
+                        q4_dot_part(a, m, (int)R, q + n * qs, s + n * ss, b0, b0 + span < nsb ? b0 + span : nsb,
+                                    acc + (n - n0) * R);
+                for (int64_t n = n0; n < n1; n++)
+                    for (int r = 0; r < R; r++)
+                        store(y, (m + r) * N + n, hsum8(acc[(n - n0) * R + r]), 1.0f, bias ? bias[n] : 0.0f, out_bf16);
+                continue;
+            }
+#endif
             for (int64_t n = n0; n < n1; n++) {
                 q4_dot(a, m, (int)R, q + n * qs, s + n * ss, o);
                 for (int r = 0; r < R; r++) store(y, (m + r) * N + n, o[r], 1.0f, bias ? bias[n] : 0.0f, out_bf16);
