@@ -76,7 +76,8 @@ def test_q8_linear_thread_count_does_not_change_results():
 
 
 @needs_kernel
-@pytest.mark.parametrize("K", [32, 3000])  # 3000: two int32 blocks and a tail
+@pytest.mark.parametrize("K", [32, 3000, 9000])  # 3000: two int32 blocks and a tail; 9000: rows over L1, taken a
+# span of inputs at a time on VNNI builds
 def test_q8_linear_prefill_rows_are_the_decode_rows_numbers(K):
     """More than MAX_ROWS rows (prefill) on AVX2 / AVX-512BW / VNNI builds: tiles of rows sharing the weights,
     each row bit-identical to the same row alone; plain-C builds decline (torch's batched kernels then)."""

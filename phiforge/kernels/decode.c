@@ -409,64 +409,105 @@ static inline __attribute__((always_inline)) void q8_tile(const acts_t *a, int64
 #elif defined(VNNI)
 /* The same for VNNI builds: dot_vnni's numbers for each row (one chain of exact int32 lanes per KBV block where it
    keeps two: integer sums, the same in any order; the same fp32 steps after them), each 64 weights loaded and
-   flipped once for the R rows */
+   flipped once for the R rows. q8_span: the int32 sums of inputs [k0, end) (within one KBV block) onto alo, ahi. */
+static inline __attribute__((always_inline)) void q8_span(const acts_t *a, int64_t m0, const int R, const int8_t *qn,
+                                                         int64_t k0, int64_t end, __m512i *alo, __m512i *ahi) {
+    const int64_t K64 = a->K64;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    if (R == 4 && k0 < end) { /* prefill's tiles: in assembly, as dot_vnni (GCC copies every accumulator an
+                                 iteration and reloads the weights for each row: 0.92x the speed) */
+        const uint8_t *l0 = a->lo + m0 * K64, *l1 = l0 + K64, *l2 = l1 + K64, *l3 = l2 + K64;
+        const int8_t *h0 = a->hi + m0 * K64, *h1 = h0 + K64, *h2 = h1 + K64, *h3 = h2 + K64;
+        int64_t k = k0;
+        __asm__("1:\n\t"
+                "vmovdqu64 (%[q],%[k]), %%zmm29\n\t"
+                "vpxord %[flip], %%zmm29, %%zmm30\n\t"
+                "vmovdqu64 (%[l0],%[k]), %%zmm31\n\t"
+                "vpdpbusd %%zmm29, %%zmm31, %[a0]\n\t"
+                "vpdpbusd (%[h0],%[k]), %%zmm30, %[b0]\n\t"
+                "vmovdqu64 (%[l1],%[k]), %%zmm31\n\t"
+                "vpdpbusd %%zmm29, %%zmm31, %[a1]\n\t"
+                "vpdpbusd (%[h1],%[k]), %%zmm30, %[b1]\n\t"
+                "vmovdqu64 (%[l2],%[k]), %%zmm31\n\t"
+                "vpdpbusd %%zmm29, %%zmm31, %[a2]\n\t"
+                "vpdpbusd (%[h2],%[k]), %%zmm30, %[b2]\n\t"
+                "vmovdqu64 (%[l3],%[k]), %%zmm31\n\t"
+                "vpdpbusd %%zmm29, %%zmm31, %[a3]\n\t"
+                "vpdpbusd (%[h3],%[k]), %%zmm30, %[b3]\n\t"
+                "addq $64, %[k]\n\t"
+                "cmpq %[end], %[k]\n\t"
+                "jb 1b"
+                : [k] "+r"(k), [a0] "+v"(alo[0]), [a1] "+v"(alo[1]), [a2] "+v"(alo[2]), [a3] "+v"(alo[3]),
+                  [b0] "+v"(ahi[0]), [b1] "+v"(ahi[1]), [b2] "+v"(ahi[2]), [b3] "+v"(ahi[3])
+                : [q] "r"(qn), [l0] "r"(l0), [l1] "r"(l1), [l2] "r"(l2), [l3] "r"(l3), [h0] "r"(h0),
+                  [h1] "r"(h1), [h2] "r"(h2), [h3] "r"(h3), [end] "r"(end), [flip] "v"(flip)
+                : "memory", "cc", "xmm29", "xmm30", "xmm31");
+    } else
+        for (int64_t k = k0; k < end; k += 64) {
+            __m512i w = _mm512_loadu_si512((const void *)(qn + k)), wf = _mm512_xor_si512(w, flip);
+            for (int r = 0; r < R; r++) {
+                const int64_t o = (m0 + r) * K64 + k;
+                alo[r] = _mm512_dpbusd_epi32(alo[r], _mm512_loadu_si512((const void *)(a->lo + o)), w);
+                ahi[r] = _mm512_dpbusd_epi32(ahi[r], wf, _mm512_loadu_si512((const void *)(a->hi + o)));
+            }
+        }
+}
+
+/* facc[r] += KBV block b's int32 sums, in fp32 */
+static inline __attribute__((always_inline)) void q8_block_add(const acts_t *a, int64_t m0, const int R, int64_t b,
+                                                              const __m512i *alo, const __m512i *ahi, __m512 *facc) {
+    for (int r = 0; r < R; r++) {
+        const int32_t *hc = a->hc + (m0 + r) * a->nb * 16 + 16 * b;
+        __m512i wh = _mm512_sub_epi32(ahi[r], _mm512_slli_epi32(_mm512_loadu_si512((const void *)hc), 7));
+        facc[r] = _mm512_add_ps(facc[r], _mm512_fmadd_ps(_mm512_cvtepi32_ps(wh), _mm512_set1_ps(256.0f),
+                                                         _mm512_cvtepi32_ps(alo[r])));
+    }
+}
+
+/* out[r] from facc: the lanes' sum, what no vector took, the row scale */
+static inline __attribute__((always_inline)) void q8_tile_out(const acts_t *a, int64_t m0, const int R,
+                                                             const int8_t *qn, const __m512 *facc, float *out) {
+    for (int r = 0; r < R; r++)
+        out[r] = (_mm512_reduce_add_ps(facc[r]) + dot_tail(a->xq + (m0 + r) * a->K, qn, a->K64, a->K)) *
+                 a->sx[m0 + r];
+}
+
 static inline __attribute__((always_inline)) void q8_tile(const acts_t *a, int64_t m0, const int R, const int8_t *qn,
                                                          float *out) {
-    const int64_t K = a->K, K64 = a->K64;
-    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const int64_t K64 = a->K64;
     __m512 facc[4];
     for (int r = 0; r < R; r++) facc[r] = _mm512_setzero_ps();
     for (int64_t k0 = 0, b = 0; k0 < K64; k0 += KBV, b++) {
-        int64_t end = k0 + KBV < K64 ? k0 + KBV : K64;
         __m512i alo[4], ahi[4];
-        for (int r = 0; r < R; r++) alo[r] = zero, ahi[r] = zero;
-        if (R == 4 && k0 < end) { /* prefill's tiles: in assembly, as dot_vnni (GCC copies every accumulator an
-                                     iteration and reloads the weights for each row: 0.92x the speed) */
-            const uint8_t *l0 = a->lo + m0 * K64, *l1 = l0 + K64, *l2 = l1 + K64, *l3 = l2 + K64;
-            const int8_t *h0 = a->hi + m0 * K64, *h1 = h0 + K64, *h2 = h1 + K64, *h3 = h2 + K64;
-            int64_t k = k0;
-            __asm__("1:\n\t"
-                    "vmovdqu64 (%[q],%[k]), %%zmm29\n\t"
-                    "vpxord %[flip], %%zmm29, %%zmm30\n\t"
-                    "vmovdqu64 (%[l0],%[k]), %%zmm31\n\t"
-                    "vpdpbusd %%zmm29, %%zmm31, %[a0]\n\t"
-                    "vpdpbusd (%[h0],%[k]), %%zmm30, %[b0]\n\t"
-                    "vmovdqu64 (%[l1],%[k]), %%zmm31\n\t"
-                    "vpdpbusd %%zmm29, %%zmm31, %[a1]\n\t"
-                    "vpdpbusd (%[h1],%[k]), %%zmm30, %[b1]\n\t"
-                    "vmovdqu64 (%[l2],%[k]), %%zmm31\n\t"
-                    "vpdpbusd %%zmm29, %%zmm31, %[a2]\n\t"
-                    "vpdpbusd (%[h2],%[k]), %%zmm30, %[b2]\n\t"
-                    "vmovdqu64 (%[l3],%[k]), %%zmm31\n\t"
-                    "vpdpbusd %%zmm29, %%zmm31, %[a3]\n\t"
-                    "vpdpbusd (%[h3],%[k]), %%zmm30, %[b3]\n\t"
-                    "addq $64, %[k]\n\t"
-                    "cmpq %[end], %[k]\n\t"
-                    "jb 1b"
-                    : [k] "+r"(k), [a0] "+v"(alo[0]), [a1] "+v"(alo[1]), [a2] "+v"(alo[2]), [a3] "+v"(alo[3]),
-                      [b0] "+v"(ahi[0]), [b1] "+v"(ahi[1]), [b2] "+v"(ahi[2]), [b3] "+v"(ahi[3])
-                    : [q] "r"(qn), [l0] "r"(l0), [l1] "r"(l1), [l2] "r"(l2), [l3] "r"(l3), [h0] "r"(h0),
-                      [h1] "r"(h1), [h2] "r"(h2), [h3] "r"(h3), [end] "r"(end), [flip] "v"(flip)
-                    : "memory", "cc", "xmm29", "xmm30", "xmm31");
-        } else
-            for (int64_t k = k0; k < end; k += 64) {
-                __m512i w = _mm512_loadu_si512((const void *)(qn + k)), wf = _mm512_xor_si512(w, flip);
-                for (int r = 0; r < R; r++) {
-                    const int64_t o = (m0 + r) * K64 + k;
-                    alo[r] = _mm512_dpbusd_epi32(alo[r], _mm512_loadu_si512((const void *)(a->lo + o)), w);
-                    ahi[r] = _mm512_dpbusd_epi32(ahi[r], wf, _mm512_loadu_si512((const void *)(a->hi + o)));
-                }
-            }
-        for (int r = 0; r < R; r++) {
-            const int32_t *hc = a->hc + (m0 + r) * a->nb * 16 + 16 * b;
-            __m512i wh = _mm512_sub_epi32(ahi[r], _mm512_slli_epi32(_mm512_loadu_si512((const void *)hc), 7));
-            facc[r] = _mm512_add_ps(facc[r], _mm512_fmadd_ps(_mm512_cvtepi32_ps(wh), _mm512_set1_ps(256.0f),
-                                                             _mm512_cvtepi32_ps(alo[r])));
-        }
+        for (int r = 0; r < R; r++) alo[r] = ahi[r] = _mm512_setzero_si512();
+        q8_span(a, m0, R, qn, k0, k0 + KBV < K64 ? k0 + KBV : K64, alo, ahi);
+        q8_block_add(a, m0, R, b, alo, ahi, facc);
     }
-    for (int r = 0; r < R; r++)
-        out[r] = (_mm512_reduce_add_ps(facc[r]) + dot_tail(a->xq + (m0 + r) * K, qn, K64, K)) * a->sx[m0 + r];
+    q8_tile_out(a, m0, R, qn, facc, out);
 }
+
+/* q8_span and then (last) the output of a tile whose rows fit one KBV block, for R rows (a constant in each) */
+static void q8_span_rows(const acts_t *a, int64_t m0, int R, const int8_t *qn, int64_t k0, int64_t end, __m512i *alo,
+                         __m512i *ahi, float *out) {
+#define Q8_SPAN(R_)                                                                                                  \
+    {                                                                                                                \
+        q8_span(a, m0, R_, qn, k0, end, alo, ahi);                                                                   \
+        if (out) {                                                                                                   \
+            __m512 facc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};   \
+            q8_block_add(a, m0, R_, 0, alo, ahi, facc);                                                              \
+            q8_tile_out(a, m0, R_, qn, facc, out);                                                                   \
+        }                                                                                                            \
+        return;                                                                                                      \
+    }
+    switch (R) {
+    case 1: Q8_SPAN(1)
+    case 2: Q8_SPAN(2)
+    case 3: Q8_SPAN(3)
+    default: Q8_SPAN(4)
+    }
+#undef Q8_SPAN
+}
+#define Q8_SPANS 1
 #define Q8_TILES 1
 #endif
 
@@ -487,6 +528,7 @@ static void q8_dot_rows(const acts_t *a, int64_t m0, int R, const int8_t *qn, fl
    does. */
 #define Q8_FEW 16
 #define Q8_NB 16
+#define Q8_L1 16384 /* bytes of a tile's activations kept in L1 while a block of weight rows passes (as Q4_L1) */
 static void q8_rows(const acts_t *a, const int8_t *q, const float *scale, const float *bias, void *y, int64_t N,
                     int out_bf16) {
     int64_t M = a->M, K = a->K;
@@ -499,6 +541,26 @@ static void q8_rows(const acts_t *a, const int8_t *q, const float *scale, const 
             float o[4];
             for (int64_t m = 0; m < M; m += 4) {
                 int R = M - m < 4 ? (int)(M - m) : 4;
+#ifdef Q8_SPANS
+                /* rows too long for L1 (fc2's 10240 inputs: 80 KB of a tile's lo and hi bytes), within one KBV
+                   block: the block's weight rows go over the tile a span of inputs at a time, the exact int32
+                   sums kept between spans (integers: the same numbers in any order), as q4_rows */
+                const int64_t K64 = a->K64;
+                if (K64 <= KBV && 2 * R * K64 > 2 * Q8_L1) {
+                    int64_t parts = (2 * R * K64 + Q8_L1 - 1) / Q8_L1, span = (K64 / 64 + parts - 1) / parts * 64;
+                    __m512i lo[Q8_NB * 4], hi[Q8_NB * 4];
+                    for (int64_t i = 0; i < (n1 - n0) * R; i++) lo[i] = hi[i] = _mm512_setzero_si512();
+                    for (int64_t k0 = 0; k0 < K64; k0 += span)
+                        for (int64_t n = n0; n < n1; n++) {
+                            int64_t k1 = k0 + span < K64 ? k0 + span : K64;
+                            q8_span_rows(a, m, R, q + n * K, k0, k1, lo + (n - n0) * R, hi + (n - n0) * R,
+                                         k1 == K64 ? o : NULL);
+                            for (int r = 0; r < R && k1 == K64; r++)
+                                store(y, (m + r) * N + n, o[r], scale[n], bias ? bias[n] : 0.0f, out_bf16);
+                        }
+                    continue;
+                }
+#endif
                 for (int64_t n = n0; n < n1; n++) {
                     q8_dot_rows(a, m, R, q + n * K, o);
                     for (int r = 0; r < R; r++)
