@@ -329,12 +329,18 @@ static void quantize_range(const float *x, int64_t k0, int64_t k1, float sx, int
     }
 }
 
-/* Quantize a->M rows of a->K (row m at x + m ldx) into a's buffers: 0, or -2 on inf or NaN in x */
+/* Quantize a->M rows of a->K (row m at x + m ldx) into a's buffers: 0, or -2 on inf or NaN in x. Prefill's many
+   rows go over the threads (each row on its own: the same numbers). */
 static int acts_fill(acts_t *a, const float *x, int64_t ldx) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (a->M * a->K > 262144)
     for (int64_t m = 0; m < a->M; m++) {
         const float *xm = x + m * ldx;
         float mx = 0;
-        if (absmax_range(xm, 0, a->K, &mx)) return -2;
+        if (bad || absmax_range(xm, 0, a->K, &mx)) {
+            bad = 1;
+            continue;
+        }
         a->sx[m] = row_scale(mx);
         quantize_range(xm, 0, a->K, a->sx[m], a->xq + m * a->K);
 #ifdef VNNI
@@ -343,7 +349,7 @@ static int acts_fill(acts_t *a, const float *x, int64_t ldx) {
         hc_add(a->hi + m * a->K64, 0, a->K64, a->hc + m * a->nb * 16);
 #endif
     }
-    return 0;
+    return bad ? -2 : 0;
 }
 
 /* Quantize M rows of K (row m at x + m ldx): 0, -1 out of memory, -2 inf or NaN in x (nothing to free then) */
@@ -685,6 +691,14 @@ static void acts4_gather(const acts4_t *a, const float *xm, float *xs, int64_t b
     const int64_t K = a->K;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t v = a->nv - 4 * b < 4 ? a->nv - 4 * b : 4;
+        if (v == 4 && 256 * b + 256 <= K) { /* a whole super-block inside the row: runs of 4 copied as they are */
+            for (int64_t i = 0; i < 8; i++)
+                for (int64_t t = 0; t < 4; t++) {
+                    memcpy(xs + 256 * b + 64 * t + 4 * i, xm + 256 * b + 32 * i + 8 * t, 4 * sizeof(float));
+                    memcpy(xs + 256 * b + 64 * t + 32 + 4 * i, xm + 256 * b + 32 * i + 8 * t + 4, 4 * sizeof(float));
+                }
+            continue;
+        }
         for (int64_t i = 0; i < 8; i++)
             for (int64_t t = 0; t < v; t++)
                 for (int64_t h = 0; h < 2; h++) {
@@ -725,8 +739,18 @@ static int acts4_part(acts4_t *a, const float *xrow, int64_t m, float *xs, int64
             long v = lrintf(xm[k] * inv);
             xq[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
         }
-        int32_t c[8] = {0};
+        int32_t c[8] = {0}; /* per group (lane): the sum of the block's codes in its slots */
+#if defined(__AVX2__) /* byte pairs, then pairs of pairs: lane i sums bytes 4i..4i+3 of both halves, exactly */
+        {
+            const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+            __m256i h0 = _mm256_loadu_si256((const __m256i *)(xq + k0));
+            __m256i h1 = _mm256_loadu_si256((const __m256i *)(xq + k0 + 32));
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, h0), _mm256_maddubs_epi16(ones8, h1));
+            _mm256_storeu_si256((__m256i *)c, _mm256_madd_epi16(pairs, ones16));
+        }
+#else
         for (int64_t o = 0; o < 64; o++) c[(o & 31) >> 2] += xq[k0 + o];
+#endif
         float *off = a->off + (m * ((a->nv + 3) / 4) + t / 4) * 8;
         for (int i = 0; i < 8; i++) off[i] = (t % 4 ? off[i] : 0.0f) + (float)(8 * c[i]) * sx;
     }
