@@ -626,6 +626,38 @@ def test_q4_prefill_tiles_give_each_row_the_numbers_of_four_row_tiles():
 
 
 @needs_kernel
+def test_int8_and_int4_calls_from_several_threads_keep_their_own_scratch():
+    """q8_linear and q4_linear quantize the activations into scratch kept by each calling thread between calls (no
+    fresh pages every prefill): calls running at once from several threads, and calls of other sizes in between
+    (the scratch grows and is reused), give every call the numbers it gives alone."""
+    import threading
+
+    cases = [("q8", *_case(40, 33, 5000, seed=s)) for s in range(3)] + \
+            [("q4", *_q4_case(40, 33, 5000, seed=s)) for s in range(3)]
+
+    def run(case):
+        kind, x, *w = case
+        if kind == "q8":
+            return kernels.q8_linear(x, *w, torch.float32)
+        return kernels.q4_linear(x, *w, torch.float32)
+
+    alone = [run(c) for c in cases]
+    small = [run((k, x[:3], *w)) for k, x, *w in cases]
+    out: dict[int, list[torch.Tensor]] = {}
+
+    def worker(i):
+        out[i] = [run(cases[i]) for _ in range(3)] + [run((cases[i][0], cases[i][1][:3], *cases[i][2:]))]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(len(cases)):
+        assert all(torch.equal(y, alone[i]) for y in out[i][:3]) and torch.equal(out[i][3], small[i]), i
+
+
+@needs_kernel
 def test_q4_linear_declines_what_it_cannot_serve():
     x, wq, b = _q4_case(2, 8, 96)
     x = x.clone()

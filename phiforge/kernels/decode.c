@@ -25,6 +25,7 @@
  * Returns 0; -1 when out of memory; -2 when x holds inf or NaN (the caller computes those another way).
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,7 +241,45 @@ int q8_isa(void) {
 #endif
 }
 
-/* Activation rows quantized for the dot products: xq (and, for VNNI, its split bytes) and the row scales. */
+/* Scratch of the calling thread, kept between calls: q8_linear's and q4_linear's activation buffers. Prefill's are
+   tens of MB, and freshly allocated every call they were fresh pages every call (int8, 512 x 10240: ~5,000 page
+   faults, most of its quantization's time). Grown as needed, freed when the thread exits. Not for decode_layers,
+   whose threads hold several buffers at once. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static __thread void *scratch_p;
+static __thread size_t scratch_n;
+
+static void scratch_key_make(void) {
+    pthread_key_create(&scratch_key, free);
+}
+
+static void *scratch_get(size_t n) {
+    if (n <= scratch_n) return scratch_p;
+    pthread_once(&scratch_once, scratch_key_make);
+    free(scratch_p);
+    scratch_n = 0;
+    scratch_p = aligned_alloc(64, n);
+    pthread_setspecific(scratch_key, scratch_p);
+    if (scratch_p) scratch_n = n;
+    return scratch_p;
+}
+
+/* One block for several buffers (sizes n[0..k), each 64-byte aligned): the thread's scratch (borrow) or its own
+   allocation. Returns the block, or NULL out of memory; p[i] are the buffers. */
+static void *carve(const size_t *n, void **p, int k, int borrow) {
+    size_t total = 0;
+    for (int i = 0; i < k; i++) total += (n[i] + 63) / 64 * 64;
+    unsigned char *block = borrow ? scratch_get(total) : aligned_alloc(64, total);
+    for (int i = 0, off = 0; block && i < k; i++) {
+        p[i] = block + off;
+        off += (int)((n[i] + 63) / 64 * 64);
+    }
+    return block;
+}
+
+/* Activation rows quantized for the dot products: xq (and, for VNNI, its split bytes) and the row scales, in one
+   block (the caller's scratch where borrowed). */
 typedef struct {
     int64_t M, K, K64, nb;
     int16_t *xq;
@@ -248,22 +287,23 @@ typedef struct {
     uint8_t *lo;
     int8_t *hi;
     int32_t *hc;
+    void *block;
+    int borrowed;
 } acts_t;
 
 static void acts_free(acts_t *a) {
-    free(a->xq), free(a->sx), free(a->lo), free(a->hi), free(a->hc);
+    if (!a->borrowed) free(a->block);
 }
 
 /* Buffers for M rows of K: 0, or -1 out of memory (nothing to free then) */
-static int acts_alloc(acts_t *a, int64_t M, int64_t K) {
+static int acts_alloc(acts_t *a, int64_t M, int64_t K, int borrow) {
     int64_t K64 = K / 64 * 64, nb = (K64 + KBV_ALL - 1) / KBV_ALL;
-    *a = (acts_t){M, K, K64, nb, malloc(sizeof(int16_t) * (size_t)(M * K) + 1), malloc(sizeof(float) * (size_t)M),
-                  malloc((size_t)(M * K64) + 1), malloc((size_t)(M * K64) + 1),
-                  malloc(sizeof(int32_t) * (size_t)(M * nb * 16) + 1)};
-    if (!a->xq || !a->sx || !a->lo || !a->hi || !a->hc) {
-        acts_free(a);
-        return -1;
-    }
+    size_t n[5] = {sizeof(int16_t) * (size_t)(M * K) + 1, sizeof(float) * (size_t)M, (size_t)(M * K64) + 1,
+                   (size_t)(M * K64) + 1, sizeof(int32_t) * (size_t)(M * nb * 16) + 1};
+    void *p[5];
+    *a = (acts_t){M, K, K64, nb, NULL, NULL, NULL, NULL, NULL, carve(n, p, 5, borrow), borrow};
+    if (!a->block) return -1;
+    a->xq = p[0], a->sx = p[1], a->lo = p[2], a->hi = p[3], a->hc = p[4];
     return 0;
 }
 
@@ -354,7 +394,7 @@ static int acts_fill(acts_t *a, const float *x, int64_t ldx) {
 
 /* Quantize M rows of K (row m at x + m ldx): 0, -1 out of memory, -2 inf or NaN in x (nothing to free then) */
 static int acts_init(acts_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
-    if (acts_alloc(a, M, K)) return -1;
+    if (acts_alloc(a, M, K, 1)) return -1;
     int rc = acts_fill(a, x, ldx);
     if (rc) acts_free(a);
     return rc;
@@ -665,21 +705,22 @@ typedef struct {
     int8_t *xq;           /* (M, Kp) in slot order (acts4_gather), 0 past K */
     float *sx;            /* (M, nv) block scales */
     float *off;           /* (M, nsb, 8): the -8 offset's share per super-block and group, sum_t sx_t 8 sum xq */
+    void *block;          /* all three (the caller's scratch where borrowed, see carve) */
+    int borrowed;
 } acts4_t;
 
 static void acts4_free(acts4_t *a) {
-    free(a->xq), free(a->sx), free(a->off);
+    if (!a->borrowed) free(a->block);
 }
 
-static int acts4_alloc(acts4_t *a, int64_t M, int64_t K) {
+static int acts4_alloc(acts4_t *a, int64_t M, int64_t K, int borrow) {
     int64_t Kp = (K + 63) / 64 * 64;
-    *a = (acts4_t){M, K, Kp, Kp / 64, aligned_alloc(64, (size_t)(M * Kp) + 64),
-                   malloc(sizeof(float) * (size_t)(M * Kp / 64) + 4),
-                   malloc(sizeof(float) * (size_t)(M * (Kp + 255) / 256 * 8) + 4)};
-    if (!a->xq || !a->sx || !a->off) {
-        acts4_free(a);
-        return -1;
-    }
+    size_t n[3] = {(size_t)(M * Kp) + 64, sizeof(float) * (size_t)(M * Kp / 64) + 4,
+                   sizeof(float) * (size_t)(M * (Kp + 255) / 256 * 8) + 4};
+    void *p[3];
+    *a = (acts4_t){M, K, Kp, Kp / 64, NULL, NULL, NULL, carve(n, p, 3, borrow), borrow};
+    if (!a->block) return -1;
+    a->xq = p[0], a->sx = p[1], a->off = p[2];
     return 0;
 }
 
@@ -773,7 +814,7 @@ static int acts4_fill(acts4_t *a, const float *x, int64_t ldx) {
 }
 
 static int acts4_init(acts4_t *a, const float *x, int64_t M, int64_t K, int64_t ldx) {
-    if (acts4_alloc(a, M, K)) return -1;
+    if (acts4_alloc(a, M, K, 1)) return -1;
     int rc = acts4_fill(a, x, ldx);
     if (rc) acts4_free(a);
     return rc;
@@ -1276,7 +1317,7 @@ typedef struct {
 
 static int qacts_alloc(qacts_t *a, int fmt, int64_t M, int64_t K) {
     a->fmt = fmt;
-    return fmt ? acts4_alloc(&a->a4, M, K) : acts_alloc(&a->a8, M, K);
+    return fmt ? acts4_alloc(&a->a4, M, K, 0) : acts_alloc(&a->a8, M, K, 0);
 }
 
 static void qacts_free(qacts_t *a) {
