@@ -219,6 +219,45 @@ def test_plan_runs_quantized_layers_fused_and_exactly(mode):
     assert decoder.plan is None and not torch.equal(changed, plain)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_plan_prefill_of_native_layers_is_the_modules_forward(mode):
+    """A prompt's last-position logits (generation's prefill) run on the plan where every layer is native: q, k, v
+    and fc1 in one matmul, GELU native, the rest the modules' own arithmetic. So the first layer's keys and values
+    in the cache are bit-equal to the modules' forward's, the cache's length and counts equal, and the logits agree
+    to what GELU's few ulp do (through the integer rounding of later activations: the caveat above); the same for
+    a prompt after cached positions (chunked prefill). All positions (last_only=False) still run the modules."""
+    from phiforge import kernels
+    from phiforge.serve.quant import quantize
+
+    if not kernels.available():
+        pytest.skip("no C compiler for the native kernels")
+    model = quantize(spread_model(), mode)
+    decoder = Decoder.build(model)
+    ran = []
+    prefill = decoder.plan.prefill
+    decoder.plan.prefill = lambda *a: ran.append(1) or prefill(*a)
+    assert "prefill: q, k, v and fc1 in one matmul" in decoder.describe()
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))  # > 16 rows: prefill tiles
+    atol = 2e-3 if mode == "int8" else 1e-2
+    modules, planned = model.new_cache(1, 64), model.new_cache(1, 64)
+    with torch.inference_mode():
+        for chunk in (ids[:, :30], ids[:, 30:]):  # from an empty cache, then after 30 cached positions
+            want = model(chunk, cache=modules, last_only=True)
+            got = decoder.step(chunk, planned, last_only=True)
+            assert got.shape == want.shape == (1, 1, VOCAB)
+            torch.testing.assert_close(got, want, rtol=0, atol=atol)
+            assert planned.length == modules.length and torch.equal(planned.valid_count, modules.valid_count)
+            assert torch.equal(planned.k[0], modules.k[0]) and torch.equal(planned.v[0], modules.v[0])
+            for k, v, k_, v_ in zip(planned.k, planned.v, modules.k, modules.v):
+                torch.testing.assert_close(k.float(), k_.float(), rtol=0, atol=atol)
+                torch.testing.assert_close(v.float(), v_.float(), rtol=0, atol=atol)
+        assert len(ran) == 2
+        assert decoder.step(ids, model.new_cache(1, 64)).shape == (1, 40, VOCAB) and len(ran) == 2
+    greedy = GenerationConfig(max_new_tokens=12)
+    prompt = ids[0, :24].tolist()
+    assert generate_ids(model, [prompt], greedy, pack=True) == generate_ids(model, [prompt], greedy, pack=False)
+
+
 def test_greedy_generation_with_plan_matches_without(model_and_hf):
     model, hf = model_and_hf
     prompt = [9, 8, 7, 6, 5]
@@ -256,7 +295,7 @@ def test_release_frees_the_plan_for_every_holder():
     assert c.plan.released and plan_of(model) is None
 
 
-def test_a_plan_serves_only_one_token_steps_without_autograd():
+def test_a_plan_never_serves_all_positions_or_autograd():
     model = spread_model()
     decoder = Decoder.build(model)
     cache = model.new_cache(1, 16)

@@ -78,15 +78,18 @@ class Decoder:
     def step(self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
              last_only: bool = False) -> torch.Tensor:
         """`model(input_ids, attention_mask, cache=cache, last_only=last_only)`: logits (B, T, V), or (B, 1, V)
-        when `last_only` or for a one-token step the plan serves."""
-        if attention_mask is None and self._serves(input_ids, cache):
-            return self.plan.step(input_ids, cache)
+        when `last_only` or for a one-token step the plan serves (and a prompt's, `last_only`, where its layers
+        run natively: DecodePlan.prefill)."""
+        T = input_ids.shape[1]
+        prefill = T > 1 and last_only and self.plan is not None and self.plan.native is not None
+        if attention_mask is None and (T == 1 or prefill) and self._serves(input_ids, cache):
+            return self.plan.step(input_ids, cache) if T == 1 else self.plan.prefill(input_ids, cache)
         return self.model(input_ids, attention_mask=attention_mask, cache=cache, last_only=last_only)
 
     def greedy_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step (input_ids (B, 1), appended to `cache`) that returns only the greedy next token (B,):
         the argmax of `step`'s fp32 logits, computed faster where the plan serves (ArgmaxScreen)."""
-        if self._serves(input_ids, cache):
+        if input_ids.shape[1] == 1 and self._serves(input_ids, cache):
             return self.plan.greedy_step(input_ids, cache)
         return self.model(input_ids, cache=cache)[:, -1].float().argmax(-1)
 
@@ -100,17 +103,16 @@ class Decoder:
             self.why = "the decode plan was released (its weights changed)"
 
     def _serves(self, input_ids: torch.Tensor, cache: KVCache) -> bool:
-        """Whether this call is a one-token step on an unpadded cache that the plan can run."""
+        """Whether the plan can run this call's tokens on an unpadded cache (the caller checks their count)."""
         plan = self.plan
-        if plan is None or input_ids.shape[1] != 1 or cache.key_mask is not None or self.model.training \
-                or torch.is_grad_enabled():
+        if plan is None or cache.key_mask is not None or self.model.training or torch.is_grad_enabled():
             return False
         if plan.released or self._checked is None or self._checked() is not cache:
             if not plan.fresh():  # released, or weights changed since the plan was built: its copies are stale
                 self.release()
                 return False
             self._checked = weakref.ref(cache)
-        if cache.length + 1 > min(cache.max_len, self.model.config.max_position_embeddings):
-            raise ValueError(f"sequence of {cache.length + 1} tokens exceeds the context of "
+        if cache.length + input_ids.shape[1] > min(cache.max_len, self.model.config.max_position_embeddings):
+            raise ValueError(f"sequence of {cache.length + input_ids.shape[1]} tokens exceeds the context of "
                              f"{self.model.config.max_position_embeddings} or the KV cache ({cache.max_len})")
         return True

@@ -145,7 +145,8 @@ class DecodePlan:
         quant = {mod.kernel for mod in mods if isinstance(mod, QuantLinear)}
         if self.native is not None:
             fmt = self.native.format
-            what = f"native {fmt} stack ({isa[fmt]}), {n} layers in one call a step"
+            what = f"native {fmt} stack ({isa[fmt]}), {n} layers in one call a step; prefill: q, k, v and fc1 " \
+                "in one matmul a layer, native GELU"
         else:
             names = {"q8": f"native int8 kernel ({isa['int8']})", "q4": f"native int4 kernel ({isa['int4']})",
                      "int8pack_mm": "torch int8pack_mm", "int4pack_mm": "torch int4pack_mm",
@@ -217,6 +218,41 @@ class DecodePlan:
         cache.valid_count += 1
         h = F.layer_norm(x, (d,), *self.final_ln)
         return self.lm_head(h).unsqueeze(1) if head else h  # (B, 1, V) or (B, d)
+
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, V) of the last of T new tokens a row, appended to an unpadded `cache`: the modules'
+        causal forward (positions after the cached ones), but each layer's q, k, v and fc1 in one matmul (one
+        quantization of the LayerNorm output instead of four) and GELU natively on the fc1 columns where they lie
+        (kernels.gelu_rows: the decode steps' numbers, within a few ulp of torch's). For plans whose layers all run
+        natively (int8 / int4 with fp32 activations: `self.native`); the rest is the modules' arithmetic, so
+        q, k, v, the cache and attention are bit-equal to theirs."""
+        B, T = input_ids.shape
+        H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
+        L = cache.length
+        x = self.embed(input_ids).reshape(B * T, -1)  # (BT, d)
+        d, qkvw = x.shape[-1], (H + 2 * KV) * hd
+        cos, sin = self.cos[L:L + T, None], self.sin_signed[L:L + T, None]  # (T, 1, rd): over rows and heads
+        # after cached positions: each new token sees those and the new ones up to itself (hidden_states' mask)
+        mask = None if L == 0 else torch.ones(T, L + T, dtype=torch.bool, device=x.device).tril(diagonal=L)
+        for i, (ln_w, ln_b, eps, proj, dense, _, fc2, _) in enumerate(self.layers):
+            h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
+            y = proj(h)  # (BT, (H + 2 KV) hd + intermediate)
+            g = kernels.gelu_rows(y[:, qkvw:], self.approximate)
+            if g is None:
+                g = F.gelu(y[:, qkvw:], approximate=self.approximate)
+            qk = y[:, :(H + KV) * hd].view(B, T, H + KV, hd)  # q and k heads side by side
+            x_rot = qk[..., :rd]  # rotary in place, as _attend (rotate_half as a roll: the same numbers)
+            x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
+            v = y[:, (H + KV) * hd:qkvw].view(B, T, KV, hd).transpose(1, 2)
+            k, v = cache.update(i, k, v)  # (B, KV, L + T, hd)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=KV != H)  # (B, H, T, hd)
+            x = dense(att.transpose(1, 2).reshape(B * T, H * hd)) + fc2(g) + x  # Block's order
+        cache.length = L + T
+        cache.valid_count += T
+        h = F.layer_norm(x.view(B, T, d)[:, -1], (d,), *self.final_ln)  # (B, d)
+        return self.lm_head(h).unsqueeze(1)
 
     def _attend(self, qkv: torch.Tensor, B: int, L: int, cos: torch.Tensor, sin: torch.Tensor, ck: torch.Tensor,
                 cv: torch.Tensor, qk_norm: tuple[nn.Module, nn.Module] | None, dtype: torch.dtype) -> torch.Tensor:

@@ -126,6 +126,9 @@ def _load() -> ctypes.CDLL | None:
                     lib.q4_linear.argtypes = lib.q8_linear.argtypes
                     lib.q4_linear.restype = ctypes.c_int
                     lib.q4_isa.restype = ctypes.c_int
+                    lib.gelu_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_int]
+                    lib.gelu_rows.restype = None
                     _lib = lib
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = f"{type(e).__name__}: {e}"
@@ -412,6 +415,20 @@ def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
                          int(k_cache.dtype == torch.float16), k_cache.shape[2], pos, scale, y.data_ptr())
     if rc == -1:
         raise MemoryError("attend_step: out of memory for the attention scores")
+    return y
+
+
+def gelu_rows(x: torch.Tensor, approximate: str) -> torch.Tensor | None:
+    """GELU (`approximate` "tanh" or "none", as F.gelu) of a 2-D fp32 CPU tensor whose rows may be strided (e.g.
+    the fc1 columns of a fused projection's output) into a new contiguous tensor, with the numbers of the native
+    decode steps (within a few ulp of torch's); None where the kernel is not built or cannot serve x."""
+    lib = _load()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 2 or x.stride(1) != 1 \
+            or x.shape[0] > 1 and x.stride(0) < x.shape[1] or approximate not in ("tanh", "none"):
+        return None
+    M, N = x.shape
+    y = torch.empty(M, N)
+    lib.gelu_rows(x.data_ptr(), x.stride(0), M, N, y.data_ptr(), int(approximate == "tanh"))
     return y
 
 

@@ -1369,6 +1369,16 @@ static void gelu_inplace(float *g, int64_t n, int tanh_approx) {
     }
 }
 
+/* dst (M, N) = GELU of src's rows (row m at src + m ld): prefill's fc1 output read where the fused projection left
+   it (beside q, k and v) and written contiguous for fc2, with decode_layers' numbers; rows over threads */
+void gelu_rows(const float *src, int64_t ld, int64_t M, int64_t N, float *dst, int tanh_approx) {
+#pragma omp parallel for schedule(static) if (M * N > 65536)
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(dst + m * N, src + m * ld, sizeof(float) * (size_t)N);
+        gelu_inplace(dst + m * N, N, tanh_approx);
+    }
+}
+
 /* LayerNorm of B rows of d: mean and biased variance in two passes, as torch's CPU kernel */
 static void layer_norm(const float *x, int64_t B, int64_t d, const float *w, const float *bias, float eps, float *h) {
     for (int64_t b = 0; b < B; b++) {
