@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from phiforge import kernels
 
@@ -655,6 +656,23 @@ def test_int8_and_int4_calls_from_several_threads_keep_their_own_scratch():
         t.join()
     for i in range(len(cases)):
         assert all(torch.equal(y, alone[i]) for y in out[i][:3]) and torch.equal(out[i][3], small[i]), i
+
+
+@needs_kernel
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_rows_reads_strided_rows_and_agrees_with_torch(approximate):
+    """Prefill's GELU on the fc1 columns of a fused projection's output (rows strided), into a contiguous tensor:
+    torch's numbers to a few ulp of the inputs (where GELU is tiny, 1 + tanh cancels in both), tails included;
+    what it cannot serve is declined, not mangled."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(37, 500, generator=g) * 4
+    y[0, 200:210] = torch.tensor([-1e4, -30.0, -9.0, -1e-30, 0.0, 1e-30, 9.0, 30.0, 1e4, 3.0e38])
+    out = kernels.gelu_rows(y[:, 200:], approximate)
+    assert out.is_contiguous() and out.shape == (37, 300)
+    torch.testing.assert_close(out, F.gelu(y[:, 200:], approximate=approximate), rtol=1e-6, atol=2e-6)
+    assert kernels.gelu_rows(y[:, 200:].double(), approximate) is None
+    assert kernels.gelu_rows(y.t(), approximate) is None  # columns strided: not rows
+    assert kernels.gelu_rows(y, "sigmoid") is None
 
 
 @needs_kernel
