@@ -219,28 +219,33 @@ def test_plan_runs_quantized_layers_fused_and_exactly(mode):
     assert decoder.plan is None and not torch.equal(changed, plain)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_plan_prefill_of_native_layers_is_the_modules_forward(mode):
+@pytest.mark.parametrize("mode,overrides", [("int8", {}), ("int4", {}), ("int8", {"num_key_value_heads": 2})])
+def test_plan_prefill_of_native_layers_is_the_modules_forward(mode, overrides):
     """A prompt's last-position logits (generation's prefill) run on the plan where every layer is native: q, k, v
     and fc1 in one matmul, GELU native, the rest the modules' own arithmetic. So the first layer's keys and values
     in the cache are bit-equal to the modules' forward's, the cache's length and counts equal, and the logits agree
     to what GELU's few ulp do (through the integer rounding of later activations: the caveat above); the same for
-    a prompt after cached positions (chunked prefill). All positions (last_only=False) still run the modules."""
+    a prompt after cached positions (chunked prefill), grouped kv heads, and two rows at once (attention in torch
+    then). All positions (last_only=False) still run the modules."""
     from phiforge import kernels
     from phiforge.serve.quant import quantize
 
     if not kernels.available():
         pytest.skip("no C compiler for the native kernels")
-    model = quantize(spread_model(), mode)
+    model = quantize(spread_model(**overrides), mode)
     decoder = Decoder.build(model)
     ran = []
     prefill = decoder.plan.prefill
     decoder.plan.prefill = lambda *a: ran.append(1) or prefill(*a)
     assert "prefill: q, k, v and fc1 in one matmul" in decoder.describe()
-    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))  # > 16 rows: prefill tiles
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))  # > 16 rows: prefill tiles
     atol = 2e-3 if mode == "int8" else 1e-2
-    modules, planned = model.new_cache(1, 64), model.new_cache(1, 64)
     with torch.inference_mode():
+        modules, planned = model.new_cache(2, 64), model.new_cache(2, 64)
+        torch.testing.assert_close(decoder.step(ids[:, :20], planned, last_only=True),
+                                   model(ids[:, :20], cache=modules, last_only=True), rtol=0, atol=atol)
+        ids = ids[:1]
+        modules, planned = model.new_cache(1, 64), model.new_cache(1, 64)
         for chunk in (ids[:, :30], ids[:, 30:]):  # from an empty cache, then after 30 cached positions
             want = model(chunk, cache=modules, last_only=True)
             got = decoder.step(chunk, planned, last_only=True)
@@ -251,8 +256,8 @@ def test_plan_prefill_of_native_layers_is_the_modules_forward(mode):
             for k, v, k_, v_ in zip(planned.k, planned.v, modules.k, modules.v):
                 torch.testing.assert_close(k.float(), k_.float(), rtol=0, atol=atol)
                 torch.testing.assert_close(v.float(), v_.float(), rtol=0, atol=atol)
-        assert len(ran) == 2
-        assert decoder.step(ids, model.new_cache(1, 64)).shape == (1, 40, VOCAB) and len(ran) == 2
+        assert len(ran) == 3
+        assert decoder.step(ids, model.new_cache(1, 64)).shape == (1, 40, VOCAB) and len(ran) == 3
     greedy = GenerationConfig(max_new_tokens=12)
     prompt = ids[0, :24].tolist()
     assert generate_ids(model, [prompt], greedy, pack=True) == generate_ids(model, [prompt], greedy, pack=False)

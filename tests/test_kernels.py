@@ -194,6 +194,36 @@ def test_attend_step_matches_torch(B, H, KV, L, spread):
     assert kernels.attend_step(qkv.double(), H, KV, hd, cos, sin, ck, cv, L, 0.25) is None  # torch's path
 
 
+@needs_kernel
+@pytest.mark.parametrize("H,KV,hd,L,T,cache", [(4, 4, 80, 0, 37, torch.float16), (6, 2, 16, 9, 21, torch.float32),
+                                                (3, 3, 20, 5, 6, torch.float16)])
+def test_attend_prefill_is_each_token_attending_at_its_position(H, KV, hd, L, T, cache):
+    """A prompt's attention (T tokens after L cached positions): rotary at each token's position, caches written as
+    attend_step writes them (fp16 as .half()), token i attending to positions 0..L+i. hd 80 and 16 take the tiles
+    of 4 queries (phi-2's and the tests' heads; 37 and 21 tokens: a partial tile), hd 20 the one-query path."""
+    rd, max_len = 8, 64
+    g = torch.Generator().manual_seed(T)
+    qkv = torch.randn(T, (H + 2 * KV) * hd + 24, generator=g) * 2  # wider rows: fc1's part rides along
+    cos, sin = torch.randn(T, rd, generator=g), torch.randn(T, rd, generator=g)
+    ck, cv = (torch.randn(2, 1, KV, max_len, hd, generator=g) * 2).to(cache)
+    ref_qkv, ref_k, ref_v = qkv.clone(), ck.clone(), cv.clone()
+    y = kernels.attend_prefill(qkv, H, KV, hd, cos, sin, ck, cv, L, 0.3)
+    qk = ref_qkv[:, :(H + KV) * hd].view(T, H + KV, hd)
+    x = qk[..., :rd]
+    x.copy_(x * cos[:, None] + x.roll(rd // 2, -1) * sin[:, None])
+    ref_k[0, :, L:L + T] = qk[:, H:].transpose(0, 1).to(cache)
+    ref_v[0, :, L:L + T] = ref_qkv[:, (H + KV) * hd:(H + 2 * KV) * hd].view(T, KV, hd).transpose(0, 1).to(cache)
+    q = qk[:, :H].transpose(0, 1).reshape(KV, H // KV, T, hd) * 0.3
+    scores = q @ ref_k[0, :, None, :L + T].float().transpose(-1, -2)  # (KV, G, T, L + T)
+    seen = torch.ones(T, L + T, dtype=torch.bool).tril(diagonal=L)
+    att = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ ref_v[0, :, None, :L + T].float()
+    assert torch.equal(qkv, ref_qkv) and torch.equal(ck, ref_k) and torch.equal(cv, ref_v)
+    torch.testing.assert_close(y, att.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        kernels.attend_prefill(qkv, H, KV, hd, cos, sin, ck, cv, max_len - T + 1, 0.3)  # past the cache
+    assert kernels.attend_prefill(qkv.double(), H, KV, hd, cos, sin, ck, cv, L, 0.3) is None  # torch's path
+
+
 def _attend_fp16_case(L: int = 21):
     g = torch.Generator().manual_seed(7)
     B, H, KV, hd, rd, max_len = 2, 6, 3, 24, 8, 40  # hd 24: whole F16C vectors of 8

@@ -146,7 +146,7 @@ class DecodePlan:
         if self.native is not None:
             fmt = self.native.format
             what = f"native {fmt} stack ({isa[fmt]}), {n} layers in one call a step; prefill: q, k, v and fc1 " \
-                "in one matmul a layer, native GELU"
+                "in one matmul a layer, native GELU and attention"
         else:
             names = {"q8": f"native int8 kernel ({isa['int8']})", "q4": f"native int4 kernel ({isa['int4']})",
                      "int8pack_mm": "torch int8pack_mm", "int4pack_mm": "torch int4pack_mm",
@@ -222,37 +222,51 @@ class DecodePlan:
     def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, V) of the last of T new tokens a row, appended to an unpadded `cache`: the modules'
         causal forward (positions after the cached ones), but each layer's q, k, v and fc1 in one matmul (one
-        quantization of the LayerNorm output instead of four) and GELU natively on the fc1 columns where they lie
-        (kernels.gelu_rows: the decode steps' numbers, within a few ulp of torch's). For plans whose layers all run
-        natively (int8 / int4 with fp32 activations: `self.native`); the rest is the modules' arithmetic, so
-        q, k, v, the cache and attention are bit-equal to theirs."""
+        quantization of the LayerNorm output instead of four), GELU natively on the fc1 columns where they lie
+        (kernels.gelu_rows) and, for one row, rotary, cache writes and attention natively too
+        (kernels.attend_prefill: the decode steps' attention for each token at its position); both within a few
+        ulp of torch's. For plans whose layers all run natively (int8 / int4 with fp32 activations:
+        `self.native`); q, k and v, and so the first layer's cache entries, are bit-equal to the modules'."""
         B, T = input_ids.shape
-        H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
+        H, KV, hd = self.H, self.KV, self.hd
         L = cache.length
         x = self.embed(input_ids).reshape(B * T, -1)  # (BT, d)
         d, qkvw = x.shape[-1], (H + 2 * KV) * hd
-        cos, sin = self.cos[L:L + T, None], self.sin_signed[L:L + T, None]  # (T, 1, rd): over rows and heads
+        cos_n, sin_n = self.cos[L:L + T], self.sin_signed[L:L + T]  # (T, rd): the new tokens' positions
+        cos, sin = cos_n[:, None], sin_n[:, None]  # (T, 1, rd): over rows and heads
         # after cached positions: each new token sees those and the new ones up to itself (hidden_states' mask)
         mask = None if L == 0 else torch.ones(T, L + T, dtype=torch.bool, device=x.device).tril(diagonal=L)
+        native_attention = self.native_attention and B == 1
         for i, (ln_w, ln_b, eps, proj, dense, _, fc2, _) in enumerate(self.layers):
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
             y = proj(h)  # (BT, (H + 2 KV) hd + intermediate)
             g = kernels.gelu_rows(y[:, qkvw:], self.approximate)
             if g is None:
                 g = F.gelu(y[:, qkvw:], approximate=self.approximate)
-            qk = y[:, :(H + KV) * hd].view(B, T, H + KV, hd)  # q and k heads side by side
-            x_rot = qk[..., :rd]  # rotary in place, as _attend (rotate_half as a roll: the same numbers)
-            x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
-            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
-            v = y[:, (H + KV) * hd:qkvw].view(B, T, KV, hd).transpose(1, 2)
-            k, v = cache.update(i, k, v)  # (B, KV, L + T, hd)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=KV != H)  # (B, H, T, hd)
-            x = dense(att.transpose(1, 2).reshape(B * T, H * hd)) + fc2(g) + x  # Block's order
+            att = kernels.attend_prefill(y, H, KV, hd, cos_n, sin_n, cache.k[i], cache.v[i], L, self.scale) \
+                if native_attention else None  # (T, H hd)
+            if att is None:
+                att = self._attend_prompt(y, B, T, cos, sin, cache, i, mask)
+            x = dense(att) + fc2(g) + x  # Block's order
         cache.length = L + T
         cache.valid_count += T
         h = F.layer_norm(x.view(B, T, d)[:, -1], (d,), *self.final_ln)  # (B, d)
         return self.lm_head(h).unsqueeze(1)
+
+    def _attend_prompt(self, y: torch.Tensor, B: int, T: int, cos: torch.Tensor, sin: torch.Tensor,
+                       cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """attend_prefill in torch, with the modules' numbers: rotary (in place in y), cache write, SDPA ->
+        (B T, H hd)."""
+        H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
+        qk = y[:, :(H + KV) * hd].view(B, T, H + KV, hd)  # q and k heads side by side
+        x_rot = qk[..., :rd]  # rotary in place, as _attend (rotate_half as a roll: the same numbers)
+        x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
+        v = y[:, (H + KV) * hd:(H + 2 * KV) * hd].view(B, T, KV, hd).transpose(1, 2)
+        k, v = cache.update(layer, k, v)  # (B, KV, L + T, hd)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=KV != H)  # (B, H, T, hd)
+        return att.transpose(1, 2).reshape(B * T, H * hd)
 
     def _attend(self, qkv: torch.Tensor, B: int, L: int, cos: torch.Tensor, sin: torch.Tensor, ck: torch.Tensor,
                 cv: torch.Tensor, qk_norm: tuple[nn.Module, nn.Module] | None, dtype: torch.dtype) -> torch.Tensor:

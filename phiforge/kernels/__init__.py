@@ -129,6 +129,8 @@ def _load() -> ctypes.CDLL | None:
                     lib.gelu_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_void_p, ctypes.c_int]
                     lib.gelu_rows.restype = None
+                    lib.attend_prefill.argtypes = lib.attend_step.argtypes
+                    lib.attend_prefill.restype = ctypes.c_int
                     _lib = lib
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = f"{type(e).__name__}: {e}"
@@ -415,6 +417,35 @@ def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
                          int(k_cache.dtype == torch.float16), k_cache.shape[2], pos, scale, y.data_ptr())
     if rc == -1:
         raise MemoryError("attend_step: out of memory for the attention scores")
+    return y
+
+
+def attend_prefill(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                   sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                   scale: float) -> torch.Tensor | None:
+    """A prompt's attention, all fp32 on CPU: T new tokens of one sequence (`qkv` (T, >= (H + 2 KV) hd), rows may
+    be a slice of a wider projection output; rotated in place) at positions pos..pos+T-1, each as attend_step's
+    row at its own position (`cos`, `sin_signed`: (T, rd), those positions' rows), the token at pos + i seeing
+    positions 0..pos+i; k and v written into the caches (1, KV, max_len, hd) -> (T, H hd). None where the kernel
+    cannot serve the call (not built, other dtypes or layouts): use torch."""
+    lib = _load()
+    T = qkv.shape[0]
+    if lib is None or qkv.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES \
+            or v_cache.dtype != k_cache.dtype or qkv.stride(-1) != 1 or k_cache.shape[0] != 1 \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
+                    and sin_signed.is_contiguous()) or cos.dtype != torch.float32 or qkv.device.type != "cpu":
+        return None
+    if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim or num_heads % num_kv_heads \
+            or tuple(k_cache.shape) != (1, num_kv_heads, k_cache.shape[2], head_dim) \
+            or v_cache.shape != k_cache.shape or not 0 <= pos <= pos + T <= k_cache.shape[2] \
+            or cos.shape != sin_signed.shape or cos.shape[0] != T or cos.shape[1] > head_dim:
+        raise ValueError("attend_prefill: shapes do not match the heads, the positions and the cache")
+    y = torch.empty(T, num_heads * head_dim)
+    rc = lib.attend_prefill(qkv.data_ptr(), T, qkv.stride(0), num_heads, num_kv_heads, head_dim, cos.shape[1],
+                            cos.data_ptr(), sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                            int(k_cache.dtype == torch.float16), k_cache.shape[2], pos, scale, y.data_ptr())
+    if rc == -1:
+        raise MemoryError("attend_prefill: out of memory for the attention scores")
     return y
 
 

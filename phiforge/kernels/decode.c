@@ -1202,51 +1202,77 @@ static inline void part(int64_t N, int t, int nt, int64_t *lo, int64_t *hi) {
     *lo = N * t / nt, *hi = N * (t + 1) / nt;
 }
 
+/* Rotary on the first rd channels of kv head j's G query heads and of k head j in row (q heads, then k, then v);
+   x[c] pairs with x[c -+ rd / 2], each product rounded as torch rounds it (-ffp-contract=off) */
+static void rope_group(float *row, int64_t j, int64_t G, int64_t H, int64_t hd, int64_t rd, const float *cos,
+                       const float *sin_signed) {
+    int64_t half = rd / 2;
+    for (int64_t i = 0; i <= G; i++) {
+        float *x = row + (i < G ? j * G + i : H + j) * hd, tmp[rd > 0 ? rd : 1];
+        memcpy(tmp, x, sizeof(float) * (size_t)rd);
+        for (int64_t c = 0; c < half; c++) {
+            float u = tmp[c] * cos[c], w = tmp[c + half] * sin_signed[c];
+            x[c] = u + w;
+        }
+        for (int64_t c = half; c < rd; c++) {
+            float u = tmp[c] * cos[c], w = tmp[c - half] * sin_signed[c];
+            x[c] = u + w;
+        }
+    }
+}
+
+/* k and v of kv head j in row written into the caches' head (kh, vh: its max_len x hd rows) at position p:
+   rounded to fp16 where kv16 */
+static void cache_write(const float *row, int64_t j, int64_t H, int64_t KV, int64_t hd, void *kh, void *vh,
+                        int kv16, int64_t p) {
+    if (kv16) {
+        f32_row_to_f16(row + (H + j) * hd, (uint16_t *)kh + p * hd, hd);
+        f32_row_to_f16(row + (H + KV + j) * hd, (uint16_t *)vh + p * hd, hd);
+    } else {
+        memcpy((float *)kh + p * hd, row + (H + j) * hd, sizeof(float) * (size_t)hd);
+        memcpy((float *)vh + p * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
+    }
+}
+
+/* A head's positions 0..T-1 of keys and values in fp32: the cache itself (fp32), or read back into kvbuf (fp16) */
+static void cache_read(void *kh, void *vh, int kv16, int64_t T, int64_t hd, float *kvbuf, const float **K_,
+                       const float **V_) {
+    if (kv16) {
+        f16_row_to_f32((const uint16_t *)kh, kvbuf, T * hd);
+        f16_row_to_f32((const uint16_t *)vh, kvbuf + T * hd, T * hd);
+        *K_ = kvbuf, *V_ = kvbuf + T * hd;
+    } else
+        *K_ = (const float *)kh, *V_ = (const float *)vh;
+}
+
+/* y_h = softmax((q_h scale) . k_t, t < T) weighted over v_t, for query head h of row (scores: T floats) */
+static void attend_head(const float *row, int64_t h, int64_t hd, float scale, const float *K_, const float *V_,
+                        int64_t T, float *scores, float *y_h) {
+    float qs[hd];
+    for (int64_t c = 0; c < hd; c++) qs[c] = row[h * hd + c] * scale;
+    scores_row(qs, K_, T, hd, scores);
+    softmax_row(scores, T);
+    mix_row(scores, V_, T, hd, y_h);
+}
+
 /* attend_step for the kv heads j in [j0, j1) and their query heads, every row b: the work of one thread.
    scores: T floats of scratch; kv16: the caches hold fp16 (kvbuf: 2 T hd floats of scratch for a head's keys and
    values in fp32), else fp32 (kvbuf unused). */
 static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
                           const float *cos, const float *sin_signed, void *kc, void *vc, int kv16, int64_t max_len,
                           int64_t L, float scale, float *y, int64_t j0, int64_t j1, float *scores, float *kvbuf) {
-    int64_t T = L + 1, G = H / KV, half = rd / 2;
+    int64_t T = L + 1, G = H / KV, el = kv16 ? 2 : 4;
     for (int64_t b = 0; b < B; b++) {
         float *row = qkv + b * stride;
         for (int64_t j = j0; j < j1; j++) {
-            /* rotary: the group's q heads, then k head j; x[c] pairs with x[c -+ half] */
-            for (int64_t i = 0; i <= G; i++) {
-                float *x = row + (i < G ? j * G + i : H + j) * hd, tmp[rd > 0 ? rd : 1];
-                memcpy(tmp, x, sizeof(float) * (size_t)rd);
-                for (int64_t c = 0; c < half; c++) {
-                    float u = tmp[c] * cos[c], w = tmp[c + half] * sin_signed[c];
-                    x[c] = u + w;
-                }
-                for (int64_t c = half; c < rd; c++) {
-                    float u = tmp[c] * cos[c], w = tmp[c - half] * sin_signed[c];
-                    x[c] = u + w;
-                }
-            }
+            rope_group(row, j, G, H, hd, rd, cos, sin_signed);
+            int64_t head = (b * KV + j) * max_len * hd * el;
+            char *kh = (char *)kc + head, *vh = (char *)vc + head;
+            cache_write(row, j, H, KV, hd, kh, vh, kv16, L);
             const float *K_, *V_;
-            int64_t head = (b * KV + j) * max_len * hd;
-            if (kv16) { /* write k and v rounded to fp16, then read the head's rows 0..L back in fp32 */
-                uint16_t *kh = (uint16_t *)kc + head, *vh = (uint16_t *)vc + head;
-                f32_row_to_f16(row + (H + j) * hd, kh + L * hd, hd);
-                f32_row_to_f16(row + (H + KV + j) * hd, vh + L * hd, hd);
-                f16_row_to_f32(kh, kvbuf, T * hd);
-                f16_row_to_f32(vh, kvbuf + T * hd, T * hd);
-                K_ = kvbuf, V_ = kvbuf + T * hd;
-            } else {
-                float *kf = (float *)kc + head, *vf = (float *)vc + head;
-                memcpy(kf + L * hd, row + (H + j) * hd, sizeof(float) * (size_t)hd);
-                memcpy(vf + L * hd, row + (H + KV + j) * hd, sizeof(float) * (size_t)hd);
-                K_ = kf, V_ = vf;
-            }
-            for (int64_t h = j * G; h < (j + 1) * G; h++) {
-                float qs[hd];
-                for (int64_t c = 0; c < hd; c++) qs[c] = row[h * hd + c] * scale;
-                scores_row(qs, K_, T, hd, scores);
-                softmax_row(scores, T);
-                mix_row(scores, V_, T, hd, y + b * H * hd + h * hd);
-            }
+            cache_read(kh, vh, kv16, T, hd, kvbuf, &K_, &V_);
+            for (int64_t h = j * G; h < (j + 1) * G; h++)
+                attend_head(row, h, hd, scale, K_, V_, T, scores, y + b * H * hd + h * hd);
         }
     }
 }
@@ -1276,6 +1302,116 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
             failed = 1;
         }
         free(scores), free(kvbuf);
+    }
+    return failed ? -1 : 0;
+}
+
+#define QT 4 /* query rows a prompt's attention tile computes together */
+#ifdef VW
+/* Query rows i0..i0+R-1 (R <= QT; row i at position L + i sees keys 0..L+i) of query head h: scores against KT
+   (hd x Sp: the head's keys transposed, zero past S), softmax, then the weighted sum of V_ (S x hd) into y. A tile
+   reads each key and value once for its rows, and the keys' layout gives VW scores a vector with no horizontal
+   sums; 2 vectors of keys (scores) or 2 positions (values) a step: 8 independent multiply-add chains. s: QT x Sp
+   scratch, qs: QT x hd. hd a multiple of VW. */
+static void attend_tile(const float *qkv, int64_t stride, int64_t i0, int R, int64_t h, int64_t hd, float scale,
+                        const float *KT, int64_t Sp, const float *V_, int64_t L, float *s, float *qs, float *y,
+                        int64_t yld) {
+    int64_t n[QT], nmax = L + i0 + R, nv = (nmax + 2 * VW - 1) / (2 * VW) * (2 * VW);
+    for (int r = 0; r < QT; r++) {
+        n[r] = L + i0 + r + 1;
+        for (int64_t c = 0; c < hd; c++) qs[r * hd + c] = r < R ? qkv[(i0 + r) * stride + h * hd + c] * scale : 0.0f;
+    }
+    for (int64_t t = 0; t < nv; t += 2 * VW) {
+        vec_t a[QT], b[QT];
+        for (int r = 0; r < QT; r++) a[r] = b[r] = V_SET1(0.0f);
+        for (int64_t c = 0; c < hd; c++) {
+            vec_t k0 = V_LOAD(KT + c * Sp + t), k1 = V_LOAD(KT + c * Sp + t + VW);
+            for (int r = 0; r < QT; r++) {
+                vec_t q = V_SET1(qs[r * hd + c]);
+                a[r] = V_FMA(q, k0, a[r]), b[r] = V_FMA(q, k1, b[r]);
+            }
+        }
+        for (int r = 0; r < QT; r++) V_STORE(s + r * Sp + t, a[r]), V_STORE(s + r * Sp + t + VW, b[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        softmax_row(s + r * Sp, n[r]);
+        for (int64_t t = n[r]; t < nmax; t++) s[r * Sp + t] = 0.0f; /* keys after the row's own position */
+    }
+    for (int64_t d = 0; d < hd; d += VW) {
+        vec_t a[QT], b[QT];
+        for (int r = 0; r < QT; r++) a[r] = b[r] = V_SET1(0.0f);
+        int64_t t = 0;
+        for (; t + 2 <= nmax; t += 2) {
+            vec_t v0 = V_LOAD(V_ + t * hd + d), v1 = V_LOAD(V_ + (t + 1) * hd + d);
+            for (int r = 0; r < QT; r++)
+                a[r] = V_FMA(V_SET1(s[r * Sp + t]), v0, a[r]), b[r] = V_FMA(V_SET1(s[r * Sp + t + 1]), v1, b[r]);
+        }
+        if (t < nmax) {
+            vec_t v0 = V_LOAD(V_ + t * hd + d);
+            for (int r = 0; r < QT; r++) a[r] = V_FMA(V_SET1(s[r * Sp + t]), v0, a[r]);
+        }
+        for (int r = 0; r < R; r++) V_STORE(y + (i0 + r) * yld + h * hd + d, V_ADD(a[r], b[r]));
+    }
+}
+#endif
+
+/* A prompt's attention: T new tokens of one sequence (rows of qkv, stride apart) at positions L..L+T-1, each as
+   attend_step's row at its own position (cos, sin_signed: T rows of rd), the token at L + i seeing positions
+   0..L+i: rotary, k and v into the caches (1, KV, max_len, hd), attention into y (T, H hd). kv heads over threads;
+   each head's keys and values are read back once for all its queries, which go QT at a time (attend_tile) where
+   hd is a multiple of the vector width, else one at a time as attend_step's. 0, or -1 out of memory. */
+int attend_prefill(float *qkv, int64_t T, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
+                   const float *cos, const float *sin_signed, void *kc, void *vc, int kv16, int64_t max_len,
+                   int64_t L, float scale, float *y) {
+    int64_t S = L + T, G = H / KV, el = kv16 ? 2 : 4;
+    int tiled = 0;
+#ifdef VW
+    tiled = hd % VW == 0;
+    const int64_t Sp = (S + 2 * VW - 1) / (2 * VW) * (2 * VW);
+#else
+    const int64_t Sp = S;
+#endif
+    int failed = 0;
+#pragma omp parallel if (T * H * S * hd > 16384)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+        int64_t j0, j1;
+        part(KV, t, nt, &j0, &j1);
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(QT * Sp + QT * hd)); /* QT rows, and their q */
+        float *kvbuf = kv16 ? (float *)malloc(sizeof(float) * (size_t)(2 * S * hd)) : NULL;
+        float *KT = tiled ? (float *)aligned_alloc(64, sizeof(float) * (size_t)((hd * Sp + 15) / 16 * 16)) : NULL;
+        if (scores && (kvbuf || !kv16) && (KT || !tiled))
+            for (int64_t j = j0; j < j1; j++) {
+                char *kh = (char *)kc + j * max_len * hd * el, *vh = (char *)vc + j * max_len * hd * el;
+                for (int64_t i = 0; i < T; i++) {
+                    rope_group(qkv + i * stride, j, G, H, hd, rd, cos + i * rd, sin_signed + i * rd);
+                    cache_write(qkv + i * stride, j, H, KV, hd, kh, vh, kv16, L + i);
+                }
+                const float *K_, *V_;
+                cache_read(kh, vh, kv16, S, hd, kvbuf, &K_, &V_);
+#ifdef VW
+                if (tiled) {
+                    for (int64_t c = 0; c < hd; c++)
+                        for (int64_t p = 0; p < Sp; p++) KT[c * Sp + p] = p < S ? K_[p * hd + c] : 0.0f;
+                    for (int64_t h = j * G; h < (j + 1) * G; h++)
+                        for (int64_t i = 0; i < T; i += QT)
+                            attend_tile(qkv, stride, i, T - i < QT ? (int)(T - i) : QT, h, hd, scale, KT, Sp, V_, L,
+                                        scores, scores + QT * Sp, y, H * hd);
+                    continue;
+                }
+#endif
+                for (int64_t h = j * G; h < (j + 1) * G; h++)
+                    for (int64_t i = 0; i < T; i++)
+                        attend_head(qkv + i * stride, h, hd, scale, K_, V_, L + i + 1, scores, y + i * H * hd + h * hd);
+            }
+        else {
+#pragma omp atomic write
+            failed = 1;
+        }
+        free(scores), free(kvbuf), free(KT);
     }
     return failed ? -1 : 0;
 }
