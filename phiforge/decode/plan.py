@@ -247,6 +247,7 @@ class DecodePlan:
                 if native_attention else None  # (T, H hd)
             if att is None:
                 att = self._attend_prompt(y, B, T, cos, sin, cache, i, mask)
+            del y  # read by now: not held while dense and fc2 run (the prefill's peak memory)
             x = dense(att) + fc2(g) + x  # Block's order
         cache.length = L + T
         cache.valid_count += T
