@@ -6,7 +6,8 @@ resolves every layer's tensors once, reads linear weights in the layout the fast
 streams best (decode/linear.py; measured, bench/decode.py) -- the model's own tensors where the loader or
 serve/quant laid them out so, else copies -- and runs a step with no module calls and no mask or position
 building. Int8 and int4 models (serve/quant) with fp32 activations run a step's whole layer stack in one
-native call (phiforge/kernels). A plan is only valid for the weights it was built from: `fresh()` says whether
+native call (phiforge/kernels), and a prompt's prefill (its last position's logits) on the plan too: fused
+projections, native GELU and attention (`DecodePlan.prefill`). A plan is only valid for the weights it was built from: `fresh()` says whether
 they are unchanged (Decoder checks it once per KV cache).
 """
 
