@@ -1277,6 +1277,15 @@ static void attend_groups(float *qkv, int64_t B, int64_t stride, int64_t H, int6
     }
 }
 
+/* The kv heads [j0, j1) of the calling thread of a parallel region (all KV outside one) */
+static void thread_heads(int64_t KV, int64_t *j0, int64_t *j1) {
+    int t = 0, nt = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+    part(KV, t, nt, j0, j1);
+}
+
 int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, int64_t hd, int64_t rd,
                 const float *cos, const float *sin_signed, void *kc, void *vc, int kv16, int64_t max_len, int64_t L,
                 float scale, float *y) {
@@ -1286,12 +1295,8 @@ int attend_step(float *qkv, int64_t B, int64_t stride, int64_t H, int64_t KV, in
        which one core reads at a fraction of what two do (phi-2, 48 positions: 150 us a layer on one thread) */
 #pragma omp parallel if (B * H * T * hd > 16384)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num(), nt = omp_get_num_threads();
-#endif
         int64_t j0, j1;
-        part(KV, t, nt, &j0, &j1);
+        thread_heads(KV, &j0, &j1);
         float *scores = (float *)malloc(sizeof(float) * (size_t)T);
         float *kvbuf = kv16 ? (float *)malloc(sizeof(float) * (size_t)(2 * T * hd)) : NULL;
         if (scores && (kvbuf || !kv16))
@@ -1374,12 +1379,8 @@ int attend_prefill(float *qkv, int64_t T, int64_t stride, int64_t H, int64_t KV,
     int failed = 0;
 #pragma omp parallel if (T * H * S * hd > 16384)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num(), nt = omp_get_num_threads();
-#endif
         int64_t j0, j1;
-        part(KV, t, nt, &j0, &j1);
+        thread_heads(KV, &j0, &j1);
         float *scores = (float *)malloc(sizeof(float) * (size_t)(QT * Sp + QT * hd)); /* QT rows, and their q */
         float *kvbuf = kv16 ? (float *)malloc(sizeof(float) * (size_t)(2 * S * hd)) : NULL;
         float *KT = tiled ? (float *)aligned_alloc(64, sizeof(float) * (size_t)((hd * Sp + 15) / 16 * 16)) : NULL;
