@@ -13,9 +13,11 @@ What it measures (`RESULT <name> <value> <unit>` lines and `ROW {json}` rows for
    ~/.cache/phiforge/llama-cpp/ on first use (many minutes on 2 cores; the build log is kept there). If it cannot
    be built, the bench says why and prints phiforge's figures alone. Driven through its C API (llama_decode on
    token ids, greedy argmax over the logits): no Python sampler, no logits buffer of n_ctx x vocab.
-3. Speed, each variant in its own process (started once, loaded once, kept for every round), the same threads
-   (--threads: OpenMP / torch for phiforge, n_threads and n_threads_batch for llama.cpp), round-robin rounds so
-   machine load falls on all alike:
+3. Speed, each variant in its own process, loaded once and kept for its share of the rounds: --generations (2)
+   sets of processes one after another, each a fresh process per variant (on a VM a process's decode speed can
+   depend on where its memory landed, for its whole life: each side gets more than one placement); the same
+   threads (--threads: OpenMP / torch for phiforge, n_threads and n_threads_batch for llama.cpp), round-robin
+   rounds (--rounds, 6) so machine load falls on all alike:
    - decode tok/s: (N - 1) / (fastest N-token run - fastest 1-token run) after a 16-token prompt, greedy;
    - prefill tok/s: a --prompt-len (512) token prompt from an empty cache to its first token, fastest run;
    - peak RSS: the process's own high-water mark at the end (VmHWM, loading included; ru_maxrss would carry the
@@ -436,55 +438,67 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
     short = [rng.randrange(vocab) for _ in range(16)]
     long_prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
     variants = [(k, q) for k, q in VARIANTS if k == "phiforge" or site is not None]
-    workers: dict[str, Worker] = {}
-    for kind, q in variants:  # one at a time: each load's peak is its own
-        model = ckpt if kind == "phiforge" else args.workdir / f"{tag}-{q}.gguf"
-        w = Worker(kind, q, model, args, site)
-        workers[f"{kind} {q}"] = w
-        print(f"{kind} {q}: loaded in {w.info['load_s']:.1f}s; {w.info['describe']}; "
-              f"{w.info['huge_pages'] / 1e9:.2f} GB in huge pages", flush=True)
+    names = [f"{kind} {q}" for kind, q in variants]
     n = args.new_tokens
+    t1s, tns, tps, bws = ({k: [] for k in names} for _ in range(4))
+    same, peaks, infos, huge = {}, dict.fromkeys(names, 0), {}, {k: [] for k in names}
+    # Each variant in a fresh process per generation, the rounds shared out among them: on a VM a process's decode
+    # speed can depend on where its memory landed for its whole life (one run's int4 process streamed 0.55 of the
+    # measured bandwidth in every round, the run before's 0.68), so each side gets more than one placement and its
+    # fastest runs count. Generations one after the other: all at once would not fit in memory at phi-2's size.
+    for gen in range(args.generations):
+        rounds = len(range(gen, args.rounds, args.generations))
+        workers: dict[str, Worker] = {}
+        for kind, q in variants:  # one at a time: each load's peak is its own
+            model = ckpt if kind == "phiforge" else args.workdir / f"{tag}-{q}.gguf"
+            w = Worker(kind, q, model, args, site)
+            workers[f"{kind} {q}"] = w
+            infos.setdefault(f"{kind} {q}", w.info)
+            huge[f"{kind} {q}"].append(w.info["huge_pages"] / 1e9)
+            print(f"{kind} {q} (process {gen + 1} of {args.generations}, {rounds} round{'s' * (rounds != 1)}): loaded in "
+                  f"{w.info['load_s']:.1f}s; {w.info['describe']}; {w.info['huge_pages'] / 1e9:.2f} GB in huge pages",
+                  flush=True)
+        for w in workers.values():  # warm-up
+            w.call("generate", short, 4)
+            w.call("generate", long_prompt, 1)
+        for _ in range(rounds):
+            for name, w in workers.items():
+                before = measure_bandwidth()
+                t1s[name].append(w.call("generate", short, 1)[0])
+                s, toks = w.call("generate", short, n)
+                tns[name].append(s)
+                same[name] = toks
+                tps[name].append(w.call("generate", long_prompt, 1)[0])
+                bws[name].append(max(before, measure_bandwidth()))
+        for name, w in workers.items():
+            peaks[name] = max(peaks[name], w.close())
     held = held_equal(f"the same random {tag} weights (phiforge's bf16 checkpoint, and its own q8_0 / q4_0 GGUF "
                       f"export for llama.cpp), {args.threads} threads, batch 1, greedy, {n} new tokens after a "
                       f"16-token prompt; prefill of {args.prompt_len} tokens; a warm-up each, then {args.rounds} "
-                      f"round-robin rounds (fastest runs); each variant in its own process; weights read into memory on both "
+                      f"round-robin rounds (fastest runs); each variant in its own process, a fresh one for each of "
+                      f"{args.generations} generations of the rounds; weights read into memory on both "
                       f"sides (llama.cpp with --no-mmap, phiforge quantizing while loading), transparent huge pages "
                       f"on both where the OS gives them (GB: " + ", ".join(
-                          f"{k} {w.info['huge_pages'] / 1e9:.2f}" for k, w in workers.items()) + "), peak RSS of each")
-    for w in workers.values():  # warm-up
-        w.call("generate", short, 4)
-        w.call("generate", long_prompt, 1)
-    t1s, tns, tps, bws = ({k: [] for k in workers} for _ in range(4))
-    same = {}
-    for _ in range(args.rounds):
-        for name, w in workers.items():
-            before = measure_bandwidth()
-            t1s[name].append(w.call("generate", short, 1)[0])
-            s, toks = w.call("generate", short, n)
-            tns[name].append(s)
-            same[name] = toks
-            tps[name].append(w.call("generate", long_prompt, 1)[0])
-            bws[name].append(max(before, measure_bandwidth()))
-    peaks = {name: w.close() for name, w in workers.items()}
-    decode = {k: (n - 1) / max(min(tns[k]) - min(t1s[k]), 1e-9) for k in workers}
-    prefill = {k: args.prompt_len / min(tps[k]) for k in workers}
+                          f"{k} {' / '.join(f'{g:.2f}' for g in v)}" for k, v in huge.items()) + "), peak RSS of each")
+    decode = {k: (n - 1) / max(min(tns[k]) - min(t1s[k]), 1e-9) for k in names}
+    prefill = {k: args.prompt_len / min(tps[k]) for k in names}
     result(f"{tag}_memory_bandwidth_sum_peak", max(max(v) for v in bws.values()), "GB/s")
-    for name, w in workers.items():
+    for name, info in infos.items():
         key = name.replace(" ", "_").replace(".", "")
-        nbytes = w.info["bytes_per_token"]
+        nbytes = info["bytes_per_token"]
         fracs = [nbytes * (n - 1) / max(tn - t1, 1e-9) / (bw * 1e9)
                  for t1, tn, bw in zip(t1s[name], tns[name], bws[name], strict=True)]
         result(f"{tag}_decode_{key}", decode[name], "tok/s")
         result(f"{tag}_prefill_{key}", prefill[name], "tok/s")
         result(f"{tag}_peak_rss_{key}", peaks[name] / 1e9, "GB")
-        result(f"{tag}_runtime_rss_{key}", w.info["base_rss"] / 1e9, "GB")
+        result(f"{tag}_runtime_rss_{key}", info["base_rss"] / 1e9, "GB")
         result(f"{tag}_decode_{key}_bw_fraction", statistics.median(fracs), "fraction")
         print(f"  {name}: {nbytes / 1e6:.0f} MB read per token; per round bandwidth (GB/s) -> fraction: "
               + ", ".join(f"{b:.0f} -> {f:.2f}" for b, f in zip(bws[name], fracs, strict=True)), flush=True)
     for q in ("int8", "int4"):
         ours, theirs = f"phiforge {q}", f"llama.cpp {PEER[q]}"
         shape = {"phi2": "phi-2 shape", "quick": "quick shape"}.get(tag, f"phi-2 width, {args.layers} layers")
-        if theirs not in workers:
+        if theirs not in infos:
             row(f"batch-1 decode, {shape}, {q}", "llama.cpp (not built here)", "—", decode[ours], None, "tok/s",
                 ">= 1.3x", held=held, note=f"prefill {prefill[ours]:.1f} tok/s, peak RSS {peaks[ours] / 1e9:.2f} GB")
             continue
@@ -498,8 +512,8 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
             prefill[ours], prefill[theirs], "tok/s", ">= 1x", held=held)
         row(f"peak RSS, {shape}, {q}", f"llama.cpp {PEER[q].upper()}", setting, peaks[ours] / 1e9,
             peaks[theirs] / 1e9, "GB", "<= 1.2x", ratio=peaks[ours] / peaks[theirs], ratio_unit="x (lower is better)",
-            held=held, note=f"runtime before loading: phiforge {workers[ours].info['base_rss'] / 1e9:.2f} GB, "
-                            f"llama.cpp {workers[theirs].info['base_rss'] / 1e9:.2f} GB")
+            held=held, note=f"runtime before loading: phiforge {infos[ours]['base_rss'] / 1e9:.2f} GB, "
+                            f"llama.cpp {infos[theirs]['base_rss'] / 1e9:.2f} GB")
         agree = sum(a == b for a, b in zip(same[ours], same[theirs], strict=False)) / max(len(same[ours]), 1)
         print(f"  {q}: greedy tokens equal to llama.cpp's on {agree:.0%} of {n} (random weights: near-ties are "
               f"common, a difference is not an error)", flush=True)
@@ -613,6 +627,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small shape, few tokens and rounds: runs end to end")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--generations", type=int, default=None,
+                    help="fresh processes per variant, one set after another, sharing the rounds (default 2)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None,
@@ -636,7 +652,8 @@ def main() -> None:
         worker_main(args)
         return
     quick = args.quick
-    args.rounds = args.rounds or (2 if quick else 5)
+    args.rounds = args.rounds or (2 if quick else 6)
+    args.generations = max(1, min(args.generations or 2, args.rounds))
     args.new_tokens = args.new_tokens or (16 if quick else 64)
     args.prompt_len = args.prompt_len or (64 if quick else 512)
     args.train_steps = args.train_steps or (40 if quick else 400)
