@@ -214,7 +214,9 @@ def test_a_rank_that_waits_too_long_ends_the_run_naming_the_wait(runs):
     out = proc.stdout + proc.stderr
     assert re.search(r"rank 1 waited \d+s for rank 0 to finish the stages before 'train' .*longer than dist: "
                      r"wait_timeout \(1s\)", out)
-    assert not (tmp / "slow" / "run" / "train").exists()
+    # train never completed (rank 0 may have finished its data stages and begun it just as the wait ran out: it is
+    # stopped then, its folder perhaps made; the full suite on 2 cores hit that race)
+    assert not (tmp / "slow" / "run" / "train" / ".stage.json").exists()
 
 
 def test_the_global_batch_is_shared_by_the_ranks():
