@@ -242,8 +242,9 @@ def test_plan_prefill_of_native_layers_is_the_modules_forward(mode, overrides):
     atol = 2e-3 if mode == "int8" else 1e-2
     with torch.inference_mode():
         modules, planned = model.new_cache(2, 64), model.new_cache(2, 64)
-        torch.testing.assert_close(decoder.step(ids[:, :20], planned, last_only=True),
-                                   model(ids[:, :20], cache=modules, last_only=True), rtol=0, atol=atol)
+        for chunk in (ids[:, :20], ids[:, 20:]):  # two rows: attention in torch, causal, then past 20 cached
+            torch.testing.assert_close(decoder.step(chunk, planned, last_only=True),
+                                       model(chunk, cache=modules, last_only=True), rtol=0, atol=atol)
         ids = ids[:1]
         modules, planned = model.new_cache(1, 64), model.new_cache(1, 64)
         for chunk in (ids[:, :30], ids[:, 30:]):  # from an empty cache, then after 30 cached positions
@@ -256,8 +257,8 @@ def test_plan_prefill_of_native_layers_is_the_modules_forward(mode, overrides):
             for k, v, k_, v_ in zip(planned.k, planned.v, modules.k, modules.v):
                 torch.testing.assert_close(k.float(), k_.float(), rtol=0, atol=atol)
                 torch.testing.assert_close(v.float(), v_.float(), rtol=0, atol=atol)
-        assert len(ran) == 3
-        assert decoder.step(ids, model.new_cache(1, 64)).shape == (1, 40, VOCAB) and len(ran) == 3
+        assert len(ran) == 4
+        assert decoder.step(ids, model.new_cache(1, 64)).shape == (1, 40, VOCAB) and len(ran) == 4
     greedy = GenerationConfig(max_new_tokens=12)
     prompt = ids[0, :24].tolist()
     assert generate_ids(model, [prompt], greedy, pack=True) == generate_ids(model, [prompt], greedy, pack=False)

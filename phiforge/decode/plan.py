@@ -235,8 +235,6 @@ class DecodePlan:
         d, qkvw = x.shape[-1], (H + 2 * KV) * hd
         cos_n, sin_n = self.cos[L:L + T], self.sin_signed[L:L + T]  # (T, rd): the new tokens' positions
         cos, sin = cos_n[:, None], sin_n[:, None]  # (T, 1, rd): over rows and heads
-        # after cached positions: each new token sees those and the new ones up to itself (hidden_states' mask)
-        mask = None if L == 0 else torch.ones(T, L + T, dtype=torch.bool, device=x.device).tril(diagonal=L)
         native_attention = self.native_attention and B == 1
         for i, (ln_w, ln_b, eps, proj, dense, _, fc2, _) in enumerate(self.layers):
             h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
@@ -247,7 +245,7 @@ class DecodePlan:
             att = kernels.attend_prefill(y, H, KV, hd, cos_n, sin_n, cache.k[i], cache.v[i], L, self.scale) \
                 if native_attention else None  # (T, H hd)
             if att is None:
-                att = self._attend_prompt(y, B, T, cos, sin, cache, i, mask)
+                att = self._attend_prompt(y, B, T, cos, sin, cache, i)
             del y  # read by now: not held while dense and fc2 run (the prefill's peak memory)
             x = dense(att) + fc2(g) + x  # Block's order
         cache.length = L + T
@@ -256,10 +254,12 @@ class DecodePlan:
         return self.lm_head(h).unsqueeze(1)
 
     def _attend_prompt(self, y: torch.Tensor, B: int, T: int, cos: torch.Tensor, sin: torch.Tensor,
-                       cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+                       cache: KVCache, layer: int) -> torch.Tensor:
         """attend_prefill in torch, with the modules' numbers: rotary (in place in y), cache write, SDPA ->
         (B T, H hd)."""
         H, KV, hd, rd = self.H, self.KV, self.hd, self.rotary_dim
+        L = cache.length  # after cached positions each new token sees those and the new ones up to itself
+        mask = None if L == 0 else torch.ones(T, L + T, dtype=torch.bool, device=y.device).tril(diagonal=L)
         qk = y[:, :(H + KV) * hd].view(B, T, H + KV, hd)  # q and k heads side by side
         x_rot = qk[..., :rd]  # rotary in place, as _attend (rotate_half as a roll: the same numbers)
         x_rot.copy_(x_rot * cos + x_rot.roll(rd // 2, -1) * sin)
