@@ -391,6 +391,16 @@ def q4_matmul(wq: Q4Weight, bias: torch.Tensor | None,
     return fn
 
 
+def _attend_serves(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> bool:
+    """Whether the native attentions take these tensors: fp32 rows of contiguous channels on the CPU, contiguous
+    fp32 rotary tables, contiguous caches of one KV_DTYPES dtype."""
+    return qkv.dtype == torch.float32 and qkv.stride(-1) == 1 and qkv.device.type == "cpu" \
+        and k_cache.dtype in KV_DTYPES and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() \
+        and v_cache.is_contiguous() and cos.dtype == torch.float32 and cos.is_contiguous() \
+        and sin_signed.is_contiguous()
+
+
 def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
                 sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
                 scale: float) -> torch.Tensor | None:
@@ -402,10 +412,7 @@ def attend_step(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
     the call (not built, other dtypes or layouts): use torch."""
     lib = _load()
     B = qkv.shape[0]
-    if lib is None or qkv.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES \
-            or v_cache.dtype != k_cache.dtype or qkv.stride(-1) != 1 \
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
-                    and sin_signed.is_contiguous()) or cos.dtype != torch.float32 or qkv.device.type != "cpu":
+    if lib is None or not _attend_serves(qkv, cos, sin_signed, k_cache, v_cache):
         return None
     if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim or num_heads % num_kv_heads \
             or tuple(k_cache.shape) != (B, num_kv_heads, k_cache.shape[2], head_dim) \
@@ -430,10 +437,7 @@ def attend_prefill(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_di
     cannot serve the call (not built, other dtypes or layouts): use torch."""
     lib = _load()
     T = qkv.shape[0]
-    if lib is None or qkv.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES \
-            or v_cache.dtype != k_cache.dtype or qkv.stride(-1) != 1 or k_cache.shape[0] != 1 \
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
-                    and sin_signed.is_contiguous()) or cos.dtype != torch.float32 or qkv.device.type != "cpu":
+    if lib is None or not _attend_serves(qkv, cos, sin_signed, k_cache, v_cache) or k_cache.shape[0] != 1:
         return None
     if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim or num_heads % num_kv_heads \
             or tuple(k_cache.shape) != (1, num_kv_heads, k_cache.shape[2], head_dim) \
