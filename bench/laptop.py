@@ -14,11 +14,15 @@ What it measures (`RESULT <name> <value> <unit>` lines and `ROW {json}` rows for
    be built, the bench says why and prints phiforge's figures alone. Driven through its C API (llama_decode on
    token ids, greedy argmax over the logits): no Python sampler, no logits buffer of n_ctx x vocab.
 3. Speed, each variant in its own process, loaded once and kept for its share of the rounds: --generations (2)
-   sets of processes one after another, each a fresh process per variant (on a VM a process's decode speed can
-   depend on where its memory landed, for its whole life: each side gets more than one placement); the same
+   sets of processes one after another, each a fresh process per variant (on a VM the read bandwidth can swing
+   for seconds to minutes at a time, on the 2-core bench VM between ~35 and ~62 GB/s for the same buffer in the same
+   process, and a run's processes may land in different places: each side gets more than one period); the same
    threads (--threads: OpenMP / torch for phiforge, n_threads and n_threads_batch for llama.cpp), round-robin
    rounds (--rounds, 6) so machine load falls on all alike:
-   - decode tok/s: (N - 1) / (fastest N-token run - fastest 1-token run) after a 16-token prompt, greedy;
+   - decode tok/s: (N - 1) / (fastest N-token run - fastest 1-token run) after a 16-token prompt, greedy; and
+     the median over rounds of each round's (N - 1) / (N-token run - 1-token run), in a note on the decode rows
+     with every round's figure and the bandwidth range: a memory-bound decoder's fastest and typical runs part
+     when the bandwidth swings, a compute-bound one's hardly;
    - prefill tok/s: a --prompt-len (512) token prompt from an empty cache to its first token, fastest run;
    - peak RSS: the process's own high-water mark at the end (VmHWM, loading included; ru_maxrss would carry the
      parent's RSS at fork), and its RSS before loading (the runtime: Python + torch for phiforge, Python +
@@ -442,10 +446,10 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
     n = args.new_tokens
     t1s, tns, tps, bws = ({k: [] for k in names} for _ in range(4))
     same, peaks, infos, huge = {}, dict.fromkeys(names, 0), {}, {k: [] for k in names}
-    # Each variant in a fresh process per generation, the rounds shared out among them: on a VM a process's decode
-    # speed can depend on where its memory landed for its whole life (one run's int4 process streamed 0.55 of the
-    # measured bandwidth in every round, the run before's 0.68), so each side gets more than one placement and its
-    # fastest runs count. Generations one after the other: all at once would not fit in memory at phi-2's size.
+    # Each variant in a fresh process per generation, the rounds shared out among them: on a VM the read bandwidth
+    # swings for seconds to minutes at a time (one run's int4 process streamed 0.55 of the bandwidth measured beside
+    # it in every round, the run before's 0.68), so each side gets more than one period and process, and its fastest
+    # runs count. Generations one after the other: all at once would not fit in memory at phi-2's size.
     for gen in range(args.generations):
         rounds = len(range(gen, args.rounds, args.generations))
         workers: dict[str, Worker] = {}
