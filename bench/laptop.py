@@ -485,9 +485,7 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
                       f"on both where the OS gives them (GB: " + ", ".join(
                           f"{k} {' / '.join(f'{g:.2f}' for g in v)}" for k, v in huge.items()) + "), peak RSS of each")
     decode = {k: (n - 1) / max(min(tns[k]) - min(t1s[k]), 1e-9) for k in names}
-    # the typical round beside the fastest: on a VM whose read bandwidth swings (the 2-core bench VM: ~35 or ~60
-    # GB/s for seconds at a time), a memory-bound decoder's fastest run and its median run differ more than a
-    # compute-bound one's
+    # each round's decode tok/s: its median is the typical round beside the fastest (see the docstring)
     per_round = {k: [(n - 1) / max(tn - t1, 1e-9) for t1, tn in zip(t1s[k], tns[k], strict=True)] for k in names}
     decode_median = {k: statistics.median(v) for k, v in per_round.items()}
     prefill = {k: args.prompt_len / min(tps[k]) for k in names}
@@ -495,8 +493,7 @@ def bench_speed(args, cfg, ckpt: Path, site: Path | None) -> None:
     for name, info in infos.items():
         key = name.replace(" ", "_").replace(".", "")
         nbytes = info["bytes_per_token"]
-        fracs = [nbytes * (n - 1) / max(tn - t1, 1e-9) / (bw * 1e9)
-                 for t1, tn, bw in zip(t1s[name], tns[name], bws[name], strict=True)]
+        fracs = [nbytes * tok_s / (bw * 1e9) for tok_s, bw in zip(per_round[name], bws[name], strict=True)]
         result(f"{tag}_decode_{key}", decode[name], "tok/s")
         result(f"{tag}_decode_{key}_median_round", decode_median[name], "tok/s")
         result(f"{tag}_prefill_{key}", prefill[name], "tok/s")
